@@ -1,0 +1,52 @@
+"""hf_kvplus: KV cache strategies for Hugging Face transformers, and recipes that measure them.
+
+Every cache is a real ``transformers.Cache`` built from per-layer ``CacheLayerMixin`` objects::
+
+    import hf_kvplus
+    cache = hf_kvplus.make_cache("sink", model, budget=256)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=256)
+    hf_kvplus.cache_nbytes(cache)  # bytes really held
+"""
+
+__version__ = "0.1.0"
+
+from .attention import ATTN_IMPLEMENTATION, attach, detach
+from .caches import (
+    CacheContext,
+    CacheSpec,
+    DenseStore,
+    EvictingLayer,
+    KVPlusCache,
+    KVStore,
+    SinkCache,
+    SinkLayer,
+    get_spec,
+    list_caches,
+    list_presets,
+    make_cache,
+    register_cache,
+    register_preset,
+)
+from .memory import cache_nbytes
+
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "CacheContext",
+    "CacheSpec",
+    "DenseStore",
+    "EvictingLayer",
+    "KVPlusCache",
+    "KVStore",
+    "SinkCache",
+    "SinkLayer",
+    "__version__",
+    "attach",
+    "cache_nbytes",
+    "detach",
+    "get_spec",
+    "list_caches",
+    "list_presets",
+    "make_cache",
+    "register_cache",
+    "register_preset",
+]

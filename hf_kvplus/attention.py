@@ -1,0 +1,198 @@
+"""How caches learn what they cannot see from ``Cache.update``: padding and attention scores.
+
+Two public extension points, nothing patched:
+
+* a forward pre-hook on the user's model instance (``torch.nn.Module.register_forward_pre_hook``)
+  hands each hf_kvplus cache the 2-D attention mask of the call, so evicting caches know which
+  columns are left padding;
+* an attention implementation registered as ``"kvplus"`` through transformers'
+  ``AttentionInterface`` (with the SDPA mask builder under the same name in
+  ``AttentionMaskInterface``). It returns exactly what ``"sdpa"`` returns and, for the cache layers
+  that asked during their ``update``, also computes the attention mass each cached key received.
+
+:func:`attach` installs both on one model; ``make_cache(name, model)`` calls it for you.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import threading
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
+
+from ._compat import sdpa_attention_forward, sdpa_mask
+
+ATTN_IMPLEMENTATION = "kvplus"
+_HOOK_ATTR = "_hf_kvplus_input_hook"
+# Largest [batch, q_heads, q_block, keys] block of probabilities materialised at once.
+_MAX_BLOCK_ELEMENTS = 1 << 24
+
+_handoff = threading.local()
+
+
+def request_attention(layer_idx: int, layer) -> None:
+    """Called by a cache layer inside ``update``: "give me the attention this layer computes"."""
+    pending = getattr(_handoff, "pending", None)
+    if pending is None:
+        pending = _handoff.pending = {}
+    pending[layer_idx] = layer
+
+
+def _take_request(layer_idx: int | None):
+    pending = getattr(_handoff, "pending", None)
+    if not pending or layer_idx is None:
+        return None
+    return pending.pop(layer_idx, None)
+
+
+def attention_mass(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    reduction: str,
+) -> torch.Tensor:
+    """Attention probabilities each key receives, averaged over the query heads of its KV group.
+
+    Args:
+        query (`torch.Tensor`): ``[batch, q_heads, q_len, head_dim]``.
+        key (`torch.Tensor`): ``[batch, kv_heads, kv_len, head_dim]`` (not repeated for GQA).
+        attention_mask (`torch.Tensor`, *optional*): boolean (True = attend) or additive float mask
+            broadcastable to ``[batch, 1, q_len, kv_len]``; ``None`` means causal, queries last.
+        scaling (`float`, *optional*): softmax scale, ``1/sqrt(head_dim)`` by default.
+        reduction (`str`): ``"sum"`` over queries (H2O), ``"last"`` query only (TOVA), or ``"rows"``
+            (every query kept).
+
+    Returns:
+        `torch.Tensor` (float32): ``[batch, kv_heads, kv_len]`` for ``"sum"``/``"last"``,
+        ``[batch, kv_heads, q_len, kv_len]`` for ``"rows"``. Queries are processed in blocks, so
+        at most one block of probabilities exists at a time.
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = q_heads // kv_heads
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(head_dim)
+    start_q = q_len - 1 if reduction == "last" else 0
+    block = max(1, _MAX_BLOCK_ELEMENTS // max(1, batch * q_heads * kv_len))
+    keys_t = key.float().transpose(-1, -2).unsqueeze(2)  # [b, kv_heads, 1, d, kv_len]
+    q_grouped = query.reshape(batch, kv_heads, groups, q_len, head_dim)
+    rows = []
+    total = torch.zeros(batch, kv_heads, kv_len, dtype=torch.float32, device=query.device)
+    for start in range(start_q, q_len, block):
+        stop = min(q_len, start + block)
+        logits = (q_grouped[:, :, :, start:stop].float() @ keys_t) * scale  # [b, kvh, g, blk, kv_len]
+        if attention_mask is None:
+            q_idx = torch.arange(start, stop, device=query.device) + (kv_len - q_len)
+            allowed = torch.arange(kv_len, device=query.device)[None, :] <= q_idx[:, None]
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        else:
+            mask = attention_mask[:, :, start:stop] if attention_mask.shape[2] > 1 else attention_mask
+            mask = mask.unsqueeze(2)  # [b, 1, 1, blk, kv_len]
+            if mask.dtype == torch.bool:
+                logits = logits.masked_fill(~mask, float("-inf"))
+            else:
+                logits = logits + mask.float()
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0).mean(dim=2)  # [b, kvh, blk, kv_len]
+        if reduction == "rows":
+            rows.append(probs)
+        else:
+            total += probs.sum(dim=2)
+    return torch.cat(rows, dim=2) if reduction == "rows" else total
+
+
+def kvplus_attention_forward(module, query, key, value, attention_mask, **kwargs):
+    """SDPA attention that also reports attention mass to the cache layer that requested it."""
+    output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    layer = _take_request(getattr(module, "layer_idx", None))
+    if layer is not None:
+        reduction = layer.requested_reduction()
+        with torch.no_grad():
+            mass = attention_mass(query, key, attention_mask, kwargs.get("scaling"), reduction)
+        layer.observe_attention(mass, reduction)
+    return output, weights
+
+
+_registered = False
+
+
+def register_attention() -> str:
+    """Register the ``"kvplus"`` attention and mask functions (idempotent). Returns the name."""
+    global _registered
+    if not _registered:
+        AttentionInterface.register(ATTN_IMPLEMENTATION, kvplus_attention_forward)
+        AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+        _registered = True
+    return ATTN_IMPLEMENTATION
+
+
+def _bound_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    if not args:
+        return kwargs
+    signature = getattr(module, "_hf_kvplus_signature", None)
+    if signature is None:
+        signature = inspect.signature(module.forward)
+        module._hf_kvplus_signature = signature
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError:
+        return kwargs
+    return dict(bound.arguments)
+
+
+def _observe_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    inputs = _bound_inputs(module, args, kwargs)
+    cache = inputs.get("past_key_values")
+    if cache is None or not hasattr(cache, "observe_inputs"):
+        return None
+    tokens = inputs.get("input_ids")
+    if tokens is None:
+        tokens = inputs.get("inputs_embeds")
+    if tokens is not None:
+        cache.observe_inputs(inputs.get("attention_mask"), tokens.shape[1])
+    return None
+
+
+def attach(model: PreTrainedModel, attention_scores: bool = False) -> PreTrainedModel:
+    """Prepare ``model`` for hf_kvplus caches (idempotent; returns the model).
+
+    Args:
+        model (`PreTrainedModel`): the model the caches will run with.
+        attention_scores (`bool`, *optional*, defaults to `False`): also switch the model to the
+            ``"kvplus"`` attention implementation, needed by caches that score keys by the
+            attention they receive (H2O, TOVA). Its outputs are identical to ``"sdpa"``.
+
+    Example:
+
+    ```python
+    >>> import hf_kvplus
+    >>> hf_kvplus.attach(model, attention_scores=True)
+    >>> cache = hf_kvplus.HeavyHitterCache(model.config, budget=256)
+    ```
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"attach() expects a transformers model (torch.nn.Module), got {type(model).__name__}")
+    register_attention()
+    if getattr(model, _HOOK_ATTR, None) is None:
+        handle = model.register_forward_pre_hook(_observe_inputs, with_kwargs=True)
+        setattr(model, _HOOK_ATTR, handle)
+    if attention_scores and model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        current = model.config._attn_implementation
+        if current not in (None, "sdpa", "eager"):
+            raise ValueError(
+                f"attention scores need the 'kvplus' attention (SDPA-based); the model uses {current!r}. "
+                "Load the model with attn_implementation='sdpa' (or 'eager') first."
+            )
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return model
+
+
+def detach(model: PreTrainedModel) -> None:
+    """Remove what :func:`attach` installed and return the model to ``"sdpa"`` attention."""
+    handle = getattr(model, _HOOK_ATTR, None)
+    if handle is not None:
+        handle.remove()
+        setattr(model, _HOOK_ATTR, None)
+    if model.config._attn_implementation == ATTN_IMPLEMENTATION:
+        model.set_attn_implementation("sdpa")

@@ -1,0 +1,23 @@
+"""Cache strategies: one file per strategy, all built on :mod:`hf_kvplus.caches.base`."""
+
+from .base import CacheContext, EvictingLayer, KVPlusCache
+from .registry import CacheSpec, get_spec, list_caches, list_presets, make_cache, register_cache, register_preset
+from .sink import SinkCache, SinkLayer
+from .store import DenseStore, KVStore
+
+__all__ = [
+    "CacheContext",
+    "CacheSpec",
+    "DenseStore",
+    "EvictingLayer",
+    "KVPlusCache",
+    "KVStore",
+    "SinkCache",
+    "SinkLayer",
+    "get_spec",
+    "list_caches",
+    "list_presets",
+    "make_cache",
+    "register_cache",
+    "register_preset",
+]

@@ -1,0 +1,492 @@
+"""Shared bookkeeping for every hf_kvplus cache: the eviction base.
+
+A layer keeps some of the tokens it has seen, in a :class:`~hf_kvplus.caches.store.KVStore`.
+Two lengths matter (see ``DESIGN.md`` section 2):
+
+* ``seen``, the **logical** length, is what ``get_seq_length`` returns, so positions keep counting;
+* ``kept``, the **physical** length, is what the store holds (at most ``budget`` between forwards).
+
+``get_mask_sizes`` tells the mask builder that ``update`` will return ``kept + query_length``
+keys starting at offset ``seen - kept``: the kept keys are treated as contiguous positions ending
+at the present, which is exact for a causal mask. Kept tokens stay sorted by position, and left
+padding is always evicted before any real token, so the standard 2-D padding mask sliced at that
+offset masks exactly the padding still held: padding never leaks into attention after eviction.
+
+A strategy supplies one hook, :meth:`EvictingLayer.score` (higher is kept). The base protects
+``num_sink_tokens`` first real tokens and ``recent_window`` newest ones, fills the rest of the
+budget by score (by recency when ``score`` returns ``None``) and never touches the store's format.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from transformers import Cache, CacheLayerMixin, PreTrainedConfig
+
+from ..attention import request_attention
+from .rope import shift_keys
+from .store import DenseStore, KVStore, gather_tokens
+
+
+def _positive_int(name: str, value, allow_none: bool = False, minimum: int = 1) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
+def text_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The decoder text config, with a clear error for objects that are not model configs."""
+    if not isinstance(config, PreTrainedConfig):
+        raise TypeError(f"expected a transformers model or PreTrainedConfig, got {type(config).__name__}")
+    config = config.get_text_config(decoder=True)
+    for attr in ("num_hidden_layers", "num_attention_heads"):
+        if not isinstance(getattr(config, attr, None), int):
+            raise ValueError(
+                f"{type(config).__name__} has no integer {attr!r}: hf_kvplus caches need a decoder with attention heads"
+            )
+    layer_types = getattr(config, "layer_types", None) or []
+    other = sorted(set(layer_types) - {"full_attention"})
+    if other:
+        raise ValueError(
+            f"hf_kvplus caches support models whose layers all use full attention; this config has {other}"
+        )
+    return config
+
+
+def kv_geometry(config: PreTrainedConfig) -> tuple[int, int, int]:
+    """``(num_layers, kv_heads, head_dim)`` of a decoder config."""
+    config = text_config(config)
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+class CacheContext:
+    """State shared by the layers of one cache: the left padding of each batch row.
+
+    ``pad_len[b]`` counts the padding columns at the start of row ``b``. ``observed`` tells
+    whether the inputs were seen at all (through :func:`hf_kvplus.attach`); without it, an
+    evicting cache refuses batches it cannot prove are unpadded.
+    """
+
+    def __init__(self) -> None:
+        self.pad_len: torch.Tensor | None = None  # [batch] long
+        self.observed = False
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        if self.pad_len is not None:
+            self.pad_len = self.pad_len.index_select(0, index.to(self.pad_len.device))
+
+    def reset(self) -> None:
+        self.pad_len = None
+        self.observed = False
+
+
+class EvictingLayer(CacheLayerMixin):
+    """One decoder layer's cache: a store, the positions of what it keeps, and an eviction rule.
+
+    Args:
+        layer_idx (`int`): index of the decoder layer (used to route attention scores).
+        context (`CacheContext`): padding state shared with the other layers.
+        budget (`int`, *optional*): tokens kept between forwards, all kinds included; ``None`` keeps all.
+        num_sink_tokens (`int`, defaults to 0): first real tokens that are never evicted.
+        recent_window (`int`, defaults to 0): newest tokens that are never evicted.
+        rope (`tuple[torch.Tensor, float]`, *optional*): ``(inv_freq, attention_scaling)``; when given,
+            keys are re-rotated so cached tokens sit at contiguous positions (StreamingLLM).
+        store_factory (`Callable[[], KVStore]`, defaults to `DenseStore`): the storage format.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    needs_attention = False  # True: `score` needs the attention mass from the "kvplus" attention
+
+    def __init__(
+        self,
+        layer_idx: int,
+        context: CacheContext,
+        budget: int | None = None,
+        num_sink_tokens: int = 0,
+        recent_window: int = 0,
+        rope: tuple[torch.Tensor, float] | None = None,
+        store_factory: Callable[[], KVStore] = DenseStore,
+    ):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.context = context
+        self.budget = budget
+        self.num_sink_tokens = num_sink_tokens
+        self.recent_window = recent_window
+        self.rope = rope
+        self.store_factory = store_factory
+        self.record_past = False
+        self._clear()
+
+    # ------------------------------------------------------------------ state
+    def _clear(self) -> None:
+        self.store: KVStore | None = None
+        self.seen = 0  # logical length: tokens ever appended (minus crops)
+        self.pos: torch.Tensor | None = None  # [n] shared, or [batch, kv_heads, n]: absolute column of each kept token
+        self.token_state: dict[str, torch.Tensor] = {}  # per-token strategy state, [batch, kv_heads, n]
+        self.max_held = 0  # most tokens held between forwards
+        self._awaiting_attention = False
+        self._pending_rows: list[torch.Tensor] = []
+        self.is_initialized = False
+
+    @property
+    def kept(self) -> int:
+        return 0 if self.store is None else self.store.length
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self.store is None or self.kept == 0 else self.store.get()[0]
+
+    @keys.setter
+    def keys(self, value) -> None:  # CacheLayerMixin.__init__ assigns None
+        if value is not None:
+            raise AttributeError("hf_kvplus layers hold keys in their store; use update()")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self.store is None or self.kept == 0 else self.store.get()[1]
+
+    @values.setter
+    def values(self, value) -> None:
+        if value is not None:
+            raise AttributeError("hf_kvplus layers hold values in their store; use update()")
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor this layer holds (what :func:`hf_kvplus.cache_nbytes` counts)."""
+        held = [] if self.store is None else list(self.store.tensors())
+        if self.pos is not None:
+            held.append(self.pos)
+        held.extend(self.token_state.values())
+        if self.rope is not None:
+            held.append(self.rope[0])  # inv_freq, shared by all layers (counted once)
+        return held
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads = key_states.shape[0], key_states.shape[1]
+        self.head_dim = key_states.shape[-1]
+        self.store = self.store_factory()
+        self.pos = torch.empty(0, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def _check_compatible(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.dim() != 4 or value_states.shape[:3] != key_states.shape[:3]:
+            raise ValueError(
+                "expected key and value states of shape [batch, kv_heads, tokens, head_dim], got "
+                f"{tuple(key_states.shape)} and {tuple(value_states.shape)}"
+            )
+        if not self.is_initialized or self.kept == 0:
+            return
+        if key_states.dtype != self.dtype or key_states.device != self.device:
+            raise ValueError(
+                f"layer {self.layer_idx} holds {self.dtype} on {self.device} but received {key_states.dtype} on "
+                f"{key_states.device}: run the model with the dtype and device the cache was filled with"
+            )
+        expected = (self.batch_size, self.num_heads)
+        if tuple(key_states.shape[:2]) != expected or key_states.shape[-1] != self.head_dim:
+            raise ValueError(
+                f"layer {self.layer_idx} holds [batch={expected[0]}, kv_heads={expected[1]}, head_dim={self.head_dim}] "
+                f"but received key states of shape {tuple(key_states.shape)}"
+            )
+
+    # --------------------------------------------------------------- contract
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append new keys/values; return what attention uses: ``[batch, kv_heads, kept + new, head_dim]``."""
+        self._check_compatible(key_states, value_states)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check_attention_arrived()
+        new = key_states.shape[-2]
+        new_pos = torch.arange(self.seen, self.seen + new, device=self.device)
+        if self.pos.dim() == 1:
+            self.pos = torch.cat([self.pos, new_pos])
+        else:
+            self.pos = torch.cat([self.pos, new_pos.expand(*self.pos.shape[:2], new)], dim=-1)
+        self.store.append(key_states, value_states)
+        self.seen += new
+        self._on_append(new)
+        keys, values = self.store.get()
+        if self.rope is not None:
+            keys = self._shift_to_slots(keys)
+        if self.needs_attention:
+            self._awaiting_attention = True
+            request_attention(self.layer_idx, self)
+        elif not self.record_past:
+            self._evict()
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        self._check_attention_arrived()
+        kv_length = self.kept + query_length
+        kv_offset = self.seen - self.kept
+        return kv_length, kv_offset
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1 if self.budget is None else self.budget
+
+    def reset(self) -> None:
+        self._clear()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().squeeze(-1)
+        self._select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select_batch(torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats))
+
+    def _select_batch(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        index = index.to(self.device)
+        self.store.select_batch(index)
+        if self.pos.dim() == 3:
+            self.pos = self.pos.index_select(0, index)
+        self.token_state = {k: v.index_select(0, index) for k, v in self.token_state.items()}
+        self._pending_rows = [rows.index_select(0, index) for rows in self._pending_rows]
+        self.batch_size = index.shape[0]
+
+    def activate_past_recording(self) -> None:
+        """Defer eviction until ``crop`` commits the tokens (assisted and speculative decoding)."""
+        self.record_past = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the newest ``-tokens_to_remove`` tokens (a negative count), then commit any deferred eviction.
+
+        Raises a ``ValueError`` when those tokens were already evicted: the cache cannot roll back.
+        """
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop({tokens_to_remove}): hf_kvplus caches only accept a negative count of tokens to remove "
+                "(or 0 to commit), as DynamicCache does"
+            )
+        drop = -tokens_to_remove
+        if drop and self.is_initialized:
+            if drop > self.seen:
+                raise ValueError(f"crop({tokens_to_remove}): layer {self.layer_idx} has only seen {self.seen} tokens")
+            tail = self.pos[..., -drop:] if self.kept >= drop else None
+            expected = torch.arange(self.seen - drop, self.seen, device=self.device)
+            if tail is None or not bool((tail == expected).all()):
+                raise ValueError(
+                    f"crop({tokens_to_remove}) on layer {self.layer_idx}: some of the newest {drop} tokens were already "
+                    f"evicted (budget {self.budget}); enable past recording (done by assisted generation) or keep a "
+                    "recent window at least as long as the tokens you roll back"
+                )
+            self.store.truncate(drop)
+            self.pos = self.pos[..., :-drop].clone()
+            self.token_state = {k: v[..., :-drop].clone() for k, v in self.token_state.items()}
+            self.seen -= drop
+        self._commit(drop)
+
+    # -------------------------------------------------------------- strategy
+    def score(self) -> torch.Tensor | None:
+        """Hook: importance of each kept token, ``[batch, kv_heads, kept]``; higher is kept.
+
+        ``None`` (the default) keeps the newest tokens, after the protected ones.
+        """
+        return None
+
+    def attention_reduction(self) -> str:
+        """How the attention mass is reduced over queries before :meth:`on_attention` (``"sum"`` or ``"last"``)."""
+        return "sum"
+
+    def requested_reduction(self) -> str:
+        """What the attention function must compute: every query row while eviction is deferred."""
+        return "rows" if self.record_past else self.attention_reduction()
+
+    def on_attention(self, mass: torch.Tensor) -> None:
+        """Hook for scorers that need attention: ``mass`` is ``[batch, kv_heads, kept]`` (float32)."""
+
+    def _on_append(self, new: int) -> None:
+        """Extend per-token state for ``new`` appended tokens (zeros by default)."""
+        for name, state in self.token_state.items():
+            pad = state.new_zeros(*state.shape[:2], new)
+            self.token_state[name] = torch.cat([state, pad], dim=-1)
+
+    # --------------------------------------------------------------- eviction
+    def observe_attention(self, mass: torch.Tensor, reduction: str) -> None:
+        """Receive the attention computed over what ``update`` returned (from the "kvplus" attention)."""
+        self._awaiting_attention = False
+        if self.record_past:
+            self._pending_rows.append(mass if reduction == "rows" else mass.unsqueeze(2))
+            return
+        self.on_attention(mass)
+        self._evict()
+
+    def _check_attention_arrived(self) -> None:
+        if self._awaiting_attention:
+            raise RuntimeError(
+                f"{type(self).__name__} (layer {self.layer_idx}) received no attention scores: the model does not use "
+                "the 'kvplus' attention. Build the cache with hf_kvplus.make_cache(name, model, ...) or call "
+                "hf_kvplus.attach(model, attention_scores=True) once before generating."
+            )
+
+    def _commit(self, dropped: int) -> None:
+        """Fold attention recorded while eviction was deferred (minus ``dropped`` rejected queries), then evict."""
+        rows, self._pending_rows = self._pending_rows, []
+        trimmed = []
+        for block in reversed(rows):
+            cut = min(dropped, block.shape[2])
+            dropped -= cut
+            if block.shape[2] > cut:
+                trimmed.append(block[:, :, : block.shape[2] - cut])
+        for block in reversed(trimmed):
+            block = block[..., : self.kept]
+            if block.shape[-1] < self.kept:
+                block = torch.nn.functional.pad(block, (0, self.kept - block.shape[-1]))
+            self.on_attention(block[:, :, -1] if self.attention_reduction() == "last" else block.sum(dim=2))
+        self._evict()
+
+    def _evict(self) -> None:
+        kept = self.kept
+        if self.budget is not None and kept > self.budget:
+            self._require_known_padding()
+            index = self._select(kept)
+            self.store.keep(index)
+            if index.dim() == 3:
+                self.pos = gather_tokens(self.pos.expand(self.batch_size, self.num_heads, kept), index)
+            else:
+                self.pos = self.pos.index_select(-1, index)
+            self.token_state = {k: gather_tokens(v, index) for k, v in self.token_state.items()}
+        self.max_held = max(self.max_held, self.kept)
+
+    def _require_known_padding(self) -> None:
+        if self.batch_size > 1 and not self.context.observed:
+            raise ValueError(
+                f"{type(self).__name__} would evict tokens from a batch of {self.batch_size} rows without knowing their "
+                "padding. Create the cache with hf_kvplus.make_cache(name, model, ...) or call hf_kvplus.attach(model) "
+                "once, so padding is never kept in place of real tokens."
+            )
+
+    def _select(self, kept: int) -> torch.Tensor:
+        """Indices of the tokens to keep: 1-D when shared by all rows and heads, else ``[batch, kv_heads, budget]``."""
+        budget = self.budget
+        scores = self.score()
+        pad_len = self.context.pad_len
+        padded = pad_len is not None and bool(pad_len.any())
+        if scores is None and not padded and self.pos.dim() == 1:
+            sinks = min(self.num_sink_tokens, budget)
+            return torch.cat(
+                [
+                    torch.arange(sinks, device=self.device),
+                    torch.arange(kept - (budget - sinks), kept, device=self.device),
+                ]
+            )
+        pos = self.pos.expand(self.batch_size, self.num_heads, kept)
+        if padded:
+            valid = pos >= pad_len.to(self.device).view(-1, 1, 1)
+        else:
+            valid = torch.ones_like(pos, dtype=torch.bool)
+        rank = valid.long().cumsum(dim=-1)  # 1-based rank among real tokens, oldest first
+        num_valid = rank[..., -1:]
+        protect = valid & (rank <= self.num_sink_tokens)
+        if self.recent_window:
+            protect |= valid & (rank > num_valid - self.recent_window)
+        priority = pos.float() if scores is None else scores.float().clone()
+        priority = priority.masked_fill(protect, math.inf).masked_fill(~valid, -math.inf)
+        return priority.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
+
+    # ------------------------------------------------------------- positions
+    def _shift_to_slots(self, keys: torch.Tensor) -> torch.Tensor:
+        """Rotate keys whose slot position differs from their original one (the sinks, usually)."""
+        length = keys.shape[-2]
+        slots = torch.arange(self.seen - length, self.seen, device=self.device)
+        delta = slots - self.pos  # [n] or [batch, kv_heads, n]
+        moved = (delta != 0).reshape(-1, length).any(dim=0)
+        if not bool(moved.any()):
+            return keys
+        last = int(moved.nonzero().max()) + 1  # kept tokens beyond this slot are already in place
+        shifted = shift_keys(keys[:, :, :last], delta[..., :last], self.rope[0])
+        return torch.cat([shifted, keys[:, :, last:]], dim=-2)
+
+
+class KVPlusCache(Cache):
+    """A ``transformers.Cache`` of :class:`EvictingLayer` (or subclass) layers sharing one :class:`CacheContext`.
+
+    Subclasses set ``layer_class`` and pass the layer keyword arguments; see ``SinkCache``.
+    """
+
+    layer_class: type[EvictingLayer] = EvictingLayer
+
+    def __init__(self, config: PreTrainedConfig, **layer_kwargs):
+        num_layers, self.num_kv_heads, self.head_dim = kv_geometry(config)
+        self.context = CacheContext()
+        layers = [self.layer_class(i, self.context, **layer_kwargs) for i in range(num_layers)]
+        super().__init__(layers=layers)
+
+    @property
+    def evicts(self) -> bool:
+        return any(layer.budget is not None for layer in self.layers)
+
+    @property
+    def budget(self) -> int | None:
+        return self.layers[0].budget if self.layers else None
+
+    def observe_inputs(self, attention_mask: torch.Tensor | None, query_length: int) -> None:
+        """Learn each row's left padding from the call's 2-D attention mask (done by the model hook)."""
+        self.context.observed = True
+        if attention_mask is None or attention_mask.dim() != 2:
+            return
+        seen = self.get_seq_length()
+        mask = attention_mask.to(torch.bool)
+        if mask.shape[-1] == query_length and seen > 0:
+            if bool(mask.all()):
+                return
+            history = None
+        elif mask.shape[-1] == seen + query_length:
+            history = mask
+        else:
+            return  # transformers will reject or interpret the mask itself
+        left_padded = history is not None and bool((history[:, 1:] >= history[:, :-1]).all())
+        if not left_padded:
+            if self.evicts:
+                raise ValueError(
+                    f"{type(self).__name__} evicts tokens, so it supports left padding only (padding columns first, "
+                    "then real tokens); this attention mask has padding after real tokens. Pad on the left "
+                    "(tokenizer.padding_side='left') and pass the full mask."
+                )
+            return
+        self.context.pad_len = (~history).sum(dim=-1)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.context.select_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero().squeeze(-1)
+        self.context.select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.context.pad_len is not None:
+            self.context.pad_len = self.context.pad_len.repeat_interleave(repeats)
+
+    def reset(self) -> None:
+        super().reset()
+        self.context.reset()
+
+    @property
+    def max_held(self) -> int:
+        """Most tokens any layer held between forwards since the last reset."""
+        return max((layer.max_held for layer in self.layers), default=0)
+
+    @property
+    def is_croppable(self) -> bool:
+        return not self.evicts

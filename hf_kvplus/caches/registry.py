@@ -1,0 +1,179 @@
+"""One registry: strategy name -> cache class, plus named presets.
+
+The CLI, the recipes, the docs and the conformance suite all read this table, so a strategy
+registered here is exercised everywhere.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Cache, DynamicCache, PreTrainedConfig
+
+from ..attention import attach
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """How to build and test one registered strategy.
+
+    Attributes:
+        name: registry name, as passed to ``make_cache``.
+        factory: ``factory(config, **kwargs) -> Cache``.
+        description: one line for tables and ``kvplus list``.
+        paper: reference (arXiv id or URL).
+        evicting: accepts ``budget=`` and drops tokens beyond it.
+        attention_scores: needs the ``"kvplus"`` attention implementation to score tokens.
+        uses_rope: the factory accepts ``rope=`` (read from the model by ``make_cache``).
+        parity_kwargs: keyword arguments under which the cache must reproduce ``DynamicCache``.
+        parity_atol: absolute logit tolerance for that parity (0 means ``torch.allclose`` defaults).
+    """
+
+    name: str
+    factory: Callable[..., Cache]
+    description: str
+    paper: str = ""
+    evicting: bool = False
+    attention_scores: bool = False
+    uses_rope: bool = False
+    parity_kwargs: dict = field(default_factory=dict)
+    parity_atol: float = 0.0
+
+
+_REGISTRY: dict[str, CacheSpec] = {}
+_PRESETS: dict[str, tuple[str, dict]] = {}
+
+
+def register_cache(spec: CacheSpec) -> CacheSpec:
+    """Add a strategy to the registry (the name must be new)."""
+    if spec.name in _REGISTRY or spec.name in _PRESETS:
+        raise ValueError(f"cache name {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def register_preset(name: str, strategy: str, **kwargs) -> None:
+    """Register ``name`` as ``strategy`` with default keyword arguments."""
+    if name in _REGISTRY or name in _PRESETS:
+        raise ValueError(f"cache name {name!r} is already registered")
+    if strategy not in _REGISTRY:
+        raise ValueError(f"unknown strategy {strategy!r} for preset {name!r}; registered: {list_caches()}")
+    _PRESETS[name] = (strategy, kwargs)
+
+
+def list_caches() -> list[str]:
+    """Names of the registered strategies (presets excluded; see :func:`list_presets`)."""
+    return list(_REGISTRY)
+
+
+def list_presets() -> dict[str, tuple[str, dict]]:
+    """Preset name -> ``(strategy, default keyword arguments)``."""
+    return {name: (strategy, dict(kwargs)) for name, (strategy, kwargs) in _PRESETS.items()}
+
+
+def get_spec(name: str) -> CacheSpec:
+    """The :class:`CacheSpec` of a strategy or preset name."""
+    if name in _PRESETS:
+        name = _PRESETS[name][0]
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown cache {name!r}; choose one of {list_caches() + list(_PRESETS)}")
+    return _REGISTRY[name]
+
+
+def resolve(name: str, **kwargs) -> tuple[CacheSpec, dict]:
+    """Strategy spec and the full keyword arguments for a strategy or preset name."""
+    if not isinstance(name, str):
+        raise TypeError(f"cache name must be a string, got {type(name).__name__}")
+    spec = get_spec(name)
+    if name in _PRESETS:
+        kwargs = {**_PRESETS[name][1], **kwargs}
+    return spec, kwargs
+
+
+def _check_kwargs(spec: CacheSpec, kwargs: dict) -> None:
+    params = inspect.signature(spec.factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [p for p in params if p not in ("self", "config")]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"cache {spec.name!r} got unexpected keyword argument(s) {unknown}; it accepts {allowed}")
+
+
+def make_cache(name: str, model_or_config, **kwargs) -> Cache:
+    """Build a ready cache to pass as ``model.generate(..., past_key_values=cache)``.
+
+    Args:
+        name (`str`): a registered strategy (``list_caches()``) or preset (``list_presets()``).
+        model_or_config (`PreTrainedModel` or `PreTrainedConfig`): with a model, the one-time set-up
+            the strategy needs is done on it (:func:`hf_kvplus.attach`: padding hook, and the
+            ``"kvplus"`` attention for strategies that score by attention), and RoPE parameters are
+            read from its rotary embedding.
+        **kwargs: the strategy's keyword arguments (``budget=`` for every evicting strategy).
+
+    Returns:
+        `transformers.Cache`: a fresh, empty cache.
+
+    Example:
+
+    ```python
+    >>> import hf_kvplus
+    >>> cache = hf_kvplus.make_cache("sink", model, budget=256)
+    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=128)
+    ```
+    """
+    spec, kwargs = resolve(name, **kwargs)
+    _check_kwargs(spec, kwargs)
+    if isinstance(model_or_config, torch.nn.Module):
+        model = model_or_config
+        config = getattr(model, "config", None)
+        if not isinstance(config, PreTrainedConfig):
+            raise TypeError(f"make_cache needs a transformers model or config, got {type(model).__name__}")
+        if spec.name != "dynamic":
+            attach(model, attention_scores=spec.attention_scores)
+        if spec.uses_rope and "rope" not in kwargs and kwargs.get("rerotate_keys", True):
+            from .._compat import rope_parameters
+
+            rope = rope_parameters(model)
+            if rope is not None:
+                kwargs["rope"] = rope
+    elif isinstance(model_or_config, PreTrainedConfig):
+        config = model_or_config
+    else:
+        raise TypeError(
+            f"make_cache needs a transformers model or PreTrainedConfig, got {type(model_or_config).__name__}"
+        )
+    return spec.factory(config, **kwargs)
+
+
+def _dynamic(config: PreTrainedConfig) -> DynamicCache:
+    return DynamicCache(config=config)
+
+
+def _register_builtins() -> None:
+    from .sink import SinkCache
+
+    register_cache(
+        CacheSpec(
+            name="dynamic",
+            factory=_dynamic,
+            description="transformers DynamicCache: every token, full precision (the baseline)",
+        )
+    )
+    register_cache(
+        CacheSpec(
+            name="sink",
+            factory=SinkCache,
+            description="attention sinks + sliding window (StreamingLLM)",
+            paper="arXiv:2309.17453",
+            evicting=True,
+            uses_rope=True,
+        )
+    )
+    register_preset("window", "sink", num_sink_tokens=0, rerotate_keys=False)
+
+
+_register_builtins()

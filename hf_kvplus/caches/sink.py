@@ -1,0 +1,97 @@
+"""Attention sinks plus a sliding window (StreamingLLM, arXiv 2309.17453).
+
+The first few tokens of a sequence collect a large share of attention whatever they say ("attention
+sinks"); a plain sliding window evicts them and perplexity collapses once the window is full.
+Keeping ``num_sink_tokens`` of them next to the ``window_length`` newest tokens keeps the model
+stable at constant memory. With ``rerotate_keys`` the cached keys sit at contiguous positions (the
+paper's position shift), so the distance between a query and any cached key never exceeds the
+budget and text can stream far past the model's trained context.
+"""
+
+from __future__ import annotations
+
+from transformers import PreTrainedConfig
+
+from .base import EvictingLayer, KVPlusCache, _positive_int
+from .store import DenseStore
+
+
+class SinkLayer(EvictingLayer):
+    """Keeps the sinks and the newest tokens: the base's default (recency) rule, no scores needed."""
+
+
+class SinkCache(KVPlusCache):
+    """StreamingLLM cache: ``num_sink_tokens`` first tokens plus a window of the newest ones.
+
+    Args:
+        config (`PreTrainedConfig`): the model's config (a decoder with full attention layers).
+        budget (`int`, *optional*): tokens kept per layer, sinks included. Give ``budget`` or
+            ``window_length``, not both.
+        window_length (`int`, *optional*): newest tokens kept besides the sinks.
+        num_sink_tokens (`int`, *optional*, defaults to 4): first tokens never evicted; ``0`` makes a
+            plain sliding window.
+        rerotate_keys (`bool`, *optional*, defaults to `True`): re-rotate cached keys to contiguous
+            positions (needs RoPE parameters; see ``rope``).
+        rope (`tuple[torch.Tensor, float]`, *optional*): ``(inv_freq, attention_scaling)`` of the model's
+            rotary embedding; computed from ``config`` when omitted. ``make_cache`` reads them from the model.
+        store_factory (`Callable`, *optional*): storage of the kept tokens (full precision by default).
+
+    Example:
+
+    ```python
+    >>> from hf_kvplus import SinkCache, attach
+    >>> attach(model)  # lets the cache see padding of batched prompts
+    >>> cache = SinkCache(model.config, budget=256, num_sink_tokens=4)
+    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=500)
+    >>> cache.max_held  # never more than 256 tokens per layer between steps
+    256
+    ```
+    """
+
+    layer_class = SinkLayer
+
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        budget: int | None = None,
+        window_length: int | None = None,
+        num_sink_tokens: int = 4,
+        rerotate_keys: bool = True,
+        rope=None,
+        store_factory=DenseStore,
+    ):
+        num_sink_tokens = _positive_int("num_sink_tokens", num_sink_tokens, minimum=0)
+        if (budget is None) == (window_length is None):
+            raise ValueError(
+                f"SinkCache needs exactly one of budget or window_length, got budget={budget!r}, "
+                f"window_length={window_length!r}"
+            )
+        if budget is None:
+            window_length = _positive_int("window_length", window_length)
+            budget = num_sink_tokens + window_length
+        budget = _positive_int("budget", budget)
+        if budget <= num_sink_tokens:
+            raise ValueError(
+                f"budget ({budget}) must be larger than num_sink_tokens ({num_sink_tokens}) to leave room for a window"
+            )
+        if not isinstance(rerotate_keys, bool):
+            raise ValueError(f"rerotate_keys must be True or False, got {rerotate_keys!r}")
+        if rerotate_keys and rope is None:
+            from .._compat import rope_parameters
+
+            rope = rope_parameters(config)
+            if rope is None:
+                raise ValueError(
+                    "rerotate_keys=True needs the model's rotary embedding, which this config does not describe "
+                    "(no rope_parameters, or dynamic RoPE); pass rerotate_keys=False"
+                )
+        self.num_sink_tokens = num_sink_tokens
+        self.window_length = budget - num_sink_tokens
+        self.rerotate_keys = rerotate_keys
+        super().__init__(
+            config,
+            budget=budget,
+            num_sink_tokens=num_sink_tokens,
+            rope=rope if rerotate_keys else None,
+            store_factory=store_factory,
+        )

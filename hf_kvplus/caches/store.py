@@ -1,0 +1,94 @@
+"""Storage for the tokens a cache layer keeps: the "how it is stored" axis.
+
+A store holds keys and values of shape ``[batch, kv_heads, tokens, head_dim]`` in some
+representation and can give them back in full precision for attention. Eviction policies only
+ever call :meth:`keep`, so any policy runs over any store (sinks over packed int4, for example).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Select tokens along dim 2 of ``x`` (``[batch, heads, tokens, ...]``).
+
+    ``index`` is either 1-D (the same tokens for every row and head) or ``[batch, heads, m]``.
+    The result always owns exactly the storage it needs.
+    """
+    if index.dim() == 1:
+        return x.index_select(2, index)
+    expand = index.view(*index.shape, *([1] * (x.dim() - 3))).expand(*index.shape, *x.shape[3:])
+    return torch.gather(x, 2, expand)
+
+
+class KVStore:
+    """Interface of a storage backend. ``length`` counts the tokens held."""
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full-precision keys and values, ``[batch, kv_heads, length, head_dim]``."""
+        raise NotImplementedError
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only the tokens at ``index`` (1-D, or ``[batch, kv_heads, m]``, sorted)."""
+        raise NotImplementedError
+
+    def truncate(self, num_tokens: int) -> None:
+        """Drop the newest ``num_tokens`` tokens."""
+        raise NotImplementedError
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep (and reorder) batch rows: ``index`` is a 1-D LongTensor of row indices."""
+        raise NotImplementedError
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the store holds (for memory accounting)."""
+        raise NotImplementedError
+
+    @property
+    def length(self) -> int:
+        raise NotImplementedError
+
+
+class DenseStore(KVStore):
+    """Keys and values in the model's dtype, exactly as attention uses them."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None  # [batch, kv_heads, tokens, head_dim]
+        self.values: torch.Tensor | None = None
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        if self.keys is None:
+            # Own the data: the caller's tensors may be views of larger projections.
+            self.keys, self.values = keys.contiguous().clone(), values.contiguous().clone()
+        else:
+            self.keys = torch.cat([self.keys, keys], dim=-2)
+            self.values = torch.cat([self.values, values], dim=-2)
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys, self.values
+
+    def keep(self, index: torch.Tensor) -> None:
+        self.keys = gather_tokens(self.keys, index)
+        self.values = gather_tokens(self.values, index)
+
+    def truncate(self, num_tokens: int) -> None:
+        if num_tokens > 0:
+            keep = self.length - num_tokens
+            self.keys = self.keys[:, :, :keep].clone()
+            self.values = self.values[:, :, :keep].clone()
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        if self.keys is not None:
+            self.keys = self.keys.index_select(0, index.to(self.keys.device))
+            self.values = self.values.index_select(0, index.to(self.values.device))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.keys, self.values) if t is not None]
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
