@@ -3,7 +3,7 @@
 from .base import CacheContext, EvictingLayer, KVPlusCache
 from .registry import CacheSpec, get_spec, list_caches, list_presets, make_cache, register_cache, register_preset
 from .sink import SinkCache, SinkLayer
-from .store import DenseStore, KVStore
+from .store import DenseStore, KVStore, make_store_factory
 
 __all__ = [
     "CacheContext",
@@ -18,6 +18,7 @@ __all__ = [
     "list_caches",
     "list_presets",
     "make_cache",
+    "make_store_factory",
     "register_cache",
     "register_preset",
 ]

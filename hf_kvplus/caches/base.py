@@ -27,7 +27,7 @@ from transformers import Cache, CacheLayerMixin, PreTrainedConfig
 
 from ..attention import request_attention
 from .rope import shift_keys
-from .store import DenseStore, KVStore, gather_tokens
+from .store import DenseStore, KVStore, gather_tokens, make_store_factory
 
 
 def _positive_int(name: str, value, allow_none: bool = False, minimum: int = 1) -> int | None:
@@ -418,14 +418,17 @@ class EvictingLayer(CacheLayerMixin):
 class KVPlusCache(Cache):
     """A ``transformers.Cache`` of :class:`EvictingLayer` (or subclass) layers sharing one :class:`CacheContext`.
 
-    Subclasses set ``layer_class`` and pass the layer keyword arguments; see ``SinkCache``.
+    Subclasses set ``layer_class`` and pass the layer keyword arguments; see ``SinkCache``. Storage
+    keywords (``nbits=``, ``store_factory=``...) go to :func:`~hf_kvplus.caches.store.make_store_factory`,
+    so every strategy runs over every storage format.
     """
 
     layer_class: type[EvictingLayer] = EvictingLayer
 
-    def __init__(self, config: PreTrainedConfig, **layer_kwargs):
+    def __init__(self, config: PreTrainedConfig, store_factory=None, nbits=None, **layer_kwargs):
         num_layers, self.num_kv_heads, self.head_dim = kv_geometry(config)
         self.context = CacheContext()
+        layer_kwargs["store_factory"] = make_store_factory(store_factory=store_factory, nbits=nbits)
         layers = [self.layer_class(i, self.context, **layer_kwargs) for i in range(num_layers)]
         super().__init__(layers=layers)
 

@@ -153,27 +153,11 @@ def _dynamic(config: PreTrainedConfig) -> DynamicCache:
     return DynamicCache(config=config)
 
 
-def _register_builtins() -> None:
-    from .sink import SinkCache
-
-    register_cache(
-        CacheSpec(
-            name="dynamic",
-            factory=_dynamic,
-            description="transformers DynamicCache: every token, full precision (the baseline)",
-        )
+register_cache(
+    CacheSpec(
+        name="dynamic",
+        factory=_dynamic,
+        description="transformers DynamicCache: every token, full precision (the baseline)",
     )
-    register_cache(
-        CacheSpec(
-            name="sink",
-            factory=SinkCache,
-            description="attention sinks + sliding window (StreamingLLM)",
-            paper="arXiv:2309.17453",
-            evicting=True,
-            uses_rope=True,
-        )
-    )
-    register_preset("window", "sink", num_sink_tokens=0, rerotate_keys=False)
-
-
-_register_builtins()
+)
+# Each strategy module registers itself at its end; hf_kvplus.caches imports them all.

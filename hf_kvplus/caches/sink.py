@@ -13,7 +13,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 from .base import EvictingLayer, KVPlusCache, _positive_int
-from .store import DenseStore
+from .registry import CacheSpec, register_cache, register_preset
 
 
 class SinkLayer(EvictingLayer):
@@ -34,7 +34,8 @@ class SinkCache(KVPlusCache):
             positions (needs RoPE parameters; see ``rope``).
         rope (`tuple[torch.Tensor, float]`, *optional*): ``(inv_freq, attention_scaling)`` of the model's
             rotary embedding; computed from ``config`` when omitted. ``make_cache`` reads them from the model.
-        store_factory (`Callable`, *optional*): storage of the kept tokens (full precision by default).
+        **storage: how kept tokens are stored (see :func:`hf_kvplus.caches.store.make_store_factory`);
+            full precision by default.
 
     Example:
 
@@ -58,7 +59,7 @@ class SinkCache(KVPlusCache):
         num_sink_tokens: int = 4,
         rerotate_keys: bool = True,
         rope=None,
-        store_factory=DenseStore,
+        **storage,
     ):
         num_sink_tokens = _positive_int("num_sink_tokens", num_sink_tokens, minimum=0)
         if (budget is None) == (window_length is None):
@@ -93,5 +94,18 @@ class SinkCache(KVPlusCache):
             budget=budget,
             num_sink_tokens=num_sink_tokens,
             rope=rope if rerotate_keys else None,
-            store_factory=store_factory,
+            **storage,
         )
+
+
+register_cache(
+    CacheSpec(
+        name="sink",
+        factory=SinkCache,
+        description="attention sinks + sliding window (StreamingLLM)",
+        paper="arXiv:2309.17453",
+        evicting=True,
+        uses_rope=True,
+    )
+)
+register_preset("window", "sink", num_sink_tokens=0, rerotate_keys=False)

@@ -92,3 +92,17 @@ class DenseStore(KVStore):
     @property
     def length(self) -> int:
         return 0 if self.keys is None else self.keys.shape[-2]
+
+
+def make_store_factory(store_factory=None, nbits: int | None = None):
+    """The store factory for a cache's storage keywords.
+
+    Args:
+        store_factory (`Callable[[], KVStore]`, *optional*): an explicit factory; wins over the rest.
+        nbits (`int`, *optional*): ``None`` keeps tokens in the model's dtype.
+    """
+    if store_factory is not None:
+        return store_factory
+    if nbits is None:
+        return DenseStore
+    raise ValueError(f"nbits must be None (full precision), got {nbits!r}")
