@@ -399,7 +399,9 @@ class EvictingLayer(CacheLayerMixin):
             protect |= valid & (rank > num_valid - self.recent_window)
         priority = pos.float() if scores is None else scores.float().clone()
         priority = priority.masked_fill(protect, math.inf).masked_fill(~valid, -math.inf)
-        return priority.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
+        # A stable sort makes ties deterministic: among equal priorities (padding) the oldest stay.
+        order = priority.sort(dim=-1, descending=True, stable=True).indices
+        return order[..., :budget].sort(dim=-1).values
 
     # ------------------------------------------------------------- positions
     def _shift_to_slots(self, keys: torch.Tensor) -> torch.Tensor:
