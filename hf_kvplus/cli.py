@@ -13,7 +13,7 @@ import sys
 def _demo(args) -> int:
     from .eval.demo import run_demo
 
-    run_demo(out=args.out, stream_tokens=args.tokens, budget=args.budget, progress=not args.quiet)
+    run_demo(out=args.out, stream_tokens=args.tokens, budget=args.budget, progress=not args.quiet, docs_dir=args.docs)
     return 0
 
 
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--tokens", type=int, default=4096, help="tokens streamed in the sink/window comparison")
     demo.add_argument("--budget", type=int, default=256, help="tokens kept per layer when streaming")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--docs", default=None, help="also write the tables the docs include into this folder")
     demo.set_defaults(func=_demo)
     listing = commands.add_parser("list", help="registered strategies and presets")
     listing.set_defaults(func=_list)

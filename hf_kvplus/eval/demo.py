@@ -66,8 +66,17 @@ def compare_streaming(model, ids, budget=256, stream_tokens=4096, progress=False
     return rows, runs
 
 
+def write_docs_tables(result: dict, folder: str | Path) -> None:
+    """Write the demo's tables as Markdown snippets the docs include (``docs/results/``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "demo_caches.md").write_text(markdown_table(result["caches"]))
+    streaming = [{k: v for k, v in row.items() if k != "tok_s"} for row in result["streaming"]]
+    (folder / "demo_streaming.md").write_text(markdown_table(streaming) + "\n" + markdown_table(result["streaming_curve"]))
+
+
 def run_demo(out: str | Path | None = "runs/demo", stream_tokens=4096, budget=256, context=2048, target=256,
-             progress=True, model=None, ids=None) -> dict:
+             progress=True, model=None, ids=None, docs_dir: str | Path | None = None) -> dict:
     """Run both tables on the embedded defaults (or the given model and token ids); print and save them."""
     from .models import load_default_model, load_default_text, load_default_tokenizer
 
@@ -98,4 +107,6 @@ def run_demo(out: str | Path | None = "runs/demo", stream_tokens=4096, budget=25
             + "\n" + markdown_table(curve)
         )
         print(f"wrote {out / 'demo.json'} and {out / 'demo.md'} ({result['seconds']:.0f} s)")
+    if docs_dir is not None:
+        write_docs_tables(result, docs_dir)
     return result

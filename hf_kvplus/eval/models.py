@@ -59,8 +59,8 @@ def load_default_model(dtype="float32", device="cpu", attn_implementation: str =
 
     Args:
         dtype (`str` or `torch.dtype`, defaults to ``"float32"``): weights and activations dtype.
-        device (`str`, defaults to ``"cpu"``).
-        attn_implementation (`str`, defaults to ``"sdpa"``).
+        device (`str`, defaults to ``"cpu"``): where the model runs.
+        attn_implementation (`str`, defaults to ``"sdpa"``): the attention implementation.
 
     Returns:
         `LlamaForCausalLM` in eval mode. Loading takes about 20-30 s on a 2-core CPU.

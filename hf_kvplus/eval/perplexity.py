@@ -144,7 +144,8 @@ def compression_perplexity(
         model: a causal LM.
         make_cache (`Callable[[], Cache]`): returns a fresh cache for each window.
         token_ids (`torch.LongTensor`): the text, ``[n]`` or ``[1, n]``.
-        context_length (`int`, defaults to 2048), target_length (`int`, defaults to 256).
+        context_length (`int`, defaults to 2048): tokens prefilled through the cache.
+        target_length (`int`, defaults to 256): tokens scored teacher-forced after the context.
         windows (`int`, defaults to 3): consecutive windows from the start of the text.
         prefill_chunk_size (`int`, *optional*): prefill in chunks of this many tokens (lets evicting
             caches stay at their budget during prefill).
