@@ -112,7 +112,8 @@ class PrefixSharedCache(KVPlusCache):
 
     Build it with ``store.cache_for(model, input_ids)`` (holds the longest cached prefix already) or
     ``make_cache("prefix", model)`` (empty, shares the model's default store). Either way, every whole
-    block the cache computes is published to the store. Outputs equal a ``DynamicCache``'s.
+    block the cache computes is published to the store; built directly, it publishes only once
+    :func:`hf_kvplus.attach` was called on the model (the hook tells it each forward's token ids).
 
     Args:
         config (`PreTrainedConfig`): the model's config.

@@ -23,6 +23,17 @@ from .prefix_tree import LRUPolicy, PrefixMatch, PrefixTree
 from .store import make_store_factory
 
 
+def _token_tuple(tokens) -> tuple[int, ...]:
+    """Token ids as a tuple: a sequence of ints, a 1-D tensor or a ``[1, n]`` tensor."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dim() == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        if tokens.dim() != 1 or tokens.dtype.is_floating_point:
+            raise ValueError(f"expected one sequence of integer token ids, got a {tokens.dtype} tensor {tuple(tokens.shape)}")
+        return tuple(tokens.tolist())
+    return tuple(int(t) for t in tokens)
+
+
 class PrefixStore:
     """Cached KV of token-id prefixes, shared without copies by every request that starts with them.
 
@@ -74,14 +85,14 @@ class PrefixStore:
     # -------------------------------------------------------------- references
     def match(self, tokens, limit: int | None = None) -> PrefixMatch:
         """The longest cached prefix of ``tokens[:limit]`` (whole blocks), without taking a reference."""
-        tokens = tuple(int(t) for t in tokens)
+        tokens = _token_tuple(tokens)
         with self._lock:
             self._drain()
             return self._tree.as_match(self._tree.walk(tokens, len(tokens) if limit is None else limit))
 
     def acquire(self, tokens, limit: int | None = None, rows: int = 1) -> PrefixMatch:
         """Like :meth:`match`, but references the prefix until :meth:`release`; counts a hit or a miss per row."""
-        tokens = tuple(int(t) for t in tokens)
+        tokens = _token_tuple(tokens)
         with self._lock:
             self._drain()
             found = self._tree.as_match(self._tree.walk(tokens, len(tokens) if limit is None else limit))
@@ -113,8 +124,8 @@ class PrefixStore:
         Returns:
             `PrefixMatch`: what is cached of ``tokens`` afterwards (shorter when the budget refused the rest).
         """
-        full = len(tokens) // self.block_size * self.block_size
-        tokens = tuple(int(t) for t in tokens[:full])
+        tokens = _token_tuple(tokens)
+        tokens = tokens[: len(tokens) // self.block_size * self.block_size]
         with self._lock:
             self._drain()
             found = self._tree.as_match(self._tree.insert(tokens, kv))

@@ -108,11 +108,14 @@ class PrefixTree:
         node = self.nodes.get(node_id) if node_id is not None else None
         if node_id is not None and node is None:
             raise RuntimeError(f"PrefixStore: node {node_id} is referenced but no longer cached")
+        chain = []
         while node is not None and node is not self.root:
-            node.refs += delta
-            if node.refs < 0:
-                raise RuntimeError(f"PrefixStore: node {node.id} released more often than acquired")
+            chain.append(node)
             node = node.parent
+        if any(n.refs + delta < 0 for n in chain):  # checked first: a bad release changes nothing
+            raise RuntimeError(f"PrefixStore: node {node_id} released more often than acquired")
+        for n in chain:
+            n.refs += delta
 
     def insert(self, tokens: tuple[int, ...], kv: Callable) -> list[tuple[PrefixNode, int]]:
         """Cache ``tokens`` (whole blocks); ``kv(start, stop)`` is asked for the part not cached yet. Returns the path."""
