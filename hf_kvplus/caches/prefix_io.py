@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from pathlib import Path
 
 import torch
@@ -41,9 +42,17 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> fingerprint, hashed once
+
+
 def model_fingerprint(model_or_config) -> dict:
-    """What identifies the KV a model computes; ``None`` values are unknown (a config has no weights)."""
+    """What identifies the KV a model computes; ``None`` values are unknown (a config has no weights).
+
+    A model's fingerprint is computed once per model object (hashing weights takes tens of ms).
+    """
     model = model_or_config if isinstance(model_or_config, torch.nn.Module) else None
+    if model is not None and model in _FINGERPRINTS:
+        return dict(_FINGERPRINTS[model])
     config = getattr(model, "config", None) if model is not None else model_or_config
     if not isinstance(config, PreTrainedConfig):
         raise TypeError(f"expected a transformers model or PreTrainedConfig, got {type(model_or_config).__name__}")
@@ -59,13 +68,16 @@ def model_fingerprint(model_or_config) -> dict:
             digest.update(_tensor_bytes(param))
         weights = digest.hexdigest()
     rope = getattr(text, "rope_parameters", None)
-    return {
+    found = {
         "model_type": text.model_type, "num_layers": layers, "kv_heads": kv_heads, "head_dim": head_dim,
         "hidden_size": getattr(text, "hidden_size", None), "vocab_size": getattr(text, "vocab_size", None),
         "dtype": None if dtype is None else str(dtype).replace("torch.", ""),
         "rope": None if rope is None else json.dumps(rope, sort_keys=True, default=str),
         "first_layer_sha256": weights,
     }
+    if model is not None:
+        _FINGERPRINTS[model] = dict(found)
+    return found
 
 
 def check_fingerprint(expected: dict, found: dict, what: str) -> dict:

@@ -65,9 +65,9 @@ class SharedPrefixStore(KVStore):
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.segments:
             return self.private.get()
-        shape = (self.batch_size, -1, -1, -1)
-        keys = [k.expand(shape) for k, _ in self.shared()]  # [batch, kv_heads, n_i, head_dim], stride 0 on batch
-        values = [v.expand(shape) for _, v in self.shared()]
+        shape, shared = (self.batch_size, -1, -1, -1), self.shared()
+        keys = [k.expand(shape) for k, _ in shared]  # [batch, kv_heads, n_i, head_dim], stride 0 on batch
+        values = [v.expand(shape) for _, v in shared]
         if self.private.length:
             own_keys, own_values = self.private.get()
             keys.append(own_keys)
