@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     caches, outputs, ttft = serve(model, requests, args.new_tokens, lambda ids: copy.deepcopy(shared))
     record("deepcopy", caches, outputs, ttft, hf_kvplus.cache_nbytes(shared, *caches), counter.prefill_tokens(),
            len({layer0_storage(c) for c in [shared, *caches]}), range(len(caches)))
-    del caches, shared
+    del caches
+    shared = None
 
     # 3. hf_kvplus.PrefixStore: the first request is a miss that fills the store, the others hit.
     counter.lengths.clear()

@@ -77,13 +77,13 @@ def test_a_batch_holds_the_shared_prefix_once():
     cache = store.cache_for(model, batch)
     assert cache.shared_length == 20
     layer = cache.layers[0]
-    for payload, start, stop in layer.store.segments:
+    for payload, _, _ in layer.store.segments:
         assert payload[0].get()[0].shape[0] == 1  # one row, expanded on the fly to the batch
     out = model.generate(batch, max_new_tokens=NEW, do_sample=False, past_key_values=cache)
     for row in range(4):
         assert torch.equal(out[row : row + 1], dense(model, batch[row : row + 1]))
     per_token = 2 * 2 * 16 * 4  # k and v, 2 kv heads, head_dim 16, fp32: one token of one layer
-    private = sum(t.numel() * t.element_size() for l in cache.layers for t in l.store.private.tensors())
+    private = sum(t.numel() * t.element_size() for layer in cache.layers for t in layer.store.private.tensors())
     assert private == 2 * 4 * (6 + NEW - 1) * per_token  # rows hold only their own tokens
     stats = store.stats()
     assert (stats["hits"], stats["misses"], stats["tokens_reused"]) == (4, 1, 4 * 20)
@@ -112,13 +112,13 @@ def test_rows_share_only_their_common_prefix_and_padded_rows_share_nothing():
 def test_chat_turns_reuse_everything_computed_before():
     model = tiny_model("gpt-neox")
     store = PrefixStore(block_size=4)
-    history = prompt(length=10, seed=1)
+    history, previous = prompt(length=10, seed=1), None
     for turn in range(3):
         cache = store.cache_for(model, history)
         reused = cache.shared_length
         out = model.generate(history, max_new_tokens=NEW, do_sample=False, past_key_values=cache)
         assert torch.equal(out, dense(model, history))
-        if turn:
+        if previous is not None:
             assert reused == (previous - 1) // 4 * 4  # every whole block of the last turn, answer included
         previous = out.shape[1]
         history = torch.cat([out, prompt(length=5, seed=10 + turn)], dim=1)

@@ -45,8 +45,8 @@ def test_round_trip_restores_every_prefix_and_the_same_outputs(saved):
         old, new = store.match(ids), loaded.match(ids)
         assert old.length == new.length == 24
         for layer in range(model.config.num_hidden_layers):
-            get = lambda m: torch.cat([p[layer].get()[0][:, :, a:b] for p, a, b in m.segments], dim=2)  # noqa: E731
-            assert torch.equal(get(old), get(new))
+            held = [torch.cat([p[layer].get()[0][:, :, a:b] for p, a, b in m.segments], dim=2) for m in (old, new)]
+            assert torch.equal(*held)
         with torch.no_grad():
             cache = loaded.cache_for(model, ids)
             assert cache.shared_length == 24

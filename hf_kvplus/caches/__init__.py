@@ -3,7 +3,7 @@
 from .base import CacheContext, EvictingLayer, KVPlusCache
 from .registry import CacheSpec, get_spec, list_caches, list_presets, make_cache, register_cache, register_preset
 from .sink import SinkCache, SinkLayer
-from .prefix import PrefixLayer, PrefixSharedCache, prefix_store
+from .prefix import PrefixLayer, PrefixSharedCache, prefix_store  # registered after sink
 from .prefix_store import PrefixStore
 from .prefix_tree import LRUPolicy
 from .store import DenseStore, KVStore, make_store_factory

@@ -16,10 +16,10 @@ import torch
 from transformers import PreTrainedConfig
 
 from ..attention import attach
-from .base import CacheContext, EvictingLayer, KVPlusCache
+from .base import KVPlusCache
+from .prefix_layer import PrefixContext, PrefixLayer, PrefixLease, trim_storage
 from .prefix_store import PrefixStore
 from .registry import CacheSpec, register_cache
-from .shared_store import SharedPrefixStore
 
 _DEFAULT_STORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -31,80 +31,6 @@ def prefix_store(model) -> PrefixStore:
         store.bind(model)
         _DEFAULT_STORES[model] = store
     return _DEFAULT_STORES[model]
-
-
-class _Lease:
-    """One reference on a store node (and its ancestors), given back on ``release`` or garbage collection."""
-
-    def __init__(self, store: PrefixStore | None = None, node_id: int | None = None):
-        self.node_id = node_id
-        self._finalizer = None if node_id is None else weakref.finalize(self, store.release, node_id)
-
-    def release(self) -> None:
-        if self._finalizer is not None:
-            self._finalizer()
-
-    def __deepcopy__(self, memo) -> _Lease:
-        return _Lease()  # a deep copy owns copies of the tensors: it pins no node
-
-
-class PrefixContext(CacheContext):
-    """Padding plus the token id of every column (``[batch, seen]``, CPU), learnt through :func:`hf_kvplus.attach`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.token_ids: torch.Tensor | None = None
-        self.ids_known = True  # False once a forward came without input_ids: nothing more is published
-
-    def select_batch(self, index: torch.Tensor) -> None:
-        super().select_batch(index)
-        if self.token_ids is not None:
-            self.token_ids = self.token_ids.index_select(0, index.cpu())
-
-    def reset(self) -> None:
-        super().reset()
-        self.token_ids, self.ids_known = None, True
-
-
-class PrefixLayer(EvictingLayer):
-    """A layer that never evicts, over a :class:`SharedPrefixStore`. Positions are implicit (``0..seen-1``)."""
-
-    @property
-    def pos(self) -> torch.Tensor | None:
-        return None if self.store is None else torch.arange(self.seen, device=self.device)
-
-    @pos.setter
-    def pos(self, value) -> None:  # the base assigns positions; a non-evicting layer needs no table
-        pass
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self.store = SharedPrefixStore(self.layer_idx, [], self.store_factory, self.batch_size)
-
-    def adopt(self, segments: list, batch_size: int) -> None:
-        """Start from a shared prefix (an empty layer only)."""
-        keys = segments[0][0][self.layer_idx].get()[0]  # [1, kv_heads, n, head_dim]
-        self.dtype, self.device, self.batch_size = keys.dtype, keys.device, batch_size
-        self.num_heads, self.head_dim = keys.shape[1], keys.shape[-1]
-        self.store = SharedPrefixStore(self.layer_idx, segments, self.store_factory, batch_size)
-        self.seen, self.is_initialized = self.store.length, True
-
-    def _check_compatible(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        if self.is_initialized and self.store.private.length == 0:
-            self.batch_size = key_states.shape[0]  # a shared prefix serves any number of rows
-        super()._check_compatible(key_states, value_states)
-
-    def tensors(self) -> list[torch.Tensor]:
-        held = [] if self.store is None else self.store.tensors()
-        return held + ([self.context.token_ids] if self.context.token_ids is not None else [])
-
-
-def _own(tensor: torch.Tensor, slack_tokens: int) -> torch.Tensor:
-    """``tensor`` itself if its storage is at most ``slack_tokens`` larger, else an exact copy."""
-    per_token = tensor.numel() // max(1, tensor.shape[2]) * tensor.element_size()
-    if tensor.untyped_storage().nbytes() > (tensor.shape[2] + slack_tokens) * per_token:
-        return tensor.clone()
-    return tensor
 
 
 class PrefixSharedCache(KVPlusCache):
@@ -141,7 +67,7 @@ class PrefixSharedCache(KVPlusCache):
         for layer in self.layers:
             layer.context = self.context
         self._store = None if store is None else weakref.ref(store)  # not owned: the cache holds blocks, not the store
-        self._lease = _Lease()
+        self._lease = PrefixLease()
 
     @property
     def store(self) -> PrefixStore | None:
@@ -159,7 +85,7 @@ class PrefixSharedCache(KVPlusCache):
             layer.adopt(found.segments, token_ids.shape[0])
         self.context.token_ids = token_ids.detach().to("cpu", torch.long)
         self._lease.release()
-        self._lease = _Lease(store, found.node_id)
+        self._lease = PrefixLease(store, found.node_id)
 
     # ---------------------------------------------------------------- inputs
     def observe_inputs(self, attention_mask, query_length: int, input_ids: torch.Tensor | None = None) -> None:
@@ -214,7 +140,7 @@ class PrefixSharedCache(KVPlusCache):
     def _publish_common(self, store: PrefixStore, tokens: list[int], shared: int) -> None:
         def kv(start: int, stop: int):
             pairs = [layer.store.private_tokens(start - shared, stop - shared) for layer in self.layers]
-            return [(_own(k, store.block_size), _own(v, store.block_size)) for k, v in pairs]
+            return [(trim_storage(k, store.block_size), trim_storage(v, store.block_size)) for k, v in pairs]
 
         found = store.insert(tokens, kv, acquire=True)
         if found.length <= shared:
@@ -223,7 +149,7 @@ class PrefixSharedCache(KVPlusCache):
         for layer in self.layers:  # read the published blocks from the store from now on
             layer.store.adopt(found.segments)
         self._lease.release()
-        self._lease = _Lease(store, found.node_id)
+        self._lease = PrefixLease(store, found.node_id)
 
     def _row_kv(self, row: int, start: int, shared: int):
         def kv(first: int, stop: int):
@@ -251,7 +177,7 @@ class PrefixSharedCache(KVPlusCache):
             found = store.match(ids[0, :aligned].tolist())
             store.acquire_node(found.node_id)
             self._lease.release()
-            self._lease = _Lease(store, found.node_id)
+            self._lease = PrefixLease(store, found.node_id)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
@@ -261,7 +187,7 @@ class PrefixSharedCache(KVPlusCache):
     def reset(self) -> None:
         super().reset()
         self._lease.release()
-        self._lease = _Lease()
+        self._lease = PrefixLease()
 
     def release(self) -> None:
         """Drop everything now and give the store its references back (also done when garbage-collected)."""

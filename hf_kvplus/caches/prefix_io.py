@@ -181,7 +181,7 @@ def _build(tree, tensors: dict, fingerprint: dict, where: str, device) -> None:
         if edge[:size] in parent_node.children:
             raise bad(f"node {i} duplicates a sibling's first block")
         keys, values = keys.to(device), values.to(device)
-        node = tree.add(parent_node, edge, [(keys[l : l + 1], values[l : l + 1]) for l in range(keys.shape[0])])
+        node = tree.add(parent_node, edge, [(keys[i : i + 1], values[i : i + 1]) for i in range(keys.shape[0])])
         if node is None:
             raise ValueError(f"{where} holds more than max_bytes={tree.max_bytes}; load it with a larger max_bytes")
         built.append(node)

@@ -103,7 +103,7 @@ class SharedPrefixStore(KVStore):
         self.private = self.factory()
         if tail:
             shape = (self.batch_size, -1, -1, -1)
-            keys, values = (torch.cat(parts, dim=-2).expand(shape).contiguous() for parts in zip(*tail))
+            keys, values = (torch.cat(parts, dim=-2).expand(shape).contiguous() for parts in zip(*tail, strict=True))
             self.private.append(keys, values)  # [batch, kv_heads, shared - length, head_dim]
 
     def keep(self, index: torch.Tensor) -> None:
