@@ -87,6 +87,8 @@ def test_a_batch_holds_the_shared_prefix_once():
     assert private == 2 * 4 * (6 + NEW - 1) * per_token  # rows hold only their own tokens
     stats = store.stats()
     assert (stats["hits"], stats["misses"], stats["tokens_reused"]) == (4, 1, 4 * 20)
+    for row in range(4):  # each row's own blocks were published too, for later requests
+        assert store.match(out[row]).length == (out.shape[1] - 1) // 4 * 4
 
 
 @torch.no_grad()
