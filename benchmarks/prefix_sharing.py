@@ -13,8 +13,9 @@ process on the embedded model (SmolLM2-135M, fp32, CPU):
 The 16 requests' caches are kept alive together, as concurrent requests would be, and measured with
 ``hf_kvplus.cache_nbytes`` (storage shared by several caches counted once; for ``prefix`` the store is
 counted too). Time to first token runs from building the cache (copy or lookup included) to the first
-logits. "prefix storages" counts distinct storages holding the prefix's keys of layer 0. One torch
-thread by default: on a shared 2-core machine, two threads can run ten times slower than one.
+logits; decode time per token is the median over requests of the rest of ``generate``. "prefix
+storages" counts distinct storages holding the prefix's keys of layer 0. One torch thread by default:
+on a shared 2-core machine, two threads can run ten times slower than one.
 
     PYTHONPATH=. python benchmarks/prefix_sharing.py
 """
@@ -76,8 +77,8 @@ def layer0_storage(cache) -> int:
 
 @torch.no_grad()
 def serve(model, requests, new_tokens, make_cache):
-    """Run every request; returns (caches, outputs, ttft seconds). ``make_cache(ids)`` builds each cache."""
-    caches, outputs, ttft = [], [], []
+    """Run every request; returns (caches, outputs, ttft seconds, decode seconds per token)."""
+    caches, outputs, ttft, decode = [], [], [], []
     for ids in requests:
         probe = FirstToken()
         began = time.perf_counter()
@@ -85,9 +86,10 @@ def serve(model, requests, new_tokens, make_cache):
         out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False,
                              logits_processor=LogitsProcessorList([probe]))
         ttft.append(probe.at - began)
+        decode.append((time.perf_counter() - probe.at) / (new_tokens - 1))
         caches.append(cache)
         outputs.append(out[0, ids.shape[1]:])
-    return caches, outputs, ttft
+    return caches, outputs, ttft, decode
 
 
 def main(argv=None) -> int:
@@ -114,21 +116,21 @@ def main(argv=None) -> int:
     ideal = (args.prefix + args.requests * (args.suffix + args.new_tokens - 1)) * per_token
     rows, runs = [], {}
 
-    def record(name, caches, outputs, ttft, held, prefill, storages, hits):
+    def record(name, caches, outputs, ttft, decode, held, prefill, storages, hits):
         runs[name] = outputs
         cold = runs.get("dynamic", outputs)
         rows.append({
             "method": name, "kv_mib_held": held / MIB, "vs_one_prefix_plus_suffixes": held / ideal,
             "prefill_tokens": prefill, "ttft_s_hit": statistics.median([ttft[i] for i in hits]),
-            "ttft_s_first": ttft[0], "prefix_storages": storages,
+            "ttft_s_first": ttft[0], "decode_ms_per_token": 1000 * statistics.median(decode), "prefix_storages": storages,
             "outputs_equal_dynamic": sum(torch.equal(a, b) for a, b in zip(outputs, cold, strict=True)),
         })
         print(markdown_table(rows[-1:]), flush=True)
 
     # 1. A fresh DynamicCache per request: every request is cold.
     counter.lengths.clear()
-    caches, outputs, ttft = serve(model, requests, args.new_tokens, lambda ids: DynamicCache(config=config))
-    record("dynamic", caches, outputs, ttft, hf_kvplus.cache_nbytes(*caches), counter.prefill_tokens(),
+    caches, outputs, ttft, decode = serve(model, requests, args.new_tokens, lambda ids: DynamicCache(config=config))
+    record("dynamic", caches, outputs, ttft, decode, hf_kvplus.cache_nbytes(*caches), counter.prefill_tokens(),
            len({layer0_storage(c) for c in caches}), range(len(caches)))
     del caches
 
@@ -137,8 +139,8 @@ def main(argv=None) -> int:
     with torch.no_grad():
         shared = DynamicCache(config=config)
         model(prefix, past_key_values=shared, use_cache=True)
-    caches, outputs, ttft = serve(model, requests, args.new_tokens, lambda ids: copy.deepcopy(shared))
-    record("deepcopy", caches, outputs, ttft, hf_kvplus.cache_nbytes(shared, *caches), counter.prefill_tokens(),
+    caches, outputs, ttft, decode = serve(model, requests, args.new_tokens, lambda ids: copy.deepcopy(shared))
+    record("deepcopy", caches, outputs, ttft, decode, hf_kvplus.cache_nbytes(shared, *caches), counter.prefill_tokens(),
            len({layer0_storage(c) for c in [shared, *caches]}), range(len(caches)))
     del caches
     shared = None
@@ -146,8 +148,8 @@ def main(argv=None) -> int:
     # 3. hf_kvplus.PrefixStore: the first request is a miss that fills the store, the others hit.
     counter.lengths.clear()
     store = hf_kvplus.PrefixStore(max_bytes=2**30)
-    caches, outputs, ttft = serve(model, requests, args.new_tokens, lambda ids: store.cache_for(model, ids))
-    record("prefix", caches, outputs, ttft, hf_kvplus.cache_nbytes(store, *caches), counter.prefill_tokens(),
+    caches, outputs, ttft, decode = serve(model, requests, args.new_tokens, lambda ids: store.cache_for(model, ids))
+    record("prefix", caches, outputs, ttft, decode, hf_kvplus.cache_nbytes(store, *caches), counter.prefill_tokens(),
            len({layer0_storage(c) for c in caches}), range(1, len(caches)))
     stats = store.stats()
 

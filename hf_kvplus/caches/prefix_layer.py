@@ -2,8 +2,8 @@
 
 :class:`PrefixLayer` is an :class:`~hf_kvplus.caches.base.EvictingLayer` that never evicts (budget
 ``None``) over a :class:`~hf_kvplus.caches.shared_store.SharedPrefixStore`, so beam reordering, batch
-selection and repetition, ``crop`` and memory accounting are the base's. A :class:`PrefixLease` holds the
-request's reference on the store's tree until it is released or garbage-collected.
+selection and repetition, ``crop`` and memory accounting are the base's. A :class:`PrefixLease` holds
+the request's reference on the store's tree until it is released or garbage-collected.
 """
 
 from __future__ import annotations
