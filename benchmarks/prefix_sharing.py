@@ -13,9 +13,11 @@ process on the embedded model (SmolLM2-135M, fp32, CPU):
 The 16 requests' caches are kept alive together, as concurrent requests would be, and measured with
 ``hf_kvplus.cache_nbytes`` (storage shared by several caches counted once; for ``prefix`` the store is
 counted too). Time to first token runs from building the cache (copy or lookup included) to the first
-logits; decode time per token is the median over requests of the rest of ``generate``. "prefix
-storages" counts distinct storages holding the prefix's keys of layer 0. One torch thread by default:
-on a shared 2-core machine, two threads can run ten times slower than one.
+logits; the headline ratio times cold prefills and hits alternately, on suffixes no request used, so
+both see the same machine load. Decode time per token is the median over requests of the rest of
+``generate``, and one decode step is also timed alternately for both caches at the same context.
+"prefix storages" counts distinct storages holding the prefix's keys of layer 0. One torch thread by
+default: on a shared 2-core machine, two threads can run ten times slower than one.
 
     PYTHONPATH=. python benchmarks/prefix_sharing.py
 """
@@ -67,6 +69,32 @@ class Counter:
         return sum(n for n in self.lengths if n > 1)
 
 
+@torch.no_grad()
+def interleaved_decode(model, caches: dict, steps: int = 20) -> dict:
+    """Median ms of one decode step for each cache, alternating between them (the same machine load)."""
+    times = {name: [] for name in caches}
+    token = torch.tensor([[model.config.eos_token_id or 0]])
+    for _ in range(steps):
+        for name, cache in caches.items():
+            began = time.perf_counter()
+            model(token, past_key_values=cache, use_cache=True)
+            times[name].append(1000 * (time.perf_counter() - began))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+@torch.no_grad()
+def interleaved_ttft(model, store, fresh) -> dict:
+    """Median time to first token of a cold full prompt and of a store hit, alternating on unseen requests."""
+    times = {"cold": [], "hit": []}
+    for ids in fresh:
+        for name, make in (("cold", lambda: DynamicCache(config=model.config)), ("hit", lambda ids=ids: store.cache_for(model, ids))):
+            probe, began = FirstToken(), time.perf_counter()
+            model.generate(ids, past_key_values=make(), max_new_tokens=1, do_sample=False,
+                           logits_processor=LogitsProcessorList([probe]))
+            times[name].append(probe.at - began)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def layer0_storage(cache) -> int:
     layer = cache.layers[0]
     if isinstance(layer, hf_kvplus.caches.PrefixLayer):
@@ -98,6 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prefix", type=int, default=1024)
     parser.add_argument("--suffix", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--interleaved", type=int, default=5, help="unseen requests timed cold vs hit, alternating")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on a shared CPU)")
     parser.add_argument("--out", default="benchmarks/results/prefix_sharing")
     args = parser.parse_args(argv)
@@ -152,10 +181,17 @@ def main(argv=None) -> int:
     record("prefix", caches, outputs, ttft, decode, hf_kvplus.cache_nbytes(store, *caches), counter.prefill_tokens(),
            len({layer0_storage(c) for c in caches}), range(1, len(caches)))
     stats = store.stats()
+    with torch.no_grad():  # the same context (request 2, 1,071 tokens) in a DynamicCache and in its prefix cache
+        dense = DynamicCache(config=config)
+        model(torch.cat([requests[1], outputs[1][None, :-1]], dim=1), past_key_values=dense, use_cache=True)
+    step_ms = interleaved_decode(model, {"dynamic": dense, "prefix": caches[1]})
+    fresh = [torch.cat([prefix, text[:, start - (i + 1) * args.suffix : start - i * args.suffix]], dim=1)
+             for i in range(args.interleaved)]  # suffixes no request used
+    ttft = interleaved_ttft(model, store, fresh)
 
     table = markdown_table(rows)
-    dynamic, prefix_row = rows[0], rows[-1]
-    speedup = dynamic["ttft_s_hit"] / prefix_row["ttft_s_hit"]
+    prefix_row = rows[-1]
+    speedup = ttft["cold"] / ttft["hit"]
     targets = {
         "bytes_vs_ideal": prefix_row["vs_one_prefix_plus_suffixes"], "bytes_target": 1.1,
         "prefix_storages": prefix_row["prefix_storages"], "ttft_speedup_vs_cold": speedup, "ttft_target": 10.0,
@@ -163,9 +199,12 @@ def main(argv=None) -> int:
         and rows[1]["outputs_equal_dynamic"] == args.requests,
     }
     summary = (f"Time to first token on a hit: {speedup:.1f}x faster than a cold prefill of the full prompt "
-               f"(target 10x). KV held: {prefix_row['vs_one_prefix_plus_suffixes']:.3f}x one prefix + "
+               f"(target 10x; {ttft['hit']:.3f} s vs {ttft['cold']:.3f} s, medians of {args.interleaved} unseen "
+               f"suffixes, alternating). KV held: {prefix_row['vs_one_prefix_plus_suffixes']:.3f}x one prefix + "
                f"{args.requests} suffixes (target 1.1x). Prefix held in {prefix_row['prefix_storages']} storage(s). "
-               f"Greedy outputs identical to dynamic: {prefix_row['outputs_equal_dynamic']}/{args.requests}.")
+               f"Greedy outputs identical to dynamic: {prefix_row['outputs_equal_dynamic']}/{args.requests}. "
+               f"One decode step at the same context, alternating: dynamic {step_ms['dynamic']:.1f} ms, "
+               f"prefix {step_ms['prefix']:.1f} ms.")
     print(table)
     print(summary)
     setup = (f"{args.requests} requests = one {args.prefix}-token prefix + a different {args.suffix}-token suffix, "
@@ -173,7 +212,7 @@ def main(argv=None) -> int:
              f"({torch.get_num_threads()} threads), torch {torch.__version__}, transformers {transformers.__version__}.")
     out = Path(args.out)
     write_json(out.with_suffix(".json"), {"command": COMMAND, "setup": setup, "rows": rows, "targets": targets,
-                                          "ideal_bytes": ideal, "bytes_per_token": per_token, "store_stats": stats})
+                                          "decode_step_ms_interleaved": step_ms, "ttft_s_interleaved": ttft, "ideal_bytes": ideal, "bytes_per_token": per_token, "store_stats": stats})
     out.with_suffix(".md").write_text(f"{setup}\n\n{table}\n{summary}\n\nProduced by `{COMMAND}`.\n")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return 0

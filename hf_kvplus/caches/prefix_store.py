@@ -41,7 +41,9 @@ class PrefixStore:
         max_bytes (`int`, *optional*, defaults to 1 GiB): bytes of KV the store may hold; ``None`` is unlimited.
         block_size (`int`, *optional*, defaults to 16): tokens per block; only whole blocks are cached.
         policy (*optional*, defaults to `LRUPolicy()`): ``policy.choose(candidates) -> node`` picks what to evict.
-        store_factory, nbits: how a cached prefix is stored (see :func:`~hf_kvplus.caches.store.make_store_factory`).
+        store_factory (`Callable[[], KVStore]`, *optional*): how a cached prefix is stored (any
+            :class:`~hf_kvplus.caches.store.KVStore`); full precision by default.
+        nbits (`int`, *optional*): a packed format instead, as ``make_store_factory(nbits=...)`` allows.
 
     Example:
 
@@ -177,7 +179,27 @@ class PrefixStore:
                 self.fingerprint = check_fingerprint(self.fingerprint, found, "this PrefixStore")
 
     def cache_for(self, model, input_ids, attention_mask=None, **storage):
-        """A ``PrefixSharedCache`` already holding the longest cached prefix of ``input_ids`` (see :func:`cache_for`)."""
+        """A cache already holding the longest cached prefix of ``input_ids``, for ``generate`` to continue.
+
+        Args:
+            model (`PreTrainedModel`): the model (bound to this store on first use; another model is refused).
+            input_ids (`torch.LongTensor`): ``[batch, length]`` (or ``[length]``); rows share the prefix
+                they have in common, read once (expanded over the batch).
+            attention_mask (`torch.Tensor`, *optional*): with left padding, nothing is shared.
+            **storage: how the request's own tokens are stored (``store_factory=``, ``nbits=``).
+
+        Returns:
+            `PrefixSharedCache`: holds whole blocks, never all of ``input_ids`` (one token at least is left to
+            prefill); it publishes what it computes, so later requests reuse it.
+
+        Example:
+
+        ```python
+        >>> cache = store.cache_for(model, inputs.input_ids)
+        >>> cache.get_seq_length()  # tokens generate will not prefill
+        >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        ```
+        """
         from .prefix import cache_for
 
         return cache_for(self, model, input_ids, attention_mask=attention_mask, **storage)
