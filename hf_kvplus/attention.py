@@ -4,7 +4,7 @@ Two public extension points, nothing patched:
 
 * a forward pre-hook on the user's model instance (``torch.nn.Module.register_forward_pre_hook``)
   hands each hf_kvplus cache the 2-D attention mask of the call, so evicting caches know which
-  columns are left padding;
+  columns are left padding (and, to caches with ``observes_input_ids = True``, the call's token ids);
 * an attention implementation registered as ``"kvplus"`` through transformers'
   ``AttentionInterface`` (with the SDPA mask builder under the same name in
   ``AttentionMaskInterface``). It returns exactly what ``"sdpa"`` returns and, for the cache layers
@@ -150,7 +150,10 @@ def _observe_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     if tokens is None:
         tokens = inputs.get("inputs_embeds")
     if tokens is not None:
-        cache.observe_inputs(inputs.get("attention_mask"), tokens.shape[1])
+        if getattr(cache, "observes_input_ids", False):  # caches that key what they hold by token id (prefix)
+            cache.observe_inputs(inputs.get("attention_mask"), tokens.shape[1], input_ids=inputs.get("input_ids"))
+        else:
+            cache.observe_inputs(inputs.get("attention_mask"), tokens.shape[1])
     return None
 
 

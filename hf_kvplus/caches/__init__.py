@@ -3,6 +3,9 @@
 from .base import CacheContext, EvictingLayer, KVPlusCache
 from .registry import CacheSpec, get_spec, list_caches, list_presets, make_cache, register_cache, register_preset
 from .sink import SinkCache, SinkLayer
+from .prefix import PrefixLayer, PrefixSharedCache, prefix_store  # registered after sink
+from .prefix_store import PrefixStore
+from .prefix_tree import LRUPolicy
 from .store import DenseStore, KVStore, make_store_factory
 
 __all__ = [
@@ -12,6 +15,10 @@ __all__ = [
     "EvictingLayer",
     "KVPlusCache",
     "KVStore",
+    "LRUPolicy",
+    "PrefixLayer",
+    "PrefixSharedCache",
+    "PrefixStore",
     "SinkCache",
     "SinkLayer",
     "get_spec",
@@ -19,6 +26,7 @@ __all__ = [
     "list_presets",
     "make_cache",
     "make_store_factory",
+    "prefix_store",
     "register_cache",
     "register_preset",
 ]

@@ -30,6 +30,8 @@ class CacheSpec:
         uses_rope: the factory accepts ``rope=`` (read from the model by ``make_cache``).
         parity_kwargs: keyword arguments under which the cache must reproduce ``DynamicCache``.
         parity_atol: absolute logit tolerance for that parity (0 means ``torch.allclose`` defaults).
+        from_model: ``from_model(model) -> dict`` of keyword arguments ``make_cache`` derives from a model
+            (given keywords win), e.g. the model's default ``PrefixStore``.
     """
 
     name: str
@@ -41,6 +43,7 @@ class CacheSpec:
     uses_rope: bool = False
     parity_kwargs: dict = field(default_factory=dict)
     parity_atol: float = 0.0
+    from_model: Callable[[torch.nn.Module], dict] | None = None
 
 
 _REGISTRY: dict[str, CacheSpec] = {}
@@ -140,6 +143,8 @@ def make_cache(name: str, model_or_config, **kwargs) -> Cache:
             rope = rope_parameters(model)
             if rope is not None:
                 kwargs["rope"] = rope
+        if spec.from_model is not None:
+            kwargs = {**spec.from_model(model), **kwargs}
     elif isinstance(model_or_config, PreTrainedConfig):
         config = model_or_config
     else:

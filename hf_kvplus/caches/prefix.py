@@ -1,0 +1,234 @@
+"""Prefix-shared cache: a request reuses the cached KV of its prompt's prefix without copying it.
+
+SGLang RadixAttention (arXiv:2312.07104) and vLLM automatic prefix caching, inside ``model.generate``.
+A :class:`PrefixSharedCache` reads the prefix from a :class:`~hf_kvplus.PrefixStore` (views of the
+store's tensors, one row expanded over the batch), prefills only the rest, and keeps its own tokens in
+a private store (copy-on-write). As it runs, it publishes every whole block it computed (generated
+tokens included) to the store and then reads those blocks from there too, so later requests reuse
+them without any extra call and nothing is held twice.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from transformers import PreTrainedConfig
+
+from ..attention import attach
+from .base import KVPlusCache
+from .prefix_layer import PrefixContext, PrefixLayer, PrefixLease, trim_storage
+from .prefix_store import PrefixStore
+from .registry import CacheSpec, register_cache
+
+_DEFAULT_STORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def prefix_store(model) -> PrefixStore:
+    """The model's default :class:`PrefixStore` (1 GiB budget), shared by ``make_cache("prefix", model)`` caches."""
+    if model not in _DEFAULT_STORES:
+        store = PrefixStore()
+        store.bind(model)
+        _DEFAULT_STORES[model] = store
+    return _DEFAULT_STORES[model]
+
+
+class PrefixSharedCache(KVPlusCache):
+    """A cache whose prompt prefix is read from a :class:`~hf_kvplus.PrefixStore`, shared without copies.
+
+    Build it with ``store.cache_for(model, input_ids)`` (holds the longest cached prefix already) or
+    ``make_cache("prefix", model)`` (empty, shares the model's default store). Either way, every whole
+    block the cache computes is published to the store; built directly, it publishes only once
+    :func:`hf_kvplus.attach` was called on the model (the hook tells it each forward's token ids).
+
+    Args:
+        config (`PreTrainedConfig`): the model's config.
+        store (`PrefixStore`, *optional*): where prefixes are shared; ``None`` makes a plain private cache.
+        **storage: how the request's own tokens are stored (see :func:`~hf_kvplus.caches.store.make_store_factory`).
+
+    Example:
+
+    ```python
+    >>> store = hf_kvplus.PrefixStore(max_bytes=2**30)
+    >>> cache = store.cache_for(model, input_ids)
+    >>> out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+    >>> cache.shared_length  # tokens read from the store (prefix, then this request's published blocks)
+    ```
+    """
+
+    layer_class = PrefixLayer
+    observes_input_ids = True  # hf_kvplus.attach passes the token ids of each forward
+
+    def __init__(self, config: PreTrainedConfig, store: PrefixStore | None = None, **storage):
+        if store is not None and not isinstance(store, PrefixStore):
+            raise TypeError(f"store must be a hf_kvplus.PrefixStore or None, got {type(store).__name__}")
+        super().__init__(config, **storage)
+        self.context = PrefixContext()
+        for layer in self.layers:
+            layer.context = self.context
+        self._store = None if store is None else weakref.ref(store)  # not owned: the cache holds blocks, not the store
+        self._lease = PrefixLease()
+
+    @property
+    def store(self) -> PrefixStore | None:
+        return None if self._store is None else self._store()
+
+    @property
+    def shared_length(self) -> int:
+        """Tokens read from the store (the same for every layer and every row)."""
+        layer = self.layers[0]
+        return layer.store.shared_length if layer.is_initialized else 0
+
+    def adopt(self, found, token_ids: torch.Tensor, store: PrefixStore) -> None:
+        """Start from a prefix ``found`` by ``store.acquire`` (whose reference this cache now owns)."""
+        for layer in self.layers:
+            layer.adopt(found.segments, token_ids.shape[0])
+        self.context.token_ids = token_ids.detach().to("cpu", torch.long)
+        self._lease.release()
+        self._lease = PrefixLease(store, found.node_id)
+
+    # ---------------------------------------------------------------- inputs
+    def observe_inputs(self, attention_mask, query_length: int, input_ids: torch.Tensor | None = None) -> None:
+        """Padding (see the base) and the token ids about to be appended (from :func:`hf_kvplus.attach`)."""
+        super().observe_inputs(attention_mask, query_length)
+        pad = self.context.pad_len
+        if self.shared_length and pad is not None and bool(pad.any()):
+            raise ValueError(
+                f"this cache holds a shared prefix of {self.shared_length} tokens, but the attention mask left-pads "
+                "some rows: build it with store.cache_for(model, input_ids, attention_mask=mask) so padded rows share nothing"
+            )
+        context, seen = self.context, self.get_seq_length()
+        ids = context.token_ids
+        if input_ids is None or not context.ids_known or (ids is not None and ids.shape[1] != seen) or (
+            ids is None and seen
+        ):
+            context.token_ids, context.ids_known = None, False
+            return
+        new = input_ids.detach().to("cpu", torch.long)
+        if ids is not None and ids.shape[0] != new.shape[0] and self.shared_length == seen:
+            ids = ids[:1].expand(new.shape[0], -1)  # rows hold only the shared prefix: any batch reads it
+        context.token_ids = new if ids is None else torch.cat([ids, new], dim=1)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == len(self.layers) - 1:
+            self._publish(key_states.shape[-2])
+        return keys, values
+
+    # ------------------------------------------------------------- publishing
+    def _publish(self, new: int) -> None:
+        """Give the store the whole blocks completed by this forward; read rows' common blocks from it afterwards."""
+        store, ids, seen = self.store, self.context.token_ids, self.get_seq_length()
+        if store is None or ids is None or ids.shape[1] != seen:
+            return
+        size, shared, batch = store.block_size, self.shared_length, ids.shape[0]
+        pad = self.context.pad_len
+        starts = [0] * batch if pad is None else pad.tolist()
+        if not any((seen - s) // size > (seen - new - s) // size for s in starts):
+            return  # no block completed in this forward
+        if not any(starts):
+            full = seen // size * size
+            differs = (ids[:, shared:full] != ids[:1, shared:full]).any(dim=0).nonzero()
+            common = shared + (int(differs[0]) if len(differs) else full - shared) // size * size
+            if common > shared:
+                self._publish_common(store, ids[0, :common].tolist(), shared)
+        if batch > 1 or any(starts):  # rows' own blocks: copies, for later requests (this one keeps its own)
+            for row, start in enumerate(starts):
+                kv = self._row_kv(row, start, self.shared_length)
+                store.insert(ids[row, start:seen].tolist(), kv)
+
+    def _publish_common(self, store: PrefixStore, tokens: list[int], shared: int) -> None:
+        def kv(start: int, stop: int):
+            pairs = [layer.store.private_tokens(start - shared, stop - shared) for layer in self.layers]
+            return [(trim_storage(k, store.block_size), trim_storage(v, store.block_size)) for k, v in pairs]
+
+        found = store.insert(tokens, kv, acquire=True)
+        if found.length <= shared:
+            store.release(found.node_id)
+            return
+        for layer in self.layers:  # read the published blocks from the store from now on
+            layer.store.adopt(found.segments)
+        self._lease.release()
+        self._lease = PrefixLease(store, found.node_id)
+
+    def _row_kv(self, row: int, start: int, shared: int):
+        def kv(first: int, stop: int):
+            pairs = [layer.store.private_tokens(start + first - shared, start + stop - shared, row) for layer in self.layers]
+            return [(k.clone(), v.clone()) for k, v in pairs]  # [1, kv_heads, stop - first, head_dim]
+
+        return kv
+
+    # ------------------------------------------------------------- batch ops
+    def crop(self, tokens_to_remove: int) -> None:
+        """Roll back tokens; cropping into the shared prefix narrows views (a partial last block is copied)."""
+        before = self.shared_length
+        super().crop(tokens_to_remove)
+        seen, ids = self.get_seq_length(), self.context.token_ids
+        if ids is not None:
+            self.context.token_ids = ids[:, :seen]
+        store, shared = self.store, self.shared_length
+        if store is None or shared == before:
+            return
+        aligned = shared // store.block_size * store.block_size
+        if aligned < shared:
+            for layer in self.layers:
+                layer.store.unshare(aligned)
+        if ids is not None:
+            found = store.match(ids[0, :aligned].tolist())
+            store.acquire_node(found.node_id)
+            self._lease.release()
+            self._lease = PrefixLease(store, found.node_id)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.context.token_ids is not None:
+            self.context.token_ids = self.context.token_ids.repeat_interleave(repeats, dim=0)
+
+    def reset(self) -> None:
+        super().reset()
+        self._lease.release()
+        self._lease = PrefixLease()
+
+    def release(self) -> None:
+        """Drop everything now and give the store its references back (also done when garbage-collected)."""
+        self.reset()
+
+
+def cache_for(store: PrefixStore, model, input_ids, attention_mask=None, **storage) -> PrefixSharedCache:
+    """A :class:`PrefixSharedCache` holding the longest cached prefix of ``input_ids`` shared by every row.
+
+    Never the whole input: at least one token is left for ``generate`` to prefill. Rows that are
+    left-padded (per ``attention_mask``) share nothing. See :meth:`PrefixStore.cache_for`.
+    """
+    ids = torch.as_tensor(input_ids)
+    ids = ids[None] if ids.dim() == 1 else ids
+    if ids.dim() != 2 or ids.shape[1] == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must be integer token ids of shape [batch, length >= 1], got {tuple(ids.shape)} {ids.dtype}")
+    if not isinstance(model, torch.nn.Module) or not isinstance(getattr(model, "config", None), PreTrainedConfig):
+        raise TypeError(f"cache_for needs a transformers model, got {type(model).__name__}")
+    attach(model)
+    store.bind(model)
+    limit = ids.shape[1] - 1
+    if attention_mask is not None:
+        mask = torch.as_tensor(attention_mask)
+        if tuple(mask.shape) != tuple(ids.shape):
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
+        limit = limit if bool(mask.bool().all()) else 0
+    differs = (ids != ids[:1]).any(dim=0).nonzero()
+    limit = min(limit, int(differs[0])) if len(differs) else limit
+    found = store.acquire(ids[0].tolist(), limit=limit, rows=ids.shape[0])
+    cache = PrefixSharedCache(model.config, store=store, **storage)
+    if found.length:
+        cache.adopt(found, ids[:, : found.length], store)
+    return cache
+
+
+register_cache(
+    CacheSpec(
+        name="prefix",
+        factory=PrefixSharedCache,
+        description="shared prompt prefixes: held once, reused without copies (RadixAttention / vLLM APC)",
+        paper="arXiv:2312.07104",
+        from_model=lambda model: {"store": prefix_store(model)},
+    )
+)

@@ -1,0 +1,220 @@
+"""PrefixStore: the cached KV of token-id prefixes, held once and shared by every request that starts with them.
+
+The data structure is :class:`~hf_kvplus.caches.prefix_tree.PrefixTree` (a block radix tree with
+reference counts and a byte budget). This class adds what serving needs around it:
+
+* **Locking**: one re-entrant lock guards the tree, the counts and the statistics; every public
+  method takes it, so requests in several threads may share a store. Reading cached tensors needs no
+  lock: they are never written after insertion. A cache garbage-collected in any thread only queues
+  its release (a ``deque``), applied under the lock by the next call, so a finalizer never runs in the
+  middle of a tree operation.
+* the model-facing API: :meth:`cache_for` (a ``transformers.Cache`` already holding the longest
+  cached prefix), :meth:`save` / :meth:`load` (safetensors), :meth:`bind` (which model the KV belongs to).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+import torch
+
+from .prefix_tree import LRUPolicy, PrefixMatch, PrefixTree
+from .store import make_store_factory
+
+
+def _token_tuple(tokens) -> tuple[int, ...]:
+    """Token ids as a tuple: a sequence of ints, a 1-D tensor or a ``[1, n]`` tensor."""
+    if isinstance(tokens, torch.Tensor):
+        if tokens.dim() == 2 and tokens.shape[0] == 1:
+            tokens = tokens[0]
+        if tokens.dim() != 1 or tokens.dtype.is_floating_point:
+            raise ValueError(f"expected one sequence of integer token ids, got a {tokens.dtype} tensor {tuple(tokens.shape)}")
+        return tuple(tokens.tolist())
+    return tuple(int(t) for t in tokens)
+
+
+class PrefixStore:
+    """Cached KV of token-id prefixes, shared without copies by every request that starts with them.
+
+    Args:
+        max_bytes (`int`, *optional*, defaults to 1 GiB): bytes of KV the store may hold; ``None`` is unlimited.
+        block_size (`int`, *optional*, defaults to 16): tokens per block; only whole blocks are cached.
+        policy (*optional*, defaults to `LRUPolicy()`): ``policy.choose(candidates) -> node`` picks what to evict.
+        store_factory (`Callable[[], KVStore]`, *optional*): how a cached prefix is stored (any
+            :class:`~hf_kvplus.caches.store.KVStore`); full precision by default.
+        nbits (`int`, *optional*): a packed format instead, as ``make_store_factory(nbits=...)`` allows.
+
+    Example:
+
+    ```python
+    >>> store = hf_kvplus.PrefixStore(max_bytes=2**30)
+    >>> cache = store.cache_for(model, input_ids)  # already holds the longest cached prefix of input_ids
+    >>> out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+    >>> store.stats()["tokens_reused"]
+    ```
+    """
+
+    def __init__(self, max_bytes: int | None = 2**30, block_size: int = 16, policy=None, store_factory=None, nbits=None):
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
+            raise ValueError(f"max_bytes must be an integer >= 1 or None, got {max_bytes!r}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+        if policy is not None and not callable(getattr(policy, "choose", None)):
+            raise TypeError(f"policy must have a choose(candidates) method, got {type(policy).__name__}")
+        factory = make_store_factory(store_factory=store_factory, nbits=nbits)
+        self._tree = PrefixTree(max_bytes, block_size, policy or LRUPolicy(), factory)
+        self.fingerprint: dict | None = None  # which model the KV belongs to (bind / load)
+        self._lock = threading.RLock()
+        self._released: collections.deque[int] = collections.deque()
+
+    @property
+    def block_size(self) -> int:
+        return self._tree.block_size
+
+    @property
+    def max_bytes(self) -> int | None:
+        return self._tree.max_bytes
+
+    @property
+    def store_factory(self):
+        return self._tree.store_factory
+
+    def _drain(self) -> None:
+        while self._released:
+            self._tree.reference(self._released.popleft(), -1)
+
+    # -------------------------------------------------------------- references
+    def match(self, tokens, limit: int | None = None) -> PrefixMatch:
+        """The longest cached prefix of ``tokens[:limit]`` (whole blocks), without taking a reference."""
+        tokens = _token_tuple(tokens)
+        with self._lock:
+            self._drain()
+            return self._tree.as_match(self._tree.walk(tokens, len(tokens) if limit is None else limit))
+
+    def acquire(self, tokens, limit: int | None = None, rows: int = 1) -> PrefixMatch:
+        """Like :meth:`match`, but references the prefix until :meth:`release`; counts a hit or a miss per row."""
+        tokens = _token_tuple(tokens)
+        with self._lock:
+            self._drain()
+            found = self._tree.as_match(self._tree.walk(tokens, len(tokens) if limit is None else limit))
+            self._tree.counts["hits" if found.length else "misses"] += rows
+            self._tree.counts["tokens_reused"] += found.length * rows
+            self._tree.reference(found.node_id, +1)
+            return found
+
+    def acquire_node(self, node_id: int | None) -> None:
+        """One more reference on ``node_id`` (and its ancestors)."""
+        with self._lock:
+            self._drain()
+            self._tree.reference(node_id, +1)
+
+    def release(self, node_id: int | None) -> None:
+        """Give back a reference (safe from finalizers and any thread: applied by the next locked call)."""
+        if node_id is not None:
+            self._released.append(node_id)
+
+    def insert(self, tokens, kv, acquire: bool = False) -> PrefixMatch:
+        """Cache the whole blocks of ``tokens``; ``kv(start, stop)`` gives the part not cached yet.
+
+        Args:
+            tokens (sequence of `int`): token ids from the first position; a partial last block is ignored.
+            kv (`Callable[[int, int], list[tuple[Tensor, Tensor]]]`): per layer ``(keys, values)`` of tokens
+                ``[start, stop)``, each ``[1, kv_heads, stop - start, head_dim]``; kept as given (views too).
+            acquire (`bool`, defaults to `False`): reference the resulting path (see :meth:`acquire`).
+
+        Returns:
+            `PrefixMatch`: what is cached of ``tokens`` afterwards (shorter when the budget refused the rest).
+        """
+        tokens = _token_tuple(tokens)
+        tokens = tokens[: len(tokens) // self.block_size * self.block_size]
+        with self._lock:
+            self._drain()
+            found = self._tree.as_match(self._tree.insert(tokens, kv))
+            if acquire:
+                self._tree.reference(found.node_id, +1)
+            return found
+
+    # ------------------------------------------------------------------ memory
+    def clear(self) -> None:
+        """Evict every node no request references."""
+        with self._lock:
+            self._drain()
+            while victims := self._tree.evictable():
+                for node in victims:
+                    self._tree.evict(node)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the store holds (what :func:`hf_kvplus.cache_nbytes` counts)."""
+        with self._lock:
+            return [t for node in self._tree.nodes.values() for store in node.payload for t in store.tensors()]
+
+    @property
+    def nbytes(self) -> int:
+        with self._lock:
+            self._drain()
+            return self._tree.bytes
+
+    def stats(self) -> dict:
+        """``hits``/``misses`` (rows of :meth:`acquire`), ``tokens_reused``, ``bytes_held``, ``tokens_held``,
+        ``nodes``, ``referenced_nodes``, ``inserted_tokens``, ``evicted_nodes``, ``rejected_inserts``, ``max_bytes``."""
+        with self._lock:
+            self._drain()
+            tree, nodes = self._tree, self._tree.nodes.values()
+            names = ("hits", "misses", "tokens_reused", "inserted_tokens", "evicted_nodes", "rejected_inserts")
+            return {**{name: tree.counts[name] for name in names}, "bytes_held": tree.bytes,
+                    "tokens_held": sum(len(n.tokens) for n in nodes), "nodes": len(tree.nodes),
+                    "referenced_nodes": sum(n.refs > 0 for n in nodes), "max_bytes": tree.max_bytes}
+
+    # ------------------------------------------------------------ model-facing
+    def bind(self, model_or_config) -> None:
+        """Record (first call) or check (later calls) the model this store's KV belongs to."""
+        from .prefix_io import check_fingerprint, model_fingerprint
+
+        found = model_fingerprint(model_or_config)
+        with self._lock:
+            if self.fingerprint is None:
+                self.fingerprint = found
+            else:
+                self.fingerprint = check_fingerprint(self.fingerprint, found, "this PrefixStore")
+
+    def cache_for(self, model, input_ids, attention_mask=None, **storage):
+        """A cache already holding the longest cached prefix of ``input_ids``, for ``generate`` to continue.
+
+        Args:
+            model (`PreTrainedModel`): the model (bound to this store on first use; another model is refused).
+            input_ids (`torch.LongTensor`): ``[batch, length]`` (or ``[length]``); rows share the prefix
+                they have in common, read once (expanded over the batch).
+            attention_mask (`torch.Tensor`, *optional*): with left padding, nothing is shared.
+            **storage: how the request's own tokens are stored (``store_factory=``, ``nbits=``).
+
+        Returns:
+            `PrefixSharedCache`: holds whole blocks, never all of ``input_ids`` (one token at least is left to
+            prefill); it publishes what it computes, so later requests reuse it.
+
+        Example:
+
+        ```python
+        >>> cache = store.cache_for(model, inputs.input_ids)
+        >>> cache.get_seq_length()  # tokens generate will not prefill
+        >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        ```
+        """
+        from .prefix import cache_for
+
+        return cache_for(self, model, input_ids, attention_mask=attention_mask, **storage)
+
+    def save(self, path) -> None:
+        """Write every cached prefix to one safetensors file (see :mod:`hf_kvplus.caches.prefix_io`)."""
+        from .prefix_io import save_store
+
+        with self._lock:
+            self._drain()
+            save_store(self, self._tree, path)
+
+    @classmethod
+    def load(cls, path, model_or_config, max_bytes: int | None = None, **kwargs) -> PrefixStore:
+        """Read a file written by :meth:`save`, checking it belongs to ``model_or_config``; clear errors otherwise."""
+        from .prefix_io import load_store
+
+        return load_store(cls, path, model_or_config, max_bytes=max_bytes, **kwargs)
