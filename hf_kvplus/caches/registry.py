@@ -30,6 +30,8 @@ class CacheSpec:
         uses_rope: the factory accepts ``rope=`` (read from the model by ``make_cache``).
         parity_kwargs: keyword arguments under which the cache must reproduce ``DynamicCache``.
         parity_atol: absolute logit tolerance for that parity (0 means ``torch.allclose`` defaults).
+        sweep: keyword arguments recipes sweep by default besides the budget, e.g. ``{"nbits": (8, 4, 2)}``
+            (empty: evicting strategies sweep their budget, the others run once with their defaults).
     """
 
     name: str
@@ -41,6 +43,7 @@ class CacheSpec:
     uses_rope: bool = False
     parity_kwargs: dict = field(default_factory=dict)
     parity_atol: float = 0.0
+    sweep: dict = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, CacheSpec] = {}
