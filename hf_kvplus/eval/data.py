@@ -5,6 +5,7 @@ A data spec is what a recipe's ``data:`` entry holds::
     data: default                                    # Python's reference prose, shipped with Python
     data: {dataset: wikitext, config: wikitext-2-raw-v1, split: test, column: text}
     data: {dataset: ./my_saved_dataset}              # a folder written by Dataset.save_to_disk
+    data: {dataset: json, data_files: my.jsonl, split: train}   # any datasets builder on local files
     data: {path: notes.txt}                          # or a .jsonl file with one {"text": ...} per line
 
 Token ids are cached on disk under :func:`cache_dir`, keyed by the tokenizer and the data spec.
@@ -32,6 +33,7 @@ class DataSpec:
         source (`str`, defaults to ``"default"``): one of ``"default"``, ``"dataset"``, ``"file"``.
         dataset (`str`, *optional*): a ``datasets`` id (``"wikitext"``) or a ``save_to_disk`` folder.
         config (`str`, *optional*): the dataset configuration (``"wikitext-2-raw-v1"``).
+        data_files (`str` or `list[str]`, *optional*): files for a builder such as ``"text"`` or ``"json"``.
         split (`str`, defaults to ``"test"``), column (`str`, defaults to ``"text"``): what to read.
         path (`str`, *optional*): a local ``.txt`` file, or ``.jsonl`` with one object per line.
         max_documents (`int`, *optional*): read only the first rows (pg19 books are long).
@@ -48,6 +50,7 @@ class DataSpec:
     source: str = "default"
     dataset: str | None = None
     config: str | None = None
+    data_files: str | list[str] | None = None
     split: str = "test"
     column: str = "text"
     path: str | None = None
@@ -115,8 +118,9 @@ def _load_dataset_texts(spec: DataSpec) -> list[str]:
             loaded = loaded[spec.split]
     else:
         try:
-            loaded = datasets.load_dataset(spec.dataset, spec.config, split=spec.split, streaming=spec.streaming)
-        except (FileNotFoundError, ConnectionError, ValueError) as error:
+            loaded = datasets.load_dataset(spec.dataset, spec.config, data_files=spec.data_files, split=spec.split,
+                                           streaming=spec.streaming)
+        except (OSError, ValueError, datasets.exceptions.DatasetsError) as error:
             offline = " (HF_HUB_OFFLINE=1: only datasets already in the local cache load)" if os.environ.get(
                 "HF_HUB_OFFLINE") == "1" else ""
             raise ValueError(

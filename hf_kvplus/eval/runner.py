@@ -128,12 +128,14 @@ def run_recipe(recipe, out: str | Path | None = None, progress: bool = True, mod
     protocols = {e.name: e.protocol for e in recipe.experiments}
     done = folder.done_keys({p.key: fingerprint(recipe, p) for p in points})
     mine = [p for i, p in enumerate(points) if i % processes.world_size == processes.rank and p.key not in done]
+    reasons = {p.key: check_point(model, p) for p in points}
+    for point in points:  # a value the recipe names explicitly must work: fail before measuring anything
+        if reasons[point.key] is not None and point.origin == "explicit":
+            raise ValueError(f"experiment {point.experiment!r}, {point.strategy} {point.settings}: {reasons[point.key]}")
     show = progress and processes.rank == 0
     for point in _progress(mine, show, "grid points", len(mine)):
         row = _base_row(recipe, point, processes.rank)
-        reason = check_point(model, point)
-        if reason is not None and point.origin == "explicit":
-            raise ValueError(f"experiment {point.experiment!r}, {point.strategy} {point.settings}: {reason}")
+        reason = reasons[point.key]
         if reason is not None:
             row.update(status="skipped", reason=f"the default sweep cannot build it: {reason}")
         else:
