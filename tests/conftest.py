@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may download (set before huggingface_hub loads)
 
 import pytest
 import torch
@@ -85,10 +88,6 @@ def default_model():
     """(model, tokenizer, token ids of the default text), loaded once per session."""
     return _default_model_and_tokens()
 
-
-import os  # noqa: E402
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may download
 
 
 def save_tiny(folder, arch: str = "llama-gqa"):

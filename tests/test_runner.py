@@ -31,12 +31,20 @@ def token_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_KVPLUS_CACHE", str(tmp_path / "cache"))
 
 
-def write_recipe(tmp_path, tiny_dir, data=None, **extra):
+SMALL = [
+    {"name": "compression", "protocol": {"name": "compression", "context_length": 48, "target_length": 8},
+     "grid": ["dynamic"]},
+    {"name": "streaming", "protocol": {"name": "streaming", "num_tokens": 60, "report_every": 20},
+     "grid": [{"strategy": "sink", "budget": 16}]},
+]
+
+
+def write_recipe(tmp_path, tiny_dir, data=None, experiments=None, **extra):
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     raw = {
         "name": "tiny", "model": tiny_dir, "data": data or {"path": str(text)},
-        "experiments": [
+        "experiments": experiments or [
             {"name": "compression", "protocol": {"name": "compression", "context_length": 48, "target_length": 8,
                                                  "windows": 2, "decode_tokens": 2},
              "keep_ratios": [0.5, 0.25], "grid": ["all", "window"]},
@@ -119,16 +127,16 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path, tiny_dir, monke
 
 
 def test_a_changed_recipe_does_not_reuse_stale_points(tmp_path, tiny_dir, monkeypatch):
-    run_recipe(load_recipe(write_recipe(tmp_path, tiny_dir)), out=tmp_path / "run", progress=False)
+    run_recipe(load_recipe(write_recipe(tmp_path, tiny_dir, experiments=SMALL)), out=tmp_path / "run", progress=False)
     raw = yaml.safe_load((tmp_path / "tiny.yaml").read_text())
-    raw["experiments"][1]["protocol"]["num_tokens"] = 60
+    raw["experiments"][1]["protocol"]["num_tokens"] = 50
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
     calls = []
     real = runner_module.run_point
     monkeypatch.setattr(runner_module, "run_point", lambda *a, **k: (calls.append(a[4].key), real(*a, **k))[1])
     result = run_recipe(load_recipe(tmp_path / "tiny.yaml"), out=tmp_path / "run", progress=False)
-    assert len(calls) == 3 and all(key.startswith("streaming|") for key in calls)
-    assert {r["tokens_scored"] for r in result["rows"] if r["experiment"] == "streaming"} == {59}
+    assert calls == ['streaming|sink|{"budget": 16}']  # the compression point is reused
+    assert [r["tokens_scored"] for r in result["rows"]] == [8, 49]
 
 
 @pytest.mark.parametrize("kind", ["save_to_disk", "text builder", "jsonl file"])
@@ -154,8 +162,8 @@ def test_datasets_and_files_give_the_same_tokens(tmp_path, tiny_dir, kind):
     files = list((tmp_path / "cache" / "tokens").glob("*.npy"))
     assert len(files) == 1
     assert load_token_ids(spec, NotCalled(tokenizer)).tolist() == expected  # read back from the cache
-    result = run_recipe(load_recipe(write_recipe(tmp_path, tiny_dir, data=data)), out=tmp_path / "run", progress=False)
-    assert all(r["status"] == "ok" for r in result["rows"])
+    recipe = load_recipe(write_recipe(tmp_path, tiny_dir, data=data, experiments=SMALL))
+    assert [r["status"] for r in run_recipe(recipe, out=tmp_path / "run", progress=False)["rows"]] == ["ok", "ok"]
 
 
 def test_missing_data_errors_are_clear(tmp_path, tiny_dir):
@@ -179,7 +187,8 @@ def test_a_strategy_the_sweep_cannot_build_is_reported_not_dropped(tmp_path, tin
 
     hf_kvplus.register_cache(registry.CacheSpec(name="test-needs-store", factory=needs_a_store, description="x"))
     try:
-        result = run_recipe(load_recipe(write_recipe(tmp_path, tiny_dir)), out=tmp_path / "run", progress=False)
+        recipe = load_recipe(write_recipe(tmp_path, tiny_dir, experiments=[{**SMALL[0], "grid": ["all"], "keep_ratios": [0.5]}]))
+        result = run_recipe(recipe, out=tmp_path / "run", progress=False)
     finally:
         registry._REGISTRY.pop("test-needs-store")
     skipped = [r for r in result["rows"] if r["strategy"] == "test-needs-store"]
@@ -198,7 +207,7 @@ def test_an_explicit_value_the_cache_rejects_fails_before_measuring(tmp_path, ti
 
 
 def test_the_command_line(tmp_path, tiny_dir, capsys):
-    assert main(["eval", str(write_recipe(tmp_path, tiny_dir)), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert main(["eval", str(write_recipe(tmp_path, tiny_dir, experiments=SMALL)), "--out", str(tmp_path / "run"), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "| dynamic | all tokens |" in printed and "pareto.png" in printed
     assert main(["eval", str(tmp_path / "nope.yaml")]) == 2
