@@ -13,7 +13,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..caches.registry import get_spec, make_cache
+from ..caches.registry import make_cache
 from ..memory import peak_memory, reset_peak_memory
 from .data import load_token_ids
 from .grid import Point, expand_grid
@@ -23,16 +23,21 @@ from .results import RunFolder
 
 
 class _Processes:
-    """This process among ``accelerate launch`` processes (a single process without it)."""
+    """This process among the processes ``accelerate launch`` (or ``torchrun``) started; one process without it.
 
-    def __init__(self):
+    On CPU the processes talk through gloo (``PartialState(cpu=True)``); on CUDA each takes its own GPU.
+    """
+
+    def __init__(self, device: str = "cpu"):
         self.state = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch
             from accelerate import PartialState
 
-            self.state = PartialState()
+            self.state = PartialState(cpu=not (str(device).startswith("cuda") and torch.cuda.is_available()))
         self.rank = self.state.process_index if self.state else 0
         self.world_size = self.state.num_processes if self.state else 1
+        self.device = str(self.state.device) if self.state and str(device) == "cuda" else device
 
     def barrier(self) -> None:
         if self.state is not None:
@@ -110,7 +115,8 @@ def run_recipe(recipe, out: str | Path | None = None, progress: bool = True, mod
     ```
     """
     started = time.perf_counter()
-    processes = _Processes()
+    spec = {**recipe.model, **({"device": device} if device else {}), **({"dtype": dtype} if dtype else {})}
+    processes = _Processes(spec["device"])
     folder = RunFolder(out or Path("runs") / recipe.name, processes.rank, processes.world_size)
     expanded = [expand_grid(e) for e in recipe.experiments]
     points = [p for pts, _ in expanded for p in pts]
@@ -120,11 +126,14 @@ def run_recipe(recipe, out: str | Path | None = None, progress: bool = True, mod
     if model is None:
         from .models import load_model_and_tokenizer
 
-        spec = {**recipe.model, **({"device": device} if device else {}), **({"dtype": dtype} if dtype else {})}
         extra = {"attn_implementation": spec["attn_implementation"]} if spec.get("attn_implementation") else {}
-        model, tokenizer = load_model_and_tokenizer(spec["id"], spec["dtype"], spec["device"], **extra)
+        model, tokenizer = load_model_and_tokenizer(spec["id"], spec["dtype"], processes.device, **extra)
     if ids is None:
+        if processes.rank != 0:
+            processes.barrier()  # the main process tokenizes and fills the on-disk cache first
         ids = load_token_ids(recipe.data, tokenizer)
+        if processes.rank == 0:
+            processes.barrier()
     protocols = {e.name: e.protocol for e in recipe.experiments}
     done = folder.done_keys({p.key: fingerprint(recipe, p) for p in points})
     mine = [p for i, p in enumerate(points) if i % processes.world_size == processes.rank and p.key not in done]
@@ -152,8 +161,3 @@ def run_recipe(recipe, out: str | Path | None = None, progress: bool = True, mod
         write_report(folder.path, recipe, rows, excluded)
     processes.barrier()
     return {"rows": rows, "excluded": excluded, "folder": folder.path, "seconds": time.perf_counter() - started}
-
-
-def describe_spec(name: str) -> str:
-    """One line for a strategy: its description from the registry."""
-    return get_spec(name).description
