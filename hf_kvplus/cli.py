@@ -18,7 +18,8 @@ def _eval(args) -> int:
     from .eval.runner import run_recipe
 
     recipe = load_recipe(args.recipe)
-    result = run_recipe(recipe, out=args.out, progress=not args.quiet, device=args.device, dtype=args.dtype)
+    result = run_recipe(recipe, out=args.out, progress=not args.quiet, device=args.device, dtype=args.dtype,
+                        threads=args.threads)
     if not result["rows"]:
         return 0  # not the main process under accelerate launch
     folder = result["folder"]
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>); re-running resumes")
         sub.add_argument("--device", default=None, help="override the recipe's device (cpu, cuda, cuda:1 ...)")
         sub.add_argument("--dtype", default=None, help="override the recipe's dtype (float32, bfloat16, float16)")
+        sub.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
         sub.set_defaults(func=_eval)
     push = commands.add_parser("push", help="publish a run folder to the Hub as a dataset with a card")

@@ -36,10 +36,11 @@ def test_every_shipped_recipe_parses(path):
     assert parsed.experiments and all(expand_grid(e)[0] for e in parsed.experiments)
 
 
-def test_the_default_recipe_is_packaged_and_matches_the_top_level_copy():
-    assert "default" in packaged_recipes()
+def test_packaged_recipes_match_their_top_level_copies():
+    assert {"default", "passkey"} <= set(packaged_recipes())
     assert load_recipe(None).source.endswith("hf_kvplus/recipes/default.yaml")
-    assert (ROOT / "recipes" / "default.yaml").read_text() == (ROOT / "hf_kvplus" / "recipes" / "default.yaml").read_text()
+    for name in packaged_recipes():
+        assert (ROOT / "recipes" / f"{name}.yaml").read_text() == (ROOT / "hf_kvplus" / "recipes" / f"{name}.yaml").read_text()
 
 
 def test_the_default_recipe_sweeps_every_registered_strategy(extra_strategy):
@@ -51,7 +52,7 @@ def test_the_default_recipe_sweeps_every_registered_strategy(extra_strategy):
     # 3 keep ratios x the strategy's own sweep of 2 values, with budgets from the context length
     assert sorted((p.params["keep_ratio"], p.params["knob"]) for p in extra) == [
         (0.125, 1), (0.125, 2), (0.25, 1), (0.25, 2), (0.5, 1), (0.5, 2)]
-    assert {p.cache_kwargs["budget"] for p in extra} == {1024, 512, 256}
+    assert {p.cache_kwargs["budget"] for p in extra} == {512, 256, 128}
     assert points[0].strategy == "dynamic" and points[0].settings == "all tokens"
 
 

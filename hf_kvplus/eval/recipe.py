@@ -2,7 +2,7 @@
 
 ```yaml
 name: my-sweep
-model: {id: default, dtype: float32, device: cpu}   # "default", a local path or a Hub id
+model: {id: default, dtype: float32, device: cpu}   # "default", a local path or a Hub id; threads: N
 data: {dataset: wikitext, config: wikitext-2-raw-v1, split: test, column: text}
 experiments:
   - name: compression
@@ -30,7 +30,7 @@ from .protocols import PROTOCOLS
 PACKAGED = Path(__file__).resolve().parent.parent / "recipes"
 RECIPE_FIELDS = ("name", "description", "model", "data", "experiments")
 EXPERIMENT_FIELDS = ("name", "protocol", "grid", "budgets", "keep_ratios", "exclude")
-MODEL_FIELDS = ("id", "dtype", "device", "attn_implementation")
+MODEL_FIELDS = ("id", "dtype", "device", "attn_implementation", "threads")
 
 
 @dataclass
@@ -98,6 +98,9 @@ def parse_model(value) -> dict:
     from .models import parse_dtype
 
     parse_dtype(model["dtype"])
+    threads = model.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"bad value {threads!r} for model.threads: allowed values are integers >= 1 (CPU threads)")
     return model
 
 

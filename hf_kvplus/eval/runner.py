@@ -91,7 +91,7 @@ def run_point(model, tokenizer, ids, protocol: str, point: Point, progress: bool
 
 
 def run_recipe(recipe, out: str | Path | None = None, progress: bool = True, model=None, tokenizer=None,
-               ids=None, device: str | None = None, dtype: str | None = None) -> dict:
+               ids=None, device: str | None = None, dtype: str | None = None, threads: int | None = None) -> dict:
     """Run every grid point not already in the run folder; return the gathered rows (main process).
 
     Args:
@@ -101,6 +101,8 @@ def run_recipe(recipe, out: str | Path | None = None, progress: bool = True, mod
         model, tokenizer (*optional*): already loaded; otherwise loaded from ``recipe.model``.
         ids (`torch.LongTensor`, *optional*): the token ids; otherwise from ``recipe.data`` (cached on disk).
         device (`str`, *optional*), dtype (`str`, *optional*): override the recipe's model device / dtype.
+        threads (`int`, *optional*): CPU threads for torch (overrides the recipe's ``model.threads``); one thread
+            per process avoids the stalls two OpenMP threads suffer on a machine busy with other work.
 
     Returns:
         `dict`: ``rows`` (every grid point, in grid order; empty on processes other than the main one),
@@ -117,6 +119,10 @@ def run_recipe(recipe, out: str | Path | None = None, progress: bool = True, mod
     started = time.perf_counter()
     spec = {**recipe.model, **({"device": device} if device else {}), **({"dtype": dtype} if dtype else {})}
     processes = _Processes(spec["device"])
+    if threads or spec.get("threads"):
+        import torch
+
+        torch.set_num_threads(threads or spec["threads"])
     folder = RunFolder(out or Path("runs") / recipe.name, processes.rank, processes.world_size)
     expanded = [expand_grid(e) for e in recipe.experiments]
     points = [p for pts, _ in expanded for p in pts]
