@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 
@@ -226,3 +227,29 @@ def test_peak_memory_is_reset_between_points():
     assert grown - before >= 60 * 2**20
     assert peak_memory()["peak_rss_bytes"] < grown - 30 * 2**20
     assert peak_memory()["device_peak_bytes"] is None
+
+
+def test_strategies_that_switch_attention_hand_the_model_back(tmp_path, tiny_dir):
+    spec = registry.CacheSpec(name="test-scored", factory=hf_kvplus.SinkCache, description="x", evicting=True,
+                              attention_scores=True)
+    hf_kvplus.register_cache(spec)
+    try:
+        model, tokenizer = load_model_and_tokenizer(tiny_dir)
+        recipe = load_recipe(write_recipe(tmp_path, tiny_dir, experiments=[
+            {**SMALL[0], "grid": [{"strategy": "test-scored", "budget": 16}]}]))
+        seen = []
+        real_protocol = runner_module.PROTOCOLS["compression"]
+        real = real_protocol.run
+
+        def spy(model, *args, **kwargs):
+            result = real(model, *args, **kwargs)
+            seen.append(model.config._attn_implementation)
+            return result
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setitem(runner_module.PROTOCOLS, "compression", dataclasses.replace(real_protocol, run=spy))
+            rows = run_recipe(recipe, out=tmp_path / "run", progress=False, model=model, tokenizer=tokenizer)["rows"]
+    finally:
+        registry._REGISTRY.pop("test-scored")
+    assert rows[0]["status"] == "ok" and seen == ["kvplus"]
+    assert model.config._attn_implementation == "sdpa"

@@ -151,12 +151,11 @@ def compression_perplexity(
         model: a causal LM.
         make_cache (`Callable[[], Cache]`): returns a fresh cache for each window.
         token_ids (`torch.LongTensor`): the text, ``[n]`` or ``[1, n]``.
-        context_length (`int`, defaults to 2048), target_length (`int`, defaults to 256).
-        windows (`int`, defaults to 3): consecutive windows from the start of the text.
+        context_length (`int`, defaults to 2048), target_length (`int`, defaults to 256), windows (`int`, defaults
+            to 3): ``windows`` consecutive spans of context + target tokens from the start of the text.
         prefill_chunk_size (`int`, *optional*): prefill in chunks of this many tokens (lets evicting
             caches stay at their budget during prefill).
-        decode_tokens (`int`, defaults to 0): after the last window, greedy-decode this many tokens with its
-            cache and time them (``decode_tokens_per_second``).
+        decode_tokens (`int`, defaults to 0): then greedy-decode this many tokens and time them.
         progress (`bool`, defaults to `False`): show a progress bar over the windows.
 
     Returns:

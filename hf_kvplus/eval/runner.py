@@ -13,7 +13,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..caches.registry import make_cache
+from ..attention import detach
+from ..caches.registry import get_spec, make_cache
 from ..memory import peak_memory, reset_peak_memory
 from .data import load_token_ids
 from .grid import Point, expand_grid
@@ -72,10 +73,14 @@ def run_point(model, tokenizer, ids, protocol: str, point: Point, progress: bool
     """Measure one grid point: the protocol's metrics plus memory (cache MiB, peak RSS / CUDA) and time."""
     reset_peak_memory(model.device)
     started = time.perf_counter()
-    metrics = PROTOCOLS[protocol].run(
-        model, tokenizer, ids, lambda: make_cache(point.strategy, model, **point.cache_kwargs), point.options,
-        progress=progress,
-    )
+    try:
+        metrics = PROTOCOLS[protocol].run(
+            model, tokenizer, ids, lambda: make_cache(point.strategy, model, **point.cache_kwargs), point.options,
+            progress=progress,
+        )
+    finally:
+        if get_spec(point.strategy).attention_scores:
+            detach(model)  # back to "sdpa", so the next strategies run (and are timed) on plain attention
     peaks = peak_memory(model.device)
     row = {key: value for key, value in metrics.items() if not key.startswith("cache_bytes")}
     row["cache_mib"] = metrics["cache_bytes"] / MIB
