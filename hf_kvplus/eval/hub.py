@@ -40,12 +40,13 @@ def dataset_card(run_dir: str | Path, repo_id: str) -> str:
     body = "\n".join([
         "---", data.to_yaml(), "---", "",
         f"# {name}: perplexity against KV cache memory", "",
-        f"Measured with [hf_kvplus](https://pypi.org/project/hf-kvplus/) {__version__} (`kvplus eval recipe.yaml`); "
+        f"Measured with hf_kvplus {__version__} (`kvplus eval recipe.yaml`); "
         f"model `{model_id}`. Each row of `results.csv` is one grid point: a cache strategy and its settings "
         "(`strategy`, `settings`), the perplexity it scores (`ppl`) and the KV cache memory it holds (`cache_mib`).",
         "", summary.replace("![perplexity against cache memory](pareto.png)", ""), "",
         "![perplexity against cache memory](pareto.png)" if (run_dir / "pareto.png").is_file() else "", "",
-        "## Reproduce", "", "```sh", "pip install hf_kvplus", "kvplus eval recipe.yaml --out run",
+        "## Reproduce", "", "With hf_kvplus installed, from this repository's `recipe.yaml`:", "", "```sh",
+        "kvplus eval recipe.yaml --out run",
         f"kvplus push run --repo-id {repo_id}", "```", "",
     ])
     return str(DatasetCard(body))

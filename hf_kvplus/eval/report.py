@@ -95,7 +95,7 @@ def summary_markdown(recipe, rows: list[dict], excluded: list[dict] | None = Non
         lines += ["## Not measured\n", markdown_table(missing, ["experiment", "strategy", "settings", "status", "reason"])]
     if plot:
         lines.append(f"![perplexity against cache memory]({plot})\n")
-    return "\n".join(line for line in lines if line is not None)
+    return "\n".join(line for line in lines if line)
 
 
 def write_report(folder: str | Path, recipe, rows: list[dict], excluded: list[dict] | None = None) -> str:
