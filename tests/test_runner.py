@@ -97,7 +97,7 @@ def test_a_run_writes_results_plot_and_summary(tmp_path, tiny_dir):
     png = (tmp_path / "run" / "pareto.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000
     summary = (tmp_path / "run" / "summary.md").read_text()
-    assert "## compression (compression)" in summary and "| sink | keep_ratio=0.5, budget=24 |" in summary
+    assert "## compression\n" in summary and "| sink | keep_ratio=0.5, budget=24 |" in summary
     assert "Perplexity and cache MiB of each 20-token window" in summary
     assert (tmp_path / "run" / "recipe.yaml").read_text() == (tmp_path / "tiny.yaml").read_text()
 

@@ -8,10 +8,10 @@ MARKERS = "osD^v<>pPXh*"
 
 
 def _short(row: dict) -> str:
-    if "keep_ratio" in row:
-        return f"{row['keep_ratio']:g}"
-    params = [f"{v}" for k, v in row.items() if k in ("budget", "nbits")]
-    return "/".join(params)
+    """The point's label: its keep ratio or budget, and its bits when it has them."""
+    size = f"keep {row['keep_ratio']:g}" if "keep_ratio" in row else f"{row['budget']} tok" if "budget" in row else ""
+    bits = f"{row['nbits']} bit" if row.get("nbits") else ""
+    return " ".join(part for part in (size, bits) if part)
 
 
 def pareto_plot(rows: list[dict], path: str | Path, title: str = "") -> Path | None:
@@ -64,7 +64,7 @@ def pareto_plot(rows: list[dict], path: str | Path, title: str = "") -> Path | N
         if max(values) / max(min(values), 1e-9) > 3:
             ax.set_yscale("log")
         protocol = here[0].get("protocol", "")
-        ax.set_title(f"{experiment} ({protocol})", fontsize=11)
+        ax.set_title(experiment if experiment == protocol else f"{experiment} ({protocol})", fontsize=11)
         ax.set_xlabel("KV cache held (MiB)")
         answer = "answer " if protocol == "passkey" else ""
         ax.set_ylabel(f"{answer}perplexity (lower is better)")

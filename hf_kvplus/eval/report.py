@@ -83,7 +83,8 @@ def summary_markdown(recipe, rows: list[dict], excluded: list[dict] | None = Non
     for experiment in recipe.experiments:
         ok = [r for r in rows if r.get("experiment") == experiment.name and r.get("status") == "ok"]
         described = PROTOCOL_LINES[experiment.protocol].format(**experiment.options)
-        lines += [f"## {experiment.name} ({experiment.protocol})\n", described + "\n",
+        title = experiment.name if experiment.name == experiment.protocol else f"{experiment.name} ({experiment.protocol})"
+        lines += [f"## {title}\n", described + "\n",
                   markdown_table([_display(r) for r in ok], COLUMNS[experiment.protocol])]
         if experiment.protocol == "streaming":
             every = experiment.options["report_every"]
