@@ -49,10 +49,9 @@ def test_the_default_recipe_sweeps_every_registered_strategy(extra_strategy):
     covered = {p.strategy for p in points} | {x["strategy"] for x in excluded}
     assert set(hf_kvplus.list_caches()) <= covered
     extra = [p for p in points if p.strategy == "test-extra"]
-    # 3 keep ratios x the strategy's own sweep of 2 values, with budgets from the context length
-    assert sorted((p.params["keep_ratio"], p.params["knob"]) for p in extra) == [
-        (0.125, 1), (0.125, 2), (0.25, 1), (0.25, 2), (0.5, 1), (0.5, 2)]
-    assert {p.cache_kwargs["budget"] for p in extra} == {512, 256, 128}
+    # 2 keep ratios x the strategy's own sweep of 2 values, with budgets from the context length
+    assert sorted((p.params["keep_ratio"], p.params["knob"]) for p in extra) == [(0.125, 1), (0.125, 2), (0.5, 1), (0.5, 2)]
+    assert {p.cache_kwargs["budget"] for p in extra} == {512, 128}
     assert points[0].strategy == "dynamic" and points[0].settings == "all tokens"
 
 
