@@ -253,3 +253,18 @@ def test_strategies_that_switch_attention_hand_the_model_back(tmp_path, tiny_dir
         registry._REGISTRY.pop("test-scored")
     assert rows[0]["status"] == "ok" and seen == ["kvplus"]
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_compression_reports_the_peak_cache_and_decode_speed():
+    from conftest import prompt, tiny_model
+    from transformers import DynamicCache
+
+    model = tiny_model("llama-gqa")
+    ids = prompt(length=60, seed=2)[0]
+    result = compression_perplexity(model, lambda: DynamicCache(config=model.config), ids, context_length=20,
+                                    target_length=10, windows=1, decode_tokens=5)
+    assert result["decode_tokens_per_second"] > 0
+    # dense: 20 context tokens after prefill; 20 + 9 scored inputs + 5 decoded tokens at the end
+    assert result["cache_bytes_peak"] == result["cache_bytes"] * (20 + 9 + 5) // 20
+    assert compression_perplexity(model, lambda: DynamicCache(config=model.config), ids, 20, 10, 1)[
+        "decode_tokens_per_second"] is None
