@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,12 @@ import yaml
 from conftest import save_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def test_two_processes_share_the_grid_and_gather_one_result_set(tmp_path):
@@ -27,7 +34,7 @@ def test_two_processes_share_the_grid_and_gather_one_result_set(tmp_path):
            "OMP_NUM_THREADS": "1"}
     # On a machine without CUDA, --multi_gpu starts torchrun-style processes; hf_kvplus joins them over gloo.
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                "-m", "hf_kvplus.cli", "eval", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "run"), "--quiet"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
