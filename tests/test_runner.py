@@ -268,3 +268,19 @@ def test_compression_reports_the_peak_cache_and_decode_speed():
     assert result["cache_bytes_peak"] == result["cache_bytes"] * (20 + 9 + 5) // 20
     assert compression_perplexity(model, lambda: DynamicCache(config=model.config), ids, 20, 10, 1)[
         "decode_tokens_per_second"] is None
+
+
+def test_threads_apply_during_the_run_only(tmp_path, tiny_dir, monkeypatch):
+    import torch
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny_dir, experiments=SMALL))
+    recipe.model["threads"] = 1
+    seen, real = [], runner_module.run_point
+    monkeypatch.setattr(runner_module, "run_point", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_recipe(recipe, out=tmp_path / "run", progress=False)
+        assert seen == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -13,6 +13,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from ..attention import detach
 from ..caches.registry import get_spec, make_cache
 from ..memory import peak_memory, reset_peak_memory
@@ -32,7 +34,6 @@ class _Processes:
     def __init__(self, device: str = "cpu"):
         self.state = None
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            import torch
             from accelerate import PartialState
 
             self.state = PartialState(cpu=not (str(device).startswith("cuda") and torch.cuda.is_available()))
@@ -121,13 +122,21 @@ def run_recipe(recipe, out: str | Path | None = None, progress: bool = True, mod
     >>> [(r["strategy"], r["settings"], r["ppl"], r["cache_mib"]) for r in result["rows"]]
     ```
     """
+    threads = threads or recipe.model.get("threads")
+    if not threads:
+        return _run(recipe, out, progress, model, tokenizer, ids, device, dtype)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(recipe, out, progress, model, tokenizer, ids, device, dtype)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(recipe, out, progress, model, tokenizer, ids, device, dtype) -> dict:
     started = time.perf_counter()
     spec = {**recipe.model, **({"device": device} if device else {}), **({"dtype": dtype} if dtype else {})}
     processes = _Processes(spec["device"])
-    if threads or spec.get("threads"):
-        import torch
-
-        torch.set_num_threads(threads or spec["threads"])
     folder = RunFolder(out or Path("runs") / recipe.name, processes.rank, processes.world_size)
     expanded = [expand_grid(e) for e in recipe.experiments]
     points = [p for pts, _ in expanded for p in pts]
