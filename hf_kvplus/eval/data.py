@@ -183,6 +183,12 @@ def load_token_ids(spec: DataSpec, tokenizer, cache: bool = True) -> torch.Tenso
         spec (`DataSpec`): the data.
         tokenizer: the model's tokenizer.
         cache (`bool`, defaults to `True`): use ``cache_dir()/tokens``.
+
+    Example:
+
+    ```python
+    >>> ids = load_token_ids(DataSpec.parse("default"), load_default_tokenizer())  # [n] LongTensor
+    ```
     """
     path = cache_dir() / "tokens" / f"{_cache_key(spec, tokenizer)}.npy"
     if cache and path.is_file():

@@ -22,7 +22,15 @@ QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
 def load_metric(name: str = "exact_match"):
-    """An ``evaluate`` metric shipped in the package, loaded from its folder (works offline)."""
+    """An ``evaluate`` metric shipped in the package, loaded from its folder (works offline).
+
+    Example:
+
+    ```python
+    >>> load_metric("exact_match").compute(predictions=["71432"], references=["71432"])
+    {'exact_match': 1.0}
+    ```
+    """
     import evaluate
 
     folder = METRICS / name

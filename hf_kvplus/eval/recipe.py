@@ -160,7 +160,18 @@ def packaged_recipes() -> list[str]:
 
 
 def load_recipe(path_or_name: str | Path | None = None) -> Recipe:
-    """Read a recipe from a YAML file, or a packaged recipe by name (``None``: ``"default"``)."""
+    """Read a recipe from a YAML file, or a packaged recipe by name (``None``: ``"default"``).
+
+    Args:
+        path_or_name (`str` or `Path`, *optional*): a ``.yaml`` file or one of :func:`packaged_recipes`.
+
+    Example:
+
+    ```python
+    >>> recipe = load_recipe("recipes/qwen2.5-7b-wikitext2.yaml")
+    >>> recipe.model["id"], recipe.data.describe()
+    ```
+    """
     path = Path(path_or_name or "default")
     if not path.is_file():
         packaged = PACKAGED / f"{path_or_name or 'default'}.yaml"

@@ -71,7 +71,15 @@ def check_point(model, point: Point) -> str | None:
 
 
 def run_point(model, tokenizer, ids, protocol: str, point: Point, progress: bool = False) -> dict:
-    """Measure one grid point: the protocol's metrics plus memory (cache MiB, peak RSS / CUDA) and time."""
+    """Measure one grid point: the protocol's metrics plus memory (cache MiB, peak RSS / CUDA) and time.
+
+    Example:
+
+    ```python
+    >>> point = expand_grid(recipe.experiments[0])[0][1]
+    >>> run_point(model, tokenizer, ids, "compression", point)["ppl"]
+    ```
+    """
     reset_peak_memory(model.device)
     started = time.perf_counter()
     try:
