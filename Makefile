@@ -21,7 +21,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/kvplus demo
+	$(BIN)/kvplus eval --out runs/default
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

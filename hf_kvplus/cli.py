@@ -1,6 +1,8 @@
 """``kvplus``: the command line.
 
-* ``kvplus demo``: every registered cache on the embedded model and text (the README's first command).
+* ``kvplus eval [RECIPE] --out DIR``: run a recipe (default: every registered cache on the embedded
+  model and text, the README's first command); ``kvplus demo`` is the same as ``kvplus eval``.
+* ``kvplus push RUN_DIR --repo-id USER/NAME``: publish a run to the Hub as a dataset with a card.
 * ``kvplus list``: registered strategies and presets.
 """
 
@@ -8,12 +10,35 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
-def _demo(args) -> int:
-    from .eval.demo import run_demo
+def _eval(args) -> int:
+    from .eval.recipe import load_recipe
+    from .eval.runner import run_recipe
 
-    run_demo(out=args.out, stream_tokens=args.tokens, budget=args.budget, progress=not args.quiet, docs_dir=args.docs)
+    recipe = load_recipe(args.recipe)
+    result = run_recipe(recipe, out=args.out, progress=not args.quiet, device=args.device, dtype=args.dtype,
+                        threads=args.threads)
+    if not result["rows"]:
+        return 0  # not the main process under accelerate launch
+    folder = result["folder"]
+    print("\n" + (folder / "summary.md").read_text())
+    print(f"wrote {folder / 'results.csv'}, {folder / 'results.jsonl'}, {folder / 'summary.md'} and "
+          f"{folder / 'pareto.png'} ({result['seconds']:.0f} s)")
+    failed = [r for r in result["rows"] if r.get("status") == "error"]
+    return 1 if failed else 0
+
+
+def _push(args) -> int:
+    from .eval.hub import push_run
+
+    where = push_run(args.run_dir, args.repo_id, dry_run=args.dry_run, private=args.private)
+    if args.dry_run:
+        files = sorted(p.name for p in Path(where).iterdir())
+        print(f"dry run: wrote {files} into {where}; nothing uploaded")
+    else:
+        print(f"uploaded {args.run_dir} to {where}")
     return 0
 
 
@@ -31,13 +56,23 @@ def _list(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvplus", description="KV cache strategies for transformers, measured.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="every registered cache on the embedded model and text")
-    demo.add_argument("--out", default="runs/demo", help="folder for demo.json and demo.md (default: runs/demo)")
-    demo.add_argument("--tokens", type=int, default=4096, help="tokens streamed in the sink/window comparison")
-    demo.add_argument("--budget", type=int, default=256, help="tokens kept per layer when streaming")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
-    demo.add_argument("--docs", default=None, help="also write the tables the docs include into this folder")
-    demo.set_defaults(func=_demo)
+    for command in ("eval", "demo"):
+        sub = commands.add_parser(command, help="run a recipe (default: every registered cache on the embedded "
+                                  "model and text)" + (" (same as eval)" if command == "demo" else ""))
+        sub.add_argument("recipe", nargs="?", default=None,
+                         help="a recipe YAML file or a packaged recipe name (default: the default recipe)")
+        sub.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>); re-running resumes")
+        sub.add_argument("--device", default=None, help="override the recipe's device (cpu, cuda, cuda:1 ...)")
+        sub.add_argument("--dtype", default=None, help="override the recipe's dtype (float32, bfloat16, float16)")
+        sub.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        sub.set_defaults(func=_eval)
+    push = commands.add_parser("push", help="publish a run folder to the Hub as a dataset with a card")
+    push.add_argument("run_dir", help="a folder written by kvplus eval")
+    push.add_argument("--repo-id", required=True, help="dataset repository, user/name (created if missing)")
+    push.add_argument("--dry-run", default=None, metavar="DIR", help="write what would be uploaded into DIR instead")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.set_defaults(func=_push)
     listing = commands.add_parser("list", help="registered strategies and presets")
     listing.set_defaults(func=_list)
     return parser

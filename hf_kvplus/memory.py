@@ -115,3 +115,37 @@ def device_peak_bytes(device: torch.device | str) -> int | None:
     if device.type == "cuda" and torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated(device))
     return None
+
+
+def reset_peak_memory(device: torch.device | str = "cpu") -> None:
+    """Start a new peak measurement: CUDA's allocator peak on CUDA, the process's peak RSS on Linux.
+
+    Linux resets the resident-set high-water mark when ``5`` is written to ``/proc/self/clear_refs``;
+    elsewhere the CPU peak stays the process-wide peak since start-up.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+
+
+def peak_memory(device: torch.device | str = "cpu") -> dict:
+    """Peak memory since the last :func:`reset_peak_memory`.
+
+    Returns:
+        `dict`: ``peak_rss_bytes`` (this process's resident-set high-water mark) and ``device_peak_bytes``
+        (``torch.cuda.max_memory_allocated`` on CUDA, else ``None``).
+    """
+    rss = None
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    rss = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return {"peak_rss_bytes": rss if rss is not None else peak_rss_bytes(), "device_peak_bytes": device_peak_bytes(device)}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may download (set before huggingface_hub loads)
 
 import pytest
 import torch
@@ -86,6 +89,15 @@ def default_model():
     return _default_model_and_tokens()
 
 
-import os  # noqa: E402
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may download
+def save_tiny(folder, arch: str = "llama-gqa"):
+    """Save a tiny random model plus a character-level tokenizer to ``folder`` (loadable by path, offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_model(arch).save_pretrained(folder)
+    vocab = {"[UNK]": 0, **{chr(i): i - 30 for i in range(32, 122)}}  # ids 2..91 < VOCAB
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(folder)
+    return str(folder)

@@ -32,6 +32,8 @@ class CacheSpec:
         parity_atol: absolute logit tolerance for that parity (0 means ``torch.allclose`` defaults).
         from_model: ``from_model(model) -> dict`` of keyword arguments ``make_cache`` derives from a model
             (given keywords win), e.g. the model's default ``PrefixStore``.
+        sweep: keyword arguments recipes sweep by default besides the budget, e.g. ``{"nbits": (8, 4, 2)}``
+            (empty: evicting strategies sweep their budget, the others run once with their defaults).
     """
 
     name: str
@@ -44,6 +46,7 @@ class CacheSpec:
     parity_kwargs: dict = field(default_factory=dict)
     parity_atol: float = 0.0
     from_model: Callable[[torch.nn.Module], dict] | None = None
+    sweep: dict = field(default_factory=dict)
 
 
 _REGISTRY: dict[str, CacheSpec] = {}

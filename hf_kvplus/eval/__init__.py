@@ -1,5 +1,8 @@
-"""Evaluation: models and texts, perplexity protocols, memory and speed."""
+"""Evaluation: models and texts, perplexity protocols, memory and speed, recipes, reports, Hub upload."""
 
+from .data import DataSpec, cache_dir, load_text, load_token_ids
+from .grid import Point, expand_grid
+from .hub import push_run, stage_run
 from .models import (
     DEFAULT_MODEL,
     default_model_file,
@@ -9,19 +12,48 @@ from .models import (
     load_model_and_tokenizer,
     parse_dtype,
 )
+from .passkey import load_metric, passkey_retrieval
 from .perplexity import MIB, compression_perplexity, decode_speed, streaming_perplexity, window_starts
+from .plot import pareto_plot
+from .protocols import PROTOCOLS
+from .recipe import Experiment, Recipe, load_recipe, packaged_recipes, parse_recipe
+from .report import markdown_table, summary_markdown
+from .results import RunFolder
+from .runner import run_point, run_recipe
 
 __all__ = [
     "DEFAULT_MODEL",
     "MIB",
+    "PROTOCOLS",
+    "DataSpec",
+    "Experiment",
+    "Point",
+    "Recipe",
+    "RunFolder",
+    "cache_dir",
     "compression_perplexity",
     "decode_speed",
     "default_model_file",
+    "expand_grid",
     "load_default_model",
     "load_default_text",
     "load_default_tokenizer",
+    "load_metric",
     "load_model_and_tokenizer",
+    "load_recipe",
+    "load_text",
+    "load_token_ids",
+    "markdown_table",
+    "packaged_recipes",
+    "pareto_plot",
     "parse_dtype",
+    "parse_recipe",
+    "passkey_retrieval",
+    "push_run",
+    "run_point",
+    "run_recipe",
+    "stage_run",
     "streaming_perplexity",
+    "summary_markdown",
     "window_starts",
 ]

@@ -71,6 +71,12 @@ def streaming_perplexity(
         `dict`: ``ppl``, ``nll``, ``tokens_scored``, ``chunk_size``, ``exact`` (chunk_size == 1),
         ``cache_bytes`` (at the end), ``cache_bytes_peak``, ``window_ppl`` and ``window_cache_bytes``
         / ``window_rss_bytes`` (one per ``report_every`` tokens), ``seconds``, ``tokens_per_second``.
+
+    Example:
+
+    ```python
+    >>> streaming_perplexity(model, make_cache("sink", model, budget=256), ids, num_tokens=4096)["ppl"]
+    ```
     """
     ids = _flat_ids(token_ids)
     if num_tokens is not None:
@@ -136,6 +142,7 @@ def compression_perplexity(
     target_length: int = 256,
     windows: int = 3,
     prefill_chunk_size: int | None = None,
+    decode_tokens: int = 0,
     progress: bool = False,
 ) -> dict:
     """Prefill ``context_length`` tokens through a fresh cache, then score ``target_length`` teacher-forced.
@@ -149,15 +156,25 @@ def compression_perplexity(
         windows (`int`, defaults to 3): consecutive windows from the start of the text.
         prefill_chunk_size (`int`, *optional*): prefill in chunks of this many tokens (lets evicting
             caches stay at their budget during prefill).
+        decode_tokens (`int`, defaults to 0): then greedy-decode this many tokens and time them.
+        progress (`bool`, defaults to `False`): show a progress bar over the windows.
 
     Returns:
         `dict`: ``ppl`` (the mean of the windows' perplexities, as kvpress averages samples),
         ``ppl_tokens`` (exp of the mean NLL over all scored tokens), ``window_ppl``, ``cache_bytes`` (mean after prefill),
-        ``context_length``, ``target_length``, ``windows``, ``prefill_seconds``.
+        ``cache_bytes_peak`` (most held after prefill, scoring or decoding), ``context_length``, ``target_length``,
+        ``windows``, ``prefill_seconds``, ``decode_tokens_per_second`` (``None`` without ``decode_tokens``).
+
+    Example:
+
+    ```python
+    >>> result = compression_perplexity(model, lambda: make_cache("sink", model, budget=1024), ids, windows=1)
+    >>> result["ppl"], result["cache_bytes"] / 2**20
+    ```
     """
     ids = _flat_ids(token_ids)
     span = context_length + target_length
-    nlls, window_ppl, held, prefill_seconds = [], [], [], 0.0
+    nlls, window_ppl, held, prefill_seconds, peak = [], [], [], 0.0, 0
     for start in _progress(window_starts(ids.numel(), span, windows), progress, "windows", windows):
         window = ids[start : start + span].to(model.device)
         context, target = window[:context_length], window[context_length:]
@@ -171,8 +188,18 @@ def compression_perplexity(
         first = _nll(logits[0, -1:], target[:1])
         rest = model(target[None, :-1], past_key_values=cache, use_cache=True).logits[0]
         nll = torch.cat([first, _nll(rest, target[1:])]).cpu()
+        peak = max(peak, held[-1], cache_nbytes(cache))
         nlls.append(nll)
         window_ppl.append(float(torch.exp(nll.mean())))
+    speed = None
+    if decode_tokens > 0:
+        token, began = rest[-1:].argmax(-1)[None], time.perf_counter()  # [1, 1]
+        for _ in range(decode_tokens):
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        speed = decode_tokens / (time.perf_counter() - began)
+        peak = max(peak, cache_nbytes(cache))
     nll = torch.cat(nlls)
     return {
         "ppl": sum(window_ppl) / len(window_ppl),
@@ -180,10 +207,12 @@ def compression_perplexity(
         "nll": float(nll.mean()),
         "window_ppl": window_ppl,
         "cache_bytes": int(sum(held) / len(held)),
+        "cache_bytes_peak": peak,
         "context_length": context_length,
         "target_length": target_length,
         "windows": windows,
         "prefill_seconds": prefill_seconds,
+        "decode_tokens_per_second": speed,
     }
 
 

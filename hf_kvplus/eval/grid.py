@@ -1,0 +1,137 @@
+"""Expand an experiment's grid into points, driven by the cache registry.
+
+An entry names a strategy (or preset) and optional values; lists are swept (cartesian product):
+
+* ``budget`` / ``keep_ratio``: tokens kept per layer (a ratio multiplies the protocol's context length);
+  evicting strategies given neither use the experiment's ``keep_ratios`` / ``budgets``;
+* protocol options (``chunk_size``, ``context_length`` ...): override the protocol for this entry;
+* anything else: keyword arguments of the cache (``nbits``, ``num_sink_tokens`` ...); a strategy's
+  ``CacheSpec.sweep`` supplies defaults for the ones the entry does not give.
+
+``strategy: all`` stands for every registered strategy that no other entry names and ``exclude`` does not
+list, so a newly registered strategy joins every sweep with no change to the recipe.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+
+from ..caches.registry import _check_kwargs, get_spec, list_caches
+from .protocols import PROTOCOLS
+
+SIZE_KEYS = ("budget", "keep_ratio")
+
+
+@dataclass
+class Point:
+    """One grid point: a strategy, its cache keyword arguments and the protocol options it runs with."""
+
+    experiment: str
+    strategy: str
+    params: dict  # what the grid chose: budget or keep_ratio, cache kwargs, protocol overrides
+    cache_kwargs: dict
+    options: dict
+    origin: str = "explicit"  # "all" when it comes from `strategy: all`
+    skip_reason: str | None = field(default=None)
+
+    @property
+    def key(self) -> str:
+        return f"{self.experiment}|{self.strategy}|{json.dumps(self.params, sort_keys=True, default=str)}"
+
+    @property
+    def settings(self) -> str:
+        shown = {k: v for k, v in self.params.items() if k != "keep_ratio"}
+        if "keep_ratio" in self.params:
+            shown = {"keep_ratio": self.params["keep_ratio"], **shown, "budget": self.cache_kwargs["budget"]}
+        return ", ".join(f"{k}={v}" for k, v in shown.items()) or "all tokens"
+
+
+def _sweep_values(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _entry_points(experiment, entry: dict, origin: str) -> list[Point]:
+    protocol = PROTOCOLS[experiment.protocol]
+    name = entry["strategy"]
+    where = f"experiment {experiment.name!r}, strategy {name!r}"
+    try:
+        spec = get_spec(name)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    given = {k: v for k, v in entry.items() if k != "strategy"}
+    if not spec.evicting and any(k in given for k in SIZE_KEYS):
+        raise ValueError(f"{where}: {name!r} keeps every token, so budget/keep_ratio are not allowed; evicting "
+                         f"strategies: {[n for n in list_caches() if get_spec(n).evicting]}")
+    if "budget" in given and "keep_ratio" in given:
+        raise ValueError(f"{where}: give budget or keep_ratio, not both")
+    sizes = [{}]
+    if spec.evicting and not any(k in given for k in SIZE_KEYS):
+        sizes = [{"keep_ratio": r} for r in (experiment.keep_ratios if protocol.keep_ratio_base else [])]
+        sizes += [{"budget": b} for b in experiment.budgets]
+        if not sizes:
+            raise ValueError(f"{where}: an evicting strategy needs a size: give budget or keep_ratio in the entry, or "
+                             "budgets / keep_ratios in the experiment")
+    swept = {**{k: v for k, v in spec.sweep.items() if k not in given}, **given}
+    if "keep_ratio" in swept and protocol.keep_ratio_base is None:
+        raise ValueError(f"{where}: keep_ratio needs a protocol with a context length "
+                         f"{[p.name for p in PROTOCOLS.values() if p.keep_ratio_base]}; give budget instead")
+    keys = list(swept)
+    points = []
+    for size in sizes:
+        for values in itertools.product(*(_sweep_values(swept[k]) for k in keys)):
+            params = {**size, **dict(zip(keys, values))}
+            overrides = {k: v for k, v in params.items() if k in protocol.defaults}
+            options = protocol.parse_options({**experiment.options, **overrides}, f"experiment {experiment.name!r}")
+            kwargs = {k: v for k, v in params.items() if k not in protocol.defaults and k != "keep_ratio"}
+            if "keep_ratio" in params:
+                ratio = params["keep_ratio"]
+                if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+                    raise ValueError(f"bad keep_ratio {ratio!r} for {where}: allowed values are numbers in (0, 1]")
+                kwargs["budget"] = max(1, round(ratio * options[protocol.keep_ratio_base]))
+            if "budget" in params and (isinstance(params["budget"], bool) or not isinstance(params["budget"], int)
+                                       or params["budget"] < 1):
+                raise ValueError(f"bad budget {params['budget']!r} for {where}: allowed values are integers >= 1")
+            try:
+                _check_kwargs(spec, kwargs)
+            except TypeError as error:
+                raise ValueError(f"{where}: {error}") from None
+            points.append(Point(experiment.name, name, params, kwargs, options, origin))
+    return points
+
+
+def expand_grid(experiment) -> tuple[list[Point], list[dict]]:
+    """``(points, not_measured)``: the grid points in order, and ``{"strategy", "reason"}`` for every
+    registered strategy the experiment leaves out (``exclude``). Bad names and values raise ``ValueError``.
+
+    Example:
+
+    ```python
+    >>> points, excluded = expand_grid(load_recipe("default").experiments[0])
+    >>> [(p.strategy, p.settings) for p in points][:2]
+    [('dynamic', 'all tokens'), ('sink', 'keep_ratio=0.5, budget=1024')]
+    ```
+    """
+    named = {entry["strategy"] for entry in experiment.grid if entry["strategy"] != "all"}
+    for name in experiment.exclude:
+        if name in named:
+            raise ValueError(f"experiment {experiment.name!r} both lists and excludes strategy {name!r}")
+    points, seen = [], set()
+    for entry in experiment.grid:
+        if entry["strategy"] == "all":
+            extra = sorted(set(entry) - {"strategy"})
+            if extra:
+                raise ValueError(f"'strategy: all' takes no other values, got {extra}; use budgets/keep_ratios")
+            expanded = [{"strategy": n} for n in list_caches() if n not in named and n not in experiment.exclude]
+            new = [p for e in expanded for p in _entry_points(experiment, e, "all")]
+        else:
+            new = _entry_points(experiment, entry, "explicit")
+        for point in new:
+            if point.key not in seen:
+                seen.add(point.key)
+                points.append(point)
+    registered = set(list_caches())
+    excluded = [{"experiment": experiment.name, "strategy": n, "reason": r}
+                for n, r in experiment.exclude.items() if n in registered]
+    return points, excluded

@@ -1,0 +1,187 @@
+"""Recipe files: model, data, and experiments (a protocol plus a grid of strategies) in YAML.
+
+```yaml
+name: my-sweep
+model: {id: default, dtype: float32, device: cpu}   # "default", a local path or a Hub id; threads: N
+data: {dataset: wikitext, config: wikitext-2-raw-v1, split: test, column: text}
+experiments:
+  - name: compression
+    protocol: {name: compression, context_length: 2048, target_length: 256, windows: 3}
+    keep_ratios: [0.5, 0.25, 0.1]      # evicting strategies: budget = ratio * context_length
+    grid:
+      - strategy: all                  # every registered strategy, each with its default sweep
+      - {strategy: quantized, nbits: [8, 4, 2]}
+    exclude: {prefix: "needs many requests sharing a prompt; see its own benchmark"}
+```
+
+See ``docs/recipes.md`` for every field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .data import DataSpec
+from .protocols import PROTOCOLS
+
+PACKAGED = Path(__file__).resolve().parent.parent / "recipes"
+RECIPE_FIELDS = ("name", "description", "model", "data", "experiments")
+EXPERIMENT_FIELDS = ("name", "protocol", "grid", "budgets", "keep_ratios", "exclude")
+MODEL_FIELDS = ("id", "dtype", "device", "attn_implementation", "threads")
+
+
+@dataclass
+class Experiment:
+    """One protocol over one grid. ``grid`` holds the raw entries; :mod:`.grid` expands them."""
+
+    name: str
+    protocol: str
+    options: dict
+    grid: list[dict]
+    budgets: list[int] = field(default_factory=list)
+    keep_ratios: list[float] = field(default_factory=list)
+    exclude: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe.
+
+    Example:
+
+    ```python
+    >>> recipe = load_recipe("default")  # packaged with hf_kvplus; or a path to a YAML file
+    >>> [e.name for e in recipe.experiments]
+    ['compression', 'streaming']
+    ```
+    """
+
+    name: str
+    model: dict
+    data: DataSpec
+    experiments: list[Experiment]
+    description: str = ""
+    source: str = ""
+    text: str = ""
+
+
+def _mapping(value, where: str, allowed) -> dict:
+    if not isinstance(value, dict):
+        raise TypeError(f"{where} must be a mapping, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown} in {where}; allowed: {list(allowed)}")
+    return dict(value)
+
+
+def _number_list(value, where: str, kind: type, low: float, high: float | None) -> list:
+    values = value if isinstance(value, list) else [value]
+    allowed = f"{'integers' if kind is int else 'numbers'} > {low}" + (f" and <= {high}" if high is not None else "")
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, (int, float) if kind is float else int):
+            raise ValueError(f"bad value {item!r} in {where}: allowed values are {allowed}")
+        if item <= low or (high is not None and item > high):
+            raise ValueError(f"bad value {item!r} in {where}: allowed values are {allowed}")
+    if not values:
+        raise ValueError(f"{where} is empty: give at least one value ({allowed})")
+    return list(values)
+
+
+def parse_model(value) -> dict:
+    """``{"id", "dtype", "device", ...}`` from ``"default"``, a path / Hub id, or a mapping."""
+    if value is None or isinstance(value, str):
+        value = {"id": value or "default"}
+    model = {"id": "default", "dtype": "float32", "device": "cpu", **_mapping(value, "model", MODEL_FIELDS)}
+    from .models import parse_dtype
+
+    parse_dtype(model["dtype"])
+    threads = model.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"bad value {threads!r} for model.threads: allowed values are integers >= 1 (CPU threads)")
+    return model
+
+
+def _parse_experiment(raw, index: int) -> Experiment:
+    where = f"experiments[{index}]"
+    raw = _mapping(raw, where, EXPERIMENT_FIELDS)
+    protocol = raw.get("protocol", "compression")
+    if isinstance(protocol, str):
+        protocol = {"name": protocol}
+    if not isinstance(protocol, dict):
+        raise TypeError(f"{where}.protocol must be a name or a mapping, got {type(protocol).__name__}")
+    protocol = dict(protocol)
+    name = protocol.pop("name", "compression")
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r} in {where}; choose one of {sorted(PROTOCOLS)}")
+    options = PROTOCOLS[name].parse_options(protocol, f"{where}.protocol")
+    grid = raw.get("grid", [{"strategy": "all"}])
+    if not isinstance(grid, list) or not grid:
+        raise ValueError(f"{where}.grid must be a non-empty list of entries such as {{strategy: sink, budget: [256]}}")
+    grid = [{"strategy": entry} if isinstance(entry, str) else _mapping(entry, f"{where}.grid", list(entry))
+            for entry in grid]
+    for entry in grid:
+        if "strategy" not in entry:
+            raise ValueError(f"every entry of {where}.grid needs a strategy, got {entry}")
+    exclude = raw.get("exclude") or {}
+    if isinstance(exclude, list):
+        exclude = {name: "excluded by the recipe" for name in exclude}
+    exclude = {str(k): str(v) for k, v in _mapping(exclude, f"{where}.exclude", list(exclude)).items()}
+    budgets = _number_list(raw["budgets"], f"{where}.budgets", int, 0, None) if "budgets" in raw else []
+    ratios = _number_list(raw["keep_ratios"], f"{where}.keep_ratios", float, 0, 1) if "keep_ratios" in raw else []
+    return Experiment(raw.get("name", name), name, options, grid, budgets, ratios, exclude)
+
+
+def parse_recipe(raw: dict, source: str = "", text: str = "") -> Recipe:
+    """Validate a recipe mapping (everything that can be checked without loading the model)."""
+    raw = _mapping(raw, "recipe", RECIPE_FIELDS)
+    experiments = raw.get("experiments")
+    if not isinstance(experiments, list) or not experiments:
+        raise ValueError("a recipe needs experiments: a non-empty list (see docs/recipes.md)")
+    parsed = [_parse_experiment(e, i) for i, e in enumerate(experiments)]
+    names = [e.name for e in parsed]
+    if len(set(names)) != len(names):
+        raise ValueError(f"experiment names must be unique, got {names}")
+    name = raw.get("name") or (Path(source).stem if source else "recipe")
+    recipe = Recipe(name, parse_model(raw.get("model")), DataSpec.parse(raw.get("data", "default")), parsed,
+                    raw.get("description", ""), source, text)
+    from .grid import expand_grid
+
+    for experiment in parsed:
+        expand_grid(experiment)  # strategy names and grid values fail here, before any model loads
+    return recipe
+
+
+def packaged_recipes() -> list[str]:
+    """Names of the recipes shipped inside the package (``kvplus eval NAME``)."""
+    return sorted(p.stem for p in PACKAGED.glob("*.yaml"))
+
+
+def load_recipe(path_or_name: str | Path | None = None) -> Recipe:
+    """Read a recipe from a YAML file, or a packaged recipe by name (``None``: ``"default"``).
+
+    Args:
+        path_or_name (`str` or `Path`, *optional*): a ``.yaml`` file or one of :func:`packaged_recipes`.
+
+    Example:
+
+    ```python
+    >>> recipe = load_recipe("recipes/qwen2.5-7b-wikitext2.yaml")
+    >>> recipe.model["id"], recipe.data.describe()
+    ```
+    """
+    path = Path(path_or_name or "default")
+    if not path.is_file():
+        packaged = PACKAGED / f"{path_or_name or 'default'}.yaml"
+        if str(path_or_name or "default") not in packaged_recipes():
+            raise FileNotFoundError(f"recipe {str(path_or_name)!r} is neither a file nor a packaged recipe "
+                                    f"{packaged_recipes()}")
+        path = packaged
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from error
+    return parse_recipe(raw, str(path), text)
