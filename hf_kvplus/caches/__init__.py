@@ -2,6 +2,8 @@
 
 from .base import CacheContext, EvictingLayer, KVPlusCache
 from .registry import CacheSpec, get_spec, list_caches, list_presets, make_cache, register_cache, register_preset
+from .quantized import QuantizedKVCache
+from .quantized_store import QuantizedStore
 from .sink import SinkCache, SinkLayer
 from .store import DenseStore, KVStore, make_store_factory
 
@@ -12,6 +14,8 @@ __all__ = [
     "EvictingLayer",
     "KVPlusCache",
     "KVStore",
+    "QuantizedKVCache",
+    "QuantizedStore",
     "SinkCache",
     "SinkLayer",
     "get_spec",
