@@ -13,6 +13,7 @@ import functools
 import torch
 from transformers import PreTrainedConfig
 
+from ..quant import check_nbits
 from .base import EvictingLayer, KVPlusCache
 from .quantized_store import QuantizedStore
 from .registry import CacheSpec, register_cache, register_preset
@@ -85,7 +86,7 @@ class QuantizedKVCache(KVPlusCache):
         scale_dtype: torch.dtype = torch.float16,
         backend: str = "torch",
     ):
-        self.nbits, self.group_size, self.residual_length = nbits, group_size, residual_length
+        self.nbits, self.group_size, self.residual_length = check_nbits(nbits), group_size, residual_length
         super().__init__(
             config,
             nbits=nbits,

@@ -73,13 +73,14 @@ def minmax_quantize(
         hi = x32.masked_fill(~valid, -torch.inf).amax(dim, keepdim=True)
         empty = torch.isinf(lo)  # a group with no valid entry: any range will do
         lo, hi = lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
-    zero = _round(lo, scale_dtype, down=True)
-    scale = _round((hi - zero.float()) / levels, scale_dtype, down=False)
-    if not (torch.isfinite(zero).all() and torch.isfinite(scale).all()):
+    largest = torch.finfo(scale_dtype).max
+    if bool((lo < -largest).any() or (hi > largest).any()):
         raise ValueError(
             f"values up to {float(x32.abs().max()):.4g} do not fit scales in {scale_dtype}: pass "
             "scale_dtype=torch.bfloat16 or torch.float32"
         )
+    zero = _round(lo, scale_dtype, down=True)
+    scale = _round((hi - zero.float()) / levels, scale_dtype, down=False)
     inverse = torch.where(scale > 0, 1.0 / scale.float(), torch.zeros_like(scale, dtype=torch.float32))
     codes = ((x32 - zero.float()) * inverse).round_().clamp_(0, levels).to(torch.uint8)
     return codes, scale, zero
