@@ -69,10 +69,10 @@ def unpack(packed: torch.Tensor, nbits: int) -> torch.Tensor:
         return packed
     mask = (1 << nbits) - 1
     out = packed.new_empty(*packed.shape[:-1], packed.shape[-1] * per_byte)
+    if packed.shape[-1] % 4 == 0 and packed.is_contiguous() and packed.storage_offset() % 4 == 0:
+        # Four bytes per int32 operation: the same shifts and masks, a quarter of the elements.
+        packed, out, mask = packed.view(torch.int32), out.view(torch.int32), mask * 0x01010101
     for j, part in enumerate(out.split(packed.shape[-1], dim=-1)):
         shifted = packed >> (j * nbits) if j else packed
-        if j < per_byte - 1:
-            torch.bitwise_and(shifted, mask, out=part)
-        else:
-            part.copy_(shifted)  # the top slice needs no mask
-    return out
+        torch.bitwise_and(shifted, mask, out=part)
+    return out.view(torch.uint8)
