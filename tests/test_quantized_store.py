@@ -149,7 +149,7 @@ def test_effective_bits_of_the_history(nbits, group_size, bits):
     ("kwargs", "match"),
     [
         (dict(nbits=3), r"nbits must be one of \{8, 4, 2\}, got 3"),
-        (dict(nbits=4, group_size=0), "group_size must be a positive integer, got 0"),
+        (dict(nbits=4, group_size=0), "group_size must be an integer >= 1, got 0"),
         (dict(nbits=4, group_size=32, residual_length=48), r"residual_length \(48\) must be a multiple of group_size \(32\)"),
         (dict(nbits=4, residual_length=-1), "residual_length must be an integer >= 0, got -1"),
         (dict(nbits=4, scale_dtype=torch.int8), "scale_dtype must be one of"),

@@ -20,7 +20,6 @@ from .registry import CacheSpec, register_cache, register_preset
 
 DEFAULT_GROUP_SIZE = 64
 DEFAULT_RESIDUAL_LENGTH = 128
-BACKENDS = ("torch",)
 
 
 def quantized_store_factory(nbits: int, group_size=None, residual_length=None, scale_dtype=None, backend=None):
@@ -31,7 +30,8 @@ def quantized_store_factory(nbits: int, group_size=None, residual_length=None, s
         group_size (`int`, *optional*, defaults to 64): key tokens / value channels per group.
         residual_length (`int`, *optional*, defaults to 128): newest tokens kept in full precision.
         scale_dtype (`torch.dtype`, *optional*, defaults to `torch.float16`): scales and zero points.
-        backend (`str`, *optional*, defaults to ``"torch"``): the kernels; one of ``BACKENDS``.
+        backend (`str`, *optional*, defaults to ``"torch"``): the kernels, ``"torch"`` or ``"quanto"``
+            (optimum-quanto's rounding and unpacking on the same layout; ``pip install "hf_kvplus[quanto]"``).
 
     Example:
 
@@ -40,10 +40,8 @@ def quantized_store_factory(nbits: int, group_size=None, residual_length=None, s
     >>> store = factory()
     ```
     """
-    backend = "torch" if backend is None else backend
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
     kwargs = dict(
+        backend="torch" if backend is None else backend,
         nbits=nbits,
         group_size=DEFAULT_GROUP_SIZE if group_size is None else group_size,
         residual_length=DEFAULT_RESIDUAL_LENGTH if residual_length is None else residual_length,
@@ -63,7 +61,8 @@ class QuantizedKVCache(KVPlusCache):
         residual_length (`int`, *optional*, defaults to 128): newest tokens kept in full precision
             (a multiple of ``group_size``); older ones are quantized ``group_size`` at a time, once.
         scale_dtype (`torch.dtype`, *optional*, defaults to `torch.float16`): dtype of scales and zero points.
-        backend (`str`, *optional*, defaults to ``"torch"``): quantization kernels.
+        backend (`str`, *optional*, defaults to ``"torch"``): quantization kernels; ``"quanto"`` uses
+            optimum-quanto's (same storage, same features; needs ``pip install "hf_kvplus[quanto]"``).
 
     Example:
 

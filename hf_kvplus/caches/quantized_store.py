@@ -1,18 +1,13 @@
 """Packed int8/int4/int2 storage for any cache layer (KIVI, arXiv 2402.02750): the storage axis.
 
 The newest tokens sit in a full-precision *residual*; once it holds ``residual_length + group_size``
-tokens, its oldest ``group_size`` ones are quantized as one block and never touched again, so the
-per-step cost of quantization is O(new tokens) and errors never compound. Keys are quantized per
-channel over groups of tokens, values per token over groups of channels
-(:mod:`hf_kvplus.quant`). Attention gets the history dequantized into a transient buffer and the
-residual and the new tokens exactly.
+tokens, its oldest ``group_size`` are quantized as one block, never touched again: quantization
+costs O(new tokens) per step and errors never compound. Keys are quantized per channel over groups
+of tokens, values per token over groups of channels (:mod:`hf_kvplus.quant`). Attention gets the
+history dequantized into a transient buffer, then the residual and the new tokens exactly.
 
-Eviction works on the packed form: ``keep`` gathers whole-byte token rows, so memory is really
-freed. A key group whose tokens are partly evicted keeps its scale row; each stored key token
-points at its row through ``key_groups`` (absent while tokens are in regular groups), and rows no
-token points at are dropped. Per-head eviction that leaves heads with different numbers of
-quantized tokens quantizes the residual tokens that now sit among the history as one extra group
-per head, so every token is still quantized exactly once.
+Eviction gathers whole-byte token rows (memory is freed); partly evicted key groups keep their
+scale row, which tokens find through ``key_groups``. See ``docs/strategies/quantized.md``.
 """
 
 from __future__ import annotations
@@ -21,6 +16,8 @@ import torch
 
 from ..quant import check_nbits, check_scale_dtype, dequantize_keys, dequantize_values, minmax_quantize, pack
 from ..quant import packed_size, quantize_keys, quantize_values
+from ..quant.minmax import check_backend
+from .base import _positive_int
 from .store import KVStore, gather_tokens
 
 
@@ -38,6 +35,8 @@ class QuantizedStore(KVStore):
         residual_length (`int`, defaults to 128): newest tokens always kept in full precision; a
             multiple of ``group_size``. Up to ``residual_length + group_size - 1`` are held at once.
         scale_dtype (`torch.dtype`, defaults to `torch.float16`): dtype of scales and zero points.
+        backend (`str`, defaults to ``"torch"``): ``"quanto"`` runs code rounding and unpacking in
+            optimum-quanto; the stored layout is the same.
 
     Example:
 
@@ -48,33 +47,31 @@ class QuantizedStore(KVStore):
     ```
     """
 
-    def __init__(self, nbits: int = 4, group_size: int = 64, residual_length: int = 128, scale_dtype=torch.float16):
+    def __init__(self, nbits=4, group_size=64, residual_length=128, scale_dtype=torch.float16, backend="torch"):
         self.nbits = check_nbits(nbits)
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
-        if isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < 0:
-            raise ValueError(f"residual_length must be an integer >= 0, got {residual_length!r}")
+        group_size = _positive_int("group_size", group_size)
+        residual_length = _positive_int("residual_length", residual_length, minimum=0)
         if residual_length % group_size:
             raise ValueError(
                 f"residual_length ({residual_length}) must be a multiple of group_size ({group_size}), "
                 f"for example {max(group_size, residual_length // group_size * group_size)}"
             )
         self.group_size, self.residual_length = group_size, residual_length
-        self.scale_dtype = check_scale_dtype(scale_dtype)
+        self.scale_dtype, self.backend = check_scale_dtype(scale_dtype), check_backend(backend)
+        self._drop_history()
+        self.res_keys = self.res_values = None  # [b, h, r, head_dim] in the model's dtype
+
+    HISTORY = ("key_codes", "key_scale", "key_zero", "key_groups", "value_codes", "value_scale", "value_zero")
+
+    def _drop_history(self) -> None:
         self.key_codes = self.value_codes = None  # [b, h, nq, head_dim * nbits / 8] uint8
         self.key_scale = self.key_zero = None  # [b, h, key groups, head_dim]
         self.key_groups = None  # None: token i is in group i // group_size; else [nq] or [b, h, nq] int32
         self.value_scale = self.value_zero = None  # [b, h, nq, head_dim / value group]
-        self.res_keys = self.res_values = None  # [b, h, r, head_dim] in the model's dtype
 
     # ----------------------------------------------------------------- sizes
-    @property
-    def quantized_length(self) -> int:
-        return 0 if self.key_codes is None else self.key_codes.shape[2]
-
-    @property
-    def residual(self) -> int:
-        return 0 if self.res_keys is None else self.res_keys.shape[2]
+    quantized_length = property(lambda self: 0 if self.key_codes is None else self.key_codes.shape[2])
+    residual = property(lambda self: 0 if self.res_keys is None else self.res_keys.shape[2])
 
     @property
     def length(self) -> int:
@@ -82,8 +79,7 @@ class QuantizedStore(KVStore):
 
     def history_tensors(self) -> list[torch.Tensor]:
         """The tensors of the quantized history: codes, scales, zero points and the group map."""
-        held = (self.key_codes, self.key_scale, self.key_zero, self.key_groups)
-        return [t for t in held + (self.value_codes, self.value_scale, self.value_zero) if t is not None]
+        return [getattr(self, name) for name in self.HISTORY if getattr(self, name) is not None]
 
     def tensors(self) -> list[torch.Tensor]:
         return self.history_tensors() + [t for t in (self.res_keys, self.res_values) if t is not None]
@@ -115,12 +111,14 @@ class QuantizedStore(KVStore):
 
     def _push(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize whole groups of the oldest residual tokens (``[b, h, k * group_size, d]``) onto the history."""
-        key_codes, key_scale, key_zero = quantize_keys(keys, self.nbits, self.group_size, self.scale_dtype)
-        value_codes, value_scale, value_zero = quantize_values(values, self.nbits, self.value_group, self.scale_dtype)
+        key_codes, key_scale, key_zero = quantize_keys(keys, self.nbits, self.group_size, self.scale_dtype,
+                                                       backend=self.backend)
+        value_codes, value_scale, value_zero = quantize_values(values, self.nbits, self.value_group, self.scale_dtype,
+                                                               self.backend)
         if self.key_groups is not None:
             rows = self.key_scale.shape[2]
             new = torch.arange(rows, rows + key_scale.shape[2], device=keys.device, dtype=torch.int32)
-            new = new.repeat_interleave(self.group_size)
+            new = new.repeat_interleave(self.group_size)  # [k * group_size]
             if self.key_groups.dim() == 3:
                 new = new.expand(*self.key_groups.shape[:2], -1)
             self.key_groups = _cat(self.key_groups, new, dim=-1)
@@ -142,9 +140,9 @@ class QuantizedStore(KVStore):
         keys = torch.empty(b, h, total, d, dtype=self.dtype, device=self.key_codes.device)  # [b, h, all, d]
         values = torch.empty_like(keys)
         dequantize_keys(self.key_codes, self.key_scale, self.key_zero, self.nbits, self.group_size,
-                        group_map=self.key_groups, dtype=self.dtype, out=keys[:, :, :nq])
+                        group_map=self.key_groups, dtype=self.dtype, out=keys[:, :, :nq], backend=self.backend)
         dequantize_values(self.value_codes, self.value_scale, self.value_zero, self.nbits, dtype=self.dtype,
-                          out=values[:, :, :nq])
+                          out=values[:, :, :nq], backend=self.backend)
         at = nq
         for k, v in zip(exact_keys, exact_values):
             keys[:, :, at : at + k.shape[2]], values[:, :, at : at + k.shape[2]] = k, v
@@ -182,9 +180,7 @@ class QuantizedStore(KVStore):
         if nq == 0 or (index.dim() == 1 and index.numel() == nq):
             return  # sorted and unique: nothing dropped
         if index.shape[-1] == 0:
-            self.key_codes = self.key_scale = self.key_zero = self.key_groups = None
-            self.value_codes = self.value_scale = self.value_zero = None
-            return
+            return self._drop_history()
         groups = self._groups()
         if groups.dim() == 1:
             groups = groups[index]  # [m] or [b, h, m]
@@ -196,26 +192,22 @@ class QuantizedStore(KVStore):
         self._compact()
 
     def _keep_ragged(self, index: torch.Tensor, lowest: int) -> None:
-        """Per-head ``index`` ``[b, h, split]`` whose slots ``lowest:`` mix history and residual tokens.
-
-        The residual tokens among them are quantized now, as one new key group per head.
-        """
+        """Per-head ``index`` ``[b, h, split]``: residual tokens in slots ``lowest:`` are quantized now, one key group per head."""
         nq = self.quantized_length
         self._keep_history(index.clamp(max=nq - 1))  # residual slots hold a placeholder for now
         slots = index[..., lowest:]  # [b, h, f]
         fresh = slots >= nq
         taken = (slots - nq).clamp(min=0)
         keys, values = gather_tokens(self.res_keys, taken), gather_tokens(self.res_values, taken)  # [b, h, f, d]
-        codes, scale, zero = minmax_quantize(keys, self.nbits, 2, self.scale_dtype, valid=fresh.unsqueeze(-1))
-        value_codes, value_scale, value_zero = quantize_values(values, self.nbits, self.value_group, self.scale_dtype)
-        pick = fresh.unsqueeze(-1)
-        tail = slice(lowest, None)
-        self.key_codes[:, :, tail] = torch.where(pick, pack(codes, self.nbits), self.key_codes[:, :, tail])
-        self.value_codes[:, :, tail] = torch.where(pick, value_codes, self.value_codes[:, :, tail])
-        self.value_scale[:, :, tail] = torch.where(pick, value_scale, self.value_scale[:, :, tail])
-        self.value_zero[:, :, tail] = torch.where(pick, value_zero, self.value_zero[:, :, tail])
+        codes, scale, zero = minmax_quantize(keys, self.nbits, 2, self.scale_dtype, fresh.unsqueeze(-1), self.backend)
+        value_codes, value_scale, value_zero = quantize_values(values, self.nbits, self.value_group, self.scale_dtype,
+                                                               self.backend)
+        fills = (self.key_codes, pack(codes, self.nbits)), (self.value_codes, value_codes), \
+            (self.value_scale, value_scale), (self.value_zero, value_zero)
+        for held, new in fills:  # held tensors were just gathered: this writes nothing shared
+            held[:, :, lowest:] = torch.where(fresh.unsqueeze(-1), new, held[:, :, lowest:])
         groups = self._groups().expand_as(index).clone()
-        groups[..., tail] = torch.where(fresh, self.key_scale.shape[2], groups[..., tail])
+        groups[..., lowest:] = torch.where(fresh, self.key_scale.shape[2], groups[..., lowest:])
         self.key_scale, self.key_zero = _cat(self.key_scale, scale), _cat(self.key_zero, zero)
         self.key_groups = groups
         self._compact()
@@ -250,8 +242,7 @@ class QuantizedStore(KVStore):
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Reorder rows in packed form: codes, scales and the residual move as they are (lossless)."""
-        for name in ("key_codes", "key_scale", "key_zero", "key_groups", "value_codes", "value_scale", "value_zero",
-                     "res_keys", "res_values"):
+        for name in (*self.HISTORY, "res_keys", "res_values"):
             tensor = getattr(self, name)
             if tensor is not None and tensor.dim() > 1:  # a 1-D key_groups is shared by every row
                 setattr(self, name, tensor.index_select(0, index.to(tensor.device)))

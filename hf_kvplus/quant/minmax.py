@@ -23,6 +23,26 @@ import torch
 from .packing import check_nbits, pack, packed_size, unpack
 
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BACKENDS = ("torch", "quanto")
+
+
+def check_backend(backend) -> str:
+    """``backend`` if it is one of :data:`BACKENDS` and usable here (``"quanto"`` needs optimum-quanto)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+    if backend == "quanto":
+        from .quanto import require_quanto
+
+        require_quanto()
+    return backend
+
+
+def _unpack(packed: torch.Tensor, nbits: int, backend: str) -> torch.Tensor:
+    if backend == "quanto":
+        from .quanto import quanto_unpack
+
+        return quanto_unpack(packed, nbits)
+    return unpack(packed, nbits)
 
 
 def check_scale_dtype(dtype) -> torch.dtype:
@@ -42,7 +62,12 @@ def _round(t: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Tensor:
 
 
 def minmax_quantize(
-    x: torch.Tensor, nbits: int, dim: int, scale_dtype: torch.dtype = torch.float16, valid: torch.Tensor | None = None
+    x: torch.Tensor,
+    nbits: int,
+    dim: int,
+    scale_dtype: torch.dtype = torch.float16,
+    valid: torch.Tensor | None = None,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize groups of ``x`` formed by reducing over ``dim``.
 
@@ -52,6 +77,7 @@ def minmax_quantize(
         dim (`int`): the dimension each group spans.
         scale_dtype (`torch.dtype`, defaults to `torch.float16`): dtype of the stored scales and zero points.
         valid (`torch.BoolTensor`, *optional*): broadcastable to ``x``; only valid entries set the range.
+        backend (`str`, defaults to ``"torch"``): ``"quanto"`` rounds the codes with optimum-quanto.
 
     Returns:
         `tuple`: ``codes`` (``uint8``, shape of ``x``), ``scale`` and ``zero`` (``x``'s shape with ``dim`` of size 1).
@@ -81,6 +107,10 @@ def minmax_quantize(
         )
     zero = _round(lo, scale_dtype, down=True)
     scale = _round((hi - zero.float()) / levels, scale_dtype, down=False)
+    if backend == "quanto":
+        from .quanto import quanto_codes
+
+        return quanto_codes(x32, nbits, scale, zero), scale, zero
     inverse = torch.where(scale > 0, 1.0 / scale.float(), torch.zeros_like(scale, dtype=torch.float32))
     codes = ((x32 - zero.float()) * inverse).round_().clamp_(0, levels).to(torch.uint8)
     return codes, scale, zero
@@ -92,7 +122,8 @@ def _check_group(size: int, group_size: int, what: str) -> int:
     return size // group_size
 
 
-def quantize_keys(keys: torch.Tensor, nbits: int, group_size: int, scale_dtype=torch.float16, valid=None):
+def quantize_keys(keys: torch.Tensor, nbits: int, group_size: int, scale_dtype=torch.float16, valid=None,
+                  backend="torch"):
     """Keys ``[b, h, t, d]`` per channel in groups of ``group_size`` tokens (``t`` a multiple of it).
 
     ``valid`` (``[b, h, t]``) restricts each group's range to some tokens. Returns ``packed``
@@ -103,11 +134,11 @@ def quantize_keys(keys: torch.Tensor, nbits: int, group_size: int, scale_dtype=t
     packed_size(d, nbits)
     grouped = keys.reshape(b, h, groups, group_size, d)
     mask = None if valid is None else valid.reshape(b, h, groups, group_size, 1)
-    codes, scale, zero = minmax_quantize(grouped, nbits, dim=3, scale_dtype=scale_dtype, valid=mask)
+    codes, scale, zero = minmax_quantize(grouped, nbits, 3, scale_dtype, valid=mask, backend=backend)
     return pack(codes.view(b, h, t, d), nbits), scale.squeeze(3), zero.squeeze(3)
 
 
-def quantize_values(values: torch.Tensor, nbits: int, group_size: int, scale_dtype=torch.float16):
+def quantize_values(values: torch.Tensor, nbits: int, group_size: int, scale_dtype=torch.float16, backend="torch"):
     """Values ``[b, h, t, d]`` per token in groups of ``group_size`` channels (``d`` a multiple of it).
 
     Returns ``packed`` ``[b, h, t, d * nbits / 8]`` and ``scale``, ``zero`` ``[b, h, t, d / group_size]``.
@@ -115,7 +146,8 @@ def quantize_values(values: torch.Tensor, nbits: int, group_size: int, scale_dty
     b, h, t, d = values.shape
     groups = _check_group(d, group_size, "head_dim")
     packed_size(d, nbits)
-    codes, scale, zero = minmax_quantize(values.reshape(b, h, t, groups, group_size), nbits, dim=4, scale_dtype=scale_dtype)
+    grouped = values.reshape(b, h, t, groups, group_size)
+    codes, scale, zero = minmax_quantize(grouped, nbits, 4, scale_dtype, backend=backend)
     return pack(codes.view(b, h, t, d), nbits), scale.squeeze(4), zero.squeeze(4)
 
 
@@ -126,13 +158,14 @@ def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 2, index.unsqueeze(-1).expand(*index.shape, x.shape[-1]))
 
 
-def dequantize_keys(packed, scale, zero, nbits: int, group_size: int, group_map=None, dtype=torch.float32, out=None):
+def dequantize_keys(packed, scale, zero, nbits: int, group_size: int, group_map=None, dtype=torch.float32, out=None,
+                    backend="torch"):
     """Inverse of :func:`quantize_keys`: ``[b, h, t, d]`` in ``dtype`` (written into ``out`` if given).
 
     ``group_map`` (``[t]`` or ``[b, h, t]``) gives each token's row of ``scale``/``zero`` once tokens
     were dropped or grouped irregularly; ``None`` means token ``i`` is in group ``i // group_size``.
     """
-    codes = unpack(packed, nbits)  # [b, h, t, d] uint8
+    codes = _unpack(packed, nbits, backend)  # [b, h, t, d] uint8
     b, h, t, d = codes.shape
     out = torch.empty(b, h, t, d, dtype=dtype, device=codes.device) if out is None else out
     scale, zero = scale.to(dtype), zero.to(dtype)
@@ -146,9 +179,9 @@ def dequantize_keys(packed, scale, zero, nbits: int, group_size: int, group_map=
     return out
 
 
-def dequantize_values(packed, scale, zero, nbits: int, dtype=torch.float32, out=None):
+def dequantize_values(packed, scale, zero, nbits: int, dtype=torch.float32, out=None, backend="torch"):
     """Inverse of :func:`quantize_values`: ``[b, h, t, d]`` in ``dtype`` (written into ``out`` if given)."""
-    codes = unpack(packed, nbits)  # [b, h, t, d] uint8
+    codes = _unpack(packed, nbits, backend)  # [b, h, t, d] uint8
     b, h, t, d = codes.shape
     g = scale.shape[-1]
     out = torch.empty(b, h, t, d, dtype=dtype, device=codes.device) if out is None else out
