@@ -21,6 +21,7 @@ refreshes the table in ``docs/strategies/quantized.md`` between its ``benchmark`
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import re
 import statistics
@@ -119,6 +120,13 @@ def run(windows: int, context: int, target: int, rounds: int, steps: int) -> dic
     }
 
 
+def render(report: dict) -> str:
+    """The Markdown table of a report, numbers rounded for reading (the JSON keeps them whole)."""
+    digits = {"ppl": 3, "ppl_vs_dense_%": 2, "effective_bits": 2, "bytes_vs_bf16": 3, "step_ms": 1, "step_vs_dense": 2}
+    rows = [{k: f"{v:.{digits[k]}f}" if k in digits else v for k, v in row.items()} for row in report["rows"]]
+    return markdown_table(rows, COLUMNS)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--windows", type=int, default=3)
@@ -128,12 +136,16 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=8, help="decode steps per cache per round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on shared machines)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--render", action="store_true", help="only re-render the tables from the saved JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    report = run(args.windows, args.context, args.target, args.rounds, args.steps)
-    table = markdown_table(report["rows"], COLUMNS)
+    if args.render:
+        report = json.loads((args.out / "quantized.json").read_text())
+    else:
+        report = run(args.windows, args.context, args.target, args.rounds, args.steps)
+        write_json(args.out / "quantized.json", report)
+    table = render(report)
     print(table)
-    write_json(args.out / "quantized.json", report)
     (args.out / "quantized.md").write_text(table)
     doc = ROOT / "docs" / "strategies" / "quantized.md"
     if doc.exists() and args.out == ROOT / "benchmarks" / "results":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 from pathlib import Path
 
 import torch
@@ -98,11 +99,15 @@ def main(argv=None) -> None:
                                         ids, windows=args.windows)
         rows.append({"variant": label, "ppl": result["ppl"], "ppl_vs_dense_%": 100 * (result["ppl"] / dense["ppl"] - 1)})
         print(f"{label}: {result['ppl']:.4f}", flush=True)
-    table = markdown_table(rows)
+    table = markdown_table([{**r, "ppl": f"{r['ppl']:.3f}", "ppl_vs_dense_%": f"{r['ppl_vs_dense_%']:.1f}"} for r in rows])
     print(table)
     write_json(args.out / "quantized_ablation.json", {"windows": args.windows, "rows": rows,
                                                       "command": "PYTHONPATH=. python benchmarks/quantized_ablation.py"})
     (args.out / "quantized_ablation.md").write_text(table)
+    doc = ROOT / "docs" / "strategies" / "quantized.md"
+    if doc.exists() and args.out == ROOT / "benchmarks" / "results":
+        pattern = r"(<!-- ablation:start -->\n).*?(<!-- ablation:end -->)"
+        doc.write_text(re.sub(pattern, lambda m: m.group(1) + table + m.group(2), doc.read_text(), flags=re.S))
 
 
 if __name__ == "__main__":
