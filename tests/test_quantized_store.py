@@ -158,3 +158,52 @@ def test_effective_bits_of_the_history(nbits, group_size, bits):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QuantizedStore(**kwargs)
+
+
+@pytest.mark.parametrize(("pattern", "max_rows"), [("sinks+recent", 6), ("per-head-scattered", 12)])
+def test_scale_rows_stay_bounded_under_eviction(pattern, max_rows):
+    """Bytes under eviction: recency keeps at most a couple of partial key groups; scattered per-head
+    eviction at most one scale row per kept quantized token of a head (``docs/strategies/quantized.md``)."""
+    store, budget, g = QuantizedStore(2, group_size=4, residual_length=8), 20, torch.Generator().manual_seed(0)
+    for step in range(120):
+        store.append(*kv(1, seed=step))
+        n = store.length
+        if n > budget:
+            if pattern == "sinks+recent":
+                store.keep(torch.cat([torch.arange(2), torch.arange(n - budget + 2, n)]))
+            else:  # heavy-hitter-like: random old tokens per head, the residual kept
+                old = torch.rand(B, H, n - 8, generator=g).argsort(-1)[..., : budget - 8].sort(-1).values
+                store.keep(torch.cat([old, torch.arange(n - 8, n).expand(B, H, -1)], dim=-1))
+        assert store.key_scale is None or store.key_scale.shape[2] <= max_rows
+    assert store.length == budget and store.residual >= 8
+    if pattern == "sinks+recent":
+        assert store.key_groups.dim() == 1  # one map shared by every row and head: 4 bytes per token
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_operations_track_a_dense_store(seed):
+    """Appends, shared and per-head evictions, crops and beam reorders in random order."""
+    g = torch.Generator().manual_seed(seed)
+    store, dense = QuantizedStore(4, group_size=4, residual_length=8), DenseStore()
+    for step in range(80):
+        op = int(torch.randint(0, 10, (), generator=g))
+        n = store.length
+        if op < 5 or n < 6:
+            k, v = kv(int(torch.randint(1, 12, (), generator=g)), seed=1000 * seed + step)
+            store.append(k, v), dense.append(k, v)
+        elif op < 8:
+            m = int(torch.randint(1, n, (), generator=g))
+            shape = (n,) if op == 5 else (B, H, n)
+            index = torch.rand(shape, generator=g).argsort(-1)[..., :m].sort(-1).values
+            store.keep(index), dense.keep(index)
+        elif op < 9:
+            crop = int(torch.randint(0, n, (), generator=g))
+            store.truncate(crop), dense.truncate(crop)
+        else:
+            rows = torch.randint(0, B, (B,), generator=g)
+            store.select_batch(rows), dense.select_batch(rows)
+        assert store.length == dense.length
+        _check_against_dense(store, dense, 0.4)
+        if store.key_groups is not None:  # maps ascend along tokens (the per-head renumbering relies on it)
+            assert bool((store.key_groups[..., 1:] >= store.key_groups[..., :-1]).all())
+            assert store.key_scale.shape[2] <= store.quantized_length

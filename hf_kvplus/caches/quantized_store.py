@@ -1,5 +1,4 @@
 """Packed int8/int4/int2 storage for any cache layer (KIVI, arXiv 2402.02750): the storage axis.
-
 The newest tokens sit in a full-precision *residual*; once it holds ``residual_length + group_size``
 tokens, its oldest ``group_size`` are quantized as one block, never touched again: quantization
 costs O(new tokens) per step and errors never compound. Keys are quantized per channel over groups
@@ -69,7 +68,6 @@ class QuantizedStore(KVStore):
         self.key_groups = None  # None: token i is in group i // group_size; else [nq] or [b, h, nq] int32
         self.value_scale = self.value_zero = None  # [b, h, nq, head_dim / value group]
 
-    # ----------------------------------------------------------------- sizes
     quantized_length = property(lambda self: 0 if self.key_codes is None else self.key_codes.shape[2])
     residual = property(lambda self: 0 if self.res_keys is None else self.res_keys.shape[2])
 
@@ -85,7 +83,7 @@ class QuantizedStore(KVStore):
         return self.history_tensors() + [t for t in (self.res_keys, self.res_values) if t is not None]
 
     # ------------------------------------------------------------ append/get
-    def update(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, keys, values):
         """Append, returning the held tokens reconstructed and the new ones exactly as given."""
         out = self._reconstruct(keys, values)
         self.append(keys, values)
@@ -181,12 +179,8 @@ class QuantizedStore(KVStore):
             return  # sorted and unique: nothing dropped
         if index.shape[-1] == 0:
             return self._drop_history()
-        groups = self._groups()
-        if groups.dim() == 1:
-            groups = groups[index]  # [m] or [b, h, m]
-        else:
-            groups = groups.index_select(2, index) if index.dim() == 1 else torch.gather(groups, 2, index)
-        self.key_groups = groups
+        groups = self._groups()  # [nq] or [b, h, nq] -> [m] or [b, h, m]
+        self.key_groups = groups[index] if groups.dim() == 1 else gather_tokens(groups.unsqueeze(-1), index)[..., 0]
         self.key_codes, self.value_codes = gather_tokens(self.key_codes, index), gather_tokens(self.value_codes, index)
         self.value_scale, self.value_zero = gather_tokens(self.value_scale, index), gather_tokens(self.value_zero, index)
         self._compact()
@@ -214,15 +208,23 @@ class QuantizedStore(KVStore):
 
     def _compact(self) -> None:
         """Drop key scale rows no token points at; store the map compactly (``None``, 1-D or int32)."""
-        groups = self.key_groups.long()
+        groups = self.key_groups.long()  # ascending along tokens, in every row and head
         if groups.dim() == 3 and bool((groups == groups[:1, :1]).all()):
             groups = groups[0, 0]  # every row and head keeps the same tokens
+        if groups.dim() == 3:  # renumber per head: at most one row per kept token in any head
+            first = torch.ones_like(groups, dtype=torch.bool)
+            first[..., 1:] = groups[..., 1:] != groups[..., :-1]
+            compact = first.long().cumsum(-1) - 1  # [b, h, nq]
+            source = groups.new_zeros(*groups.shape[:2], int(compact.max()) + 1).scatter_(2, compact, groups)
+            self.key_scale, self.key_zero = gather_tokens(self.key_scale, source), gather_tokens(self.key_zero, source)
+            self.key_groups = compact.to(torch.int32)
+            return
         used = torch.unique(groups)  # sorted
         if used.numel() < self.key_scale.shape[2]:
             self.key_scale, self.key_zero = self.key_scale.index_select(2, used), self.key_zero.index_select(2, used)
             groups = torch.searchsorted(used, groups)
         nq = groups.shape[-1]
-        regular = groups.dim() == 1 and nq % self.group_size == 0 and nq // self.group_size == used.numel()
+        regular = nq % self.group_size == 0 and nq // self.group_size == used.numel()
         if regular and torch.equal(groups, torch.arange(nq, device=groups.device) // self.group_size):
             self.key_groups = None
         else:
