@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import re
 from pathlib import Path
 
@@ -85,8 +86,11 @@ def main(argv=None) -> None:
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--render", action="store_true", help="only re-render the tables from the saved JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.render:
+        return write_tables(json.loads((args.out / "quantized_ablation.json").read_text())["rows"], args.out)
     model, tokenizer = load_default_model(), load_default_tokenizer()
     ids = tokenizer(load_default_text(), return_tensors="pt").input_ids[0]
     hf_kvplus.attach(model)
@@ -99,13 +103,18 @@ def main(argv=None) -> None:
                                         ids, windows=args.windows)
         rows.append({"variant": label, "ppl": result["ppl"], "ppl_vs_dense_%": 100 * (result["ppl"] / dense["ppl"] - 1)})
         print(f"{label}: {result['ppl']:.4f}", flush=True)
-    table = markdown_table([{**r, "ppl": f"{r['ppl']:.3f}", "ppl_vs_dense_%": f"{r['ppl_vs_dense_%']:.1f}"} for r in rows])
-    print(table)
     write_json(args.out / "quantized_ablation.json", {"windows": args.windows, "rows": rows,
                                                       "command": "PYTHONPATH=. python benchmarks/quantized_ablation.py"})
-    (args.out / "quantized_ablation.md").write_text(table)
+    write_tables(rows, args.out)
+
+
+def write_tables(rows: list[dict], out: Path) -> None:
+    """Print the table, write it to ``out`` and, for the default ``out``, into the docs page."""
+    table = markdown_table([{**r, "ppl": f"{r['ppl']:.3f}", "ppl_vs_dense_%": f"{r['ppl_vs_dense_%']:.1f}"} for r in rows])
+    print(table)
+    (out / "quantized_ablation.md").write_text(table)
     doc = ROOT / "docs" / "strategies" / "quantized.md"
-    if doc.exists() and args.out == ROOT / "benchmarks" / "results":
+    if doc.exists() and out == ROOT / "benchmarks" / "results":
         pattern = r"(<!-- ablation:start -->\n).*?(<!-- ablation:end -->)"
         doc.write_text(re.sub(pattern, lambda m: m.group(1) + table + m.group(2), doc.read_text(), flags=re.S))
 

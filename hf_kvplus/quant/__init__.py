@@ -1,7 +1,9 @@
 """Quantization kernels in plain torch: bit packing and KIVI-style min/max (de)quantization."""
 
 from .minmax import (
+    BACKENDS,
     SCALE_DTYPES,
+    check_backend,
     check_scale_dtype,
     dequantize_keys,
     dequantize_values,
@@ -12,8 +14,10 @@ from .minmax import (
 from .packing import SUPPORTED_NBITS, check_nbits, pack, packed_size, unpack
 
 __all__ = [
+    "BACKENDS",
     "SCALE_DTYPES",
     "SUPPORTED_NBITS",
+    "check_backend",
     "check_nbits",
     "check_scale_dtype",
     "dequantize_keys",
