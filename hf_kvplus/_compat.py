@@ -20,7 +20,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward  # n
 # The boolean mask builder registered for "sdpa"; we register the same builder for our name.
 from transformers.masking_utils import sdpa_mask  # noqa: E402
 
-__all__ = ["sdpa_attention_forward", "sdpa_mask", "rope_parameters", "TESTED_TRANSFORMERS"]
+__all__ = ["sdpa_attention_forward", "sdpa_mask", "rope_parameters", "quantized_layer_history", "TESTED_TRANSFORMERS"]
 
 
 def rope_parameters(model_or_config) -> tuple[torch.Tensor, float] | None:
@@ -60,3 +60,11 @@ def rope_parameters(model_or_config) -> tuple[torch.Tensor, float] | None:
 
 def transformers_version() -> str:
     return transformers.__version__
+
+
+def quantized_layer_history(layer) -> list[torch.Tensor]:
+    """The quantized tensors of a transformers ``QuantizedLayer`` (its private ``_quantized_keys/_values``).
+
+    Used by ``benchmarks/quantized.py`` to count the bits per element of transformers' ``QuantizedCache``.
+    """
+    return [t for t in (getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None)) if t is not None]

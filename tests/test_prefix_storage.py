@@ -1,8 +1,8 @@
 """The shared prefix in another storage format: any KVStore plugs into PrefixStore(store_factory=...).
 
-Quantized storage (``nbits=``) arrives through ``make_store_factory``; until then a float16 store
-stands in for it, exercising the same path: published blocks are re-encoded by the factory, every
-request reads the same encoded tensors, and the store counts their real size.
+A float16 store stands in for a custom format, and ``nbits=4`` uses the packed QuantizedStore: published
+blocks are re-encoded by the factory, every request reads the same encoded tensors, and the store
+counts their real size.
 """
 
 from __future__ import annotations
@@ -67,3 +67,22 @@ def test_a_prefix_held_in_another_format_is_shared_and_counted_at_its_size(tmp_p
     half.save(tmp_path / "half.safetensors")  # saved in the model's dtype, re-encoded by the factory on load
     loaded = PrefixStore.load(tmp_path / "half.safetensors", model, store_factory=HalfStore)
     assert loaded.nbytes == half.nbytes == hf_kvplus.cache_nbytes(loaded)
+
+
+@torch.no_grad()
+def test_a_prefix_in_packed_int4_is_shared_counted_and_close():
+    model = tiny_model("llama-gqa")
+    prefix = prompt(length=20, seed=1)
+    first, second = (torch.cat([prefix, prompt(length=6, seed=s)], dim=1) for s in (2, 3))
+    dense, packed = PrefixStore(block_size=4), PrefixStore(block_size=4, nbits=4)
+    for store in (dense, packed):
+        model(first, past_key_values=store.cache_for(model, first), use_cache=True)
+    caches = [packed.cache_for(model, second) for _ in range(2)]
+    tensors = [[t for p, _, _ in c.layers[0].store.segments for t in p[0].tensors()] for c in caches]
+    assert {t.untyped_storage().data_ptr() for t in tensors[0]} == {t.untyped_storage().data_ptr() for t in tensors[1]}
+    assert any(t.dtype == torch.uint8 for t in tensors[0])  # packed codes, not a float copy
+    assert packed.nbytes < dense.nbytes / 2
+    assert packed.nbytes == hf_kvplus.cache_nbytes(packed)
+    logits = model(second[:, 20:], past_key_values=caches[0], use_cache=True).logits
+    reference = model(second).logits[:, 20:]
+    torch.testing.assert_close(logits, reference, atol=0.1, rtol=0)

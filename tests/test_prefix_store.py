@@ -192,6 +192,8 @@ def test_hits_misses_and_tokens_reused():
         (dict(block_size=0), ValueError, "block_size must be an integer >= 1"),
         (dict(policy=object()), TypeError, "choose"),
         (dict(nbits=3), ValueError, "nbits"),
+        (dict(nbits=4, block_size=16, group_size=12), ValueError, "group_size must be a positive divisor of block_size=16, got 12"),
+        (dict(group_size=16), ValueError, "group_size=16 only applies to packed storage"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, error, message):

@@ -2,6 +2,8 @@
 
 from .base import CacheContext, EvictingLayer, KVPlusCache
 from .registry import CacheSpec, get_spec, list_caches, list_presets, make_cache, register_cache, register_preset
+from .quantized import QuantizedKVCache
+from .quantized_store import QuantizedStore
 from .sink import SinkCache, SinkLayer
 from .prefix import PrefixLayer, PrefixSharedCache, prefix_store  # registered after sink
 from .prefix_store import PrefixStore
@@ -19,6 +21,8 @@ __all__ = [
     "PrefixLayer",
     "PrefixSharedCache",
     "PrefixStore",
+    "QuantizedKVCache",
+    "QuantizedStore",
     "SinkCache",
     "SinkLayer",
     "get_spec",

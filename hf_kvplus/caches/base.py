@@ -27,7 +27,7 @@ from transformers import Cache, CacheLayerMixin, PreTrainedConfig
 
 from ..attention import request_attention
 from .rope import shift_keys
-from .store import DenseStore, KVStore, gather_tokens, make_store_factory
+from .store import STORAGE_KEYWORDS, DenseStore, KVStore, gather_tokens, make_store_factory
 
 
 def _positive_int(name: str, value, allow_none: bool = False, minimum: int = 1) -> int | None:
@@ -210,10 +210,9 @@ class EvictingLayer(CacheLayerMixin):
             self.pos = torch.cat([self.pos, new_pos])
         else:
             self.pos = torch.cat([self.pos, new_pos.expand(*self.pos.shape[:2], new)], dim=-1)
-        self.store.append(key_states, value_states)
+        keys, values = self.store.update(key_states, value_states)
         self.seen += new
         self._on_append(new)
-        keys, values = self.store.get()
         if self.rope is not None:
             keys = self._shift_to_slots(keys)
         if self.needs_attention:
@@ -430,7 +429,8 @@ class KVPlusCache(Cache):
     def __init__(self, config: PreTrainedConfig, store_factory=None, nbits=None, **layer_kwargs):
         num_layers, self.num_kv_heads, self.head_dim = kv_geometry(config)
         self.context = CacheContext()
-        layer_kwargs["store_factory"] = make_store_factory(store_factory=store_factory, nbits=nbits)
+        storage = {name: layer_kwargs.pop(name) for name in STORAGE_KEYWORDS if name in layer_kwargs}
+        layer_kwargs["store_factory"] = make_store_factory(store_factory=store_factory, nbits=nbits, **storage)
         layers = [self.layer_class(i, self.context, **layer_kwargs) for i in range(num_layers)]
         super().__init__(layers=layers)
 

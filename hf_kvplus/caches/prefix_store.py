@@ -43,7 +43,12 @@ class PrefixStore:
         policy (*optional*, defaults to `LRUPolicy()`): ``policy.choose(candidates) -> node`` picks what to evict.
         store_factory (`Callable[[], KVStore]`, *optional*): how a cached prefix is stored (any
             :class:`~hf_kvplus.caches.store.KVStore`); full precision by default.
-        nbits (`int`, *optional*): a packed format instead, as ``make_store_factory(nbits=...)`` allows.
+        nbits (`int`, *optional*): a packed format instead (8, 4 or 2 bits, see
+            :class:`~hf_kvplus.caches.quantized_store.QuantizedStore`). Each block is quantized whole, with
+            no full-precision residual; key groups span ``group_size`` tokens of one block.
+        group_size (`int`, *optional*): key tokens / value channels per quantization group with ``nbits``;
+            must divide ``block_size``. Defaults to ``min(block_size, 64)``: a 16-token block stores keys at
+            ``nbits + 2`` bits (scale and zero point per 16 tokens), a 64-token block at ``nbits + 0.5``.
 
     Example:
 
@@ -55,14 +60,24 @@ class PrefixStore:
     ```
     """
 
-    def __init__(self, max_bytes: int | None = 2**30, block_size: int = 16, policy=None, store_factory=None, nbits=None):
+    def __init__(
+        self, max_bytes: int | None = 2**30, block_size: int = 16, policy=None, store_factory=None, nbits=None, group_size=None
+    ):
         if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
             raise ValueError(f"max_bytes must be an integer >= 1 or None, got {max_bytes!r}")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
         if policy is not None and not callable(getattr(policy, "choose", None)):
             raise TypeError(f"policy must have a choose(candidates) method, got {type(policy).__name__}")
-        factory = make_store_factory(store_factory=store_factory, nbits=nbits)
+        if nbits is None:
+            if group_size is not None:
+                raise ValueError(f"group_size={group_size!r} only applies to packed storage: also pass nbits (8, 4 or 2)")
+            factory = make_store_factory(store_factory=store_factory)
+        else:
+            group_size = min(block_size, 64) if group_size is None else group_size
+            if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1 or block_size % group_size:
+                raise ValueError(f"group_size must be a positive divisor of block_size={block_size}, got {group_size!r}")
+            factory = make_store_factory(store_factory=store_factory, nbits=nbits, group_size=group_size, residual_length=0)
         self._tree = PrefixTree(max_bytes, block_size, policy or LRUPolicy(), factory)
         self.fingerprint: dict | None = None  # which model the KV belongs to (bind / load)
         self._lock = threading.RLock()

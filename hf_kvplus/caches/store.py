@@ -32,6 +32,15 @@ class KVStore:
         """Full-precision keys and values, ``[batch, kv_heads, length, head_dim]``."""
         raise NotImplementedError
 
+    def update(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append, then return what attention uses now (all tokens, new ones last).
+
+        A lossy store may return the new tokens exactly as given, as long as the tokens and their
+        order are those that :meth:`get` will return afterwards.
+        """
+        self.append(keys, values)
+        return self.get()
+
     def keep(self, index: torch.Tensor) -> None:
         """Keep only the tokens at ``index`` (1-D, or ``[batch, kv_heads, m]``, sorted)."""
         raise NotImplementedError
@@ -94,15 +103,42 @@ class DenseStore(KVStore):
         return 0 if self.keys is None else self.keys.shape[-2]
 
 
-def make_store_factory(store_factory=None, nbits: int | None = None):
-    """The store factory for a cache's storage keywords.
+STORAGE_KEYWORDS = ("nbits", "group_size", "residual_length", "scale_dtype", "backend")
+
+
+def make_store_factory(store_factory=None, nbits=None, **quantization):
+    """The store factory for a cache's storage keywords (every ``KVPlusCache`` strategy accepts them).
 
     Args:
-        store_factory (`Callable[[], KVStore]`, *optional*): an explicit factory; wins over the rest.
-        nbits (`int`, *optional*): ``None`` keeps tokens in the model's dtype.
+        store_factory (`Callable[[], KVStore]`, *optional*): an explicit factory; excludes the other keywords.
+        nbits (`int`, *optional*): ``None`` keeps tokens in the model's dtype; 8, 4 or 2 packs them
+            (:class:`~hf_kvplus.caches.quantized_store.QuantizedStore`).
+        **quantization: ``group_size``, ``residual_length``, ``scale_dtype`` and ``backend`` of the
+            quantized store (see :func:`~hf_kvplus.caches.quantized.quantized_store_factory`).
+
+    Example:
+
+    ```python
+    >>> factory = make_store_factory(nbits=4, group_size=32, residual_length=64)
+    >>> cache = hf_kvplus.make_cache("sink", model, budget=256, store_factory=factory)
+    ```
     """
+    unknown = sorted(set(quantization) - set(STORAGE_KEYWORDS))
+    if unknown:
+        raise TypeError(f"unknown storage keyword(s) {unknown}; storage accepts {list(STORAGE_KEYWORDS)}")
+    given = {name: value for name, value in quantization.items() if value is not None}
     if store_factory is not None:
+        if nbits is not None or given:
+            raise ValueError(f"pass either store_factory or storage keywords, not both (got {sorted(given) or ['nbits']})")
+        if not callable(store_factory):
+            raise TypeError(f"store_factory must be callable (returning a KVStore), got {type(store_factory).__name__}")
         return store_factory
     if nbits is None:
+        if given:
+            raise ValueError(
+                f"{sorted(given)} only apply to quantized storage: also pass nbits (one of {{8, 4, 2}}), got nbits=None"
+            )
         return DenseStore
-    raise ValueError(f"nbits must be None (full precision), got {nbits!r}")
+    from .quantized import quantized_store_factory
+
+    return quantized_store_factory(nbits=nbits, **given)

@@ -1,0 +1,158 @@
+"""Quantized KV caches side by side: hf_kvplus int8/int4/int2 against transformers' QuantizedCache.
+
+Protocol (issue 3), on the embedded defaults (SmolLM2-135M-Instruct, fp32, CPU, ``pydoc_data.topics``):
+
+* perplexity: prefill 2048 context tokens through the cache, score the next 256 teacher-forced,
+  3 consecutive windows (``hf_kvplus.eval.compression_perplexity``; ``ppl`` is the mean of the windows);
+* effective bits per element of the quantized history: bytes of codes, scales, zero points and maps,
+  times 8, over the number of key and value elements they hold (the full-precision residual excluded);
+* cache bytes after the 2048-token prefill relative to a bf16 dense cache of the same tokens;
+* decode step time at 2k context: median over interleaved rounds of single-token forwards, all
+  caches in this process, relative to the dense fp32 ``DynamicCache``.
+
+Run from the repository root (about 25 minutes on 2 CPU cores):
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/quantized.py
+
+It prints the table and writes ``benchmarks/results/quantized.json`` and ``quantized.md``, and
+refreshes the table in ``docs/strategies/quantized.md`` between its ``benchmark`` markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import DynamicCache, QuantizedCache
+
+import hf_kvplus
+from hf_kvplus._compat import quantized_layer_history
+from hf_kvplus.eval import compression_perplexity, load_default_model, load_default_text, load_default_tokenizer
+from hf_kvplus.eval.report import markdown_table, write_json
+from hf_kvplus.memory import cache_nbytes, held_tensors, kv_bytes_per_token
+
+ROOT = Path(__file__).resolve().parent.parent
+COLUMNS = ["cache", "nbits", "ppl", "ppl_vs_dense_%", "effective_bits", "bytes_vs_bf16", "step_ms", "step_vs_dense"]
+
+
+def candidates(model) -> dict:
+    """Label -> ``(nbits, make_cache)``; transformers' quanto backend supports only 2 and 4 bits."""
+    rows = {"dense fp32 (DynamicCache)": (32, lambda: DynamicCache(config=model.config))}
+    for nbits in (8, 4, 2):
+        rows[f"hf_kvplus int{nbits}"] = (nbits, lambda nbits=nbits: hf_kvplus.make_cache(f"int{nbits}", model))
+    for nbits in (4, 2):
+        rows[f"transformers QuantizedCache quanto int{nbits}"] = (
+            nbits, lambda nbits=nbits: QuantizedCache(backend="quanto", config=model.config, nbits=nbits)
+        )
+    return rows
+
+
+def history_bits(cache) -> float | None:
+    """Bits per quantized key/value element held (``None`` for a full-precision cache)."""
+    bits, elements = 0, 0
+    for layer in cache.layers:
+        store = getattr(layer, "store", None)
+        if hasattr(store, "history_tensors"):
+            tensors = store.history_tensors()
+            elements += 2 * store.key_codes.shape[0] * store.key_codes.shape[1] * store.quantized_length * \
+                store.key_scale.shape[-1]
+        else:
+            quantized = quantized_layer_history(layer)
+            tensors = held_tensors(*quantized)
+            elements += sum(q.numel() for q in quantized)
+        bits += 8 * sum(t.untyped_storage().nbytes() for t in tensors)
+    return bits / elements if elements else None
+
+
+@torch.no_grad()
+def decode_step_times(model, makers: dict, ids: torch.Tensor, context: int, rounds: int, steps: int) -> dict:
+    """Median seconds per single-token forward at ``context`` tokens, caches interleaved round-robin."""
+    caches, tokens, times = {}, {}, {label: [] for label in makers}
+    for label, make in makers.items():
+        caches[label] = make()
+        logits = model(ids[None, :context], past_key_values=caches[label], use_cache=True).logits
+        tokens[label] = logits[:, -1:].argmax(-1)
+    for _ in range(rounds):
+        for label, cache in caches.items():
+            for _ in range(steps):
+                began = time.perf_counter()
+                logits = model(tokens[label], past_key_values=cache, use_cache=True).logits
+                times[label].append(time.perf_counter() - began)
+                tokens[label] = logits[:, -1:].argmax(-1)
+    return {label: statistics.median(values) for label, values in times.items()}
+
+
+def run(windows: int, context: int, target: int, rounds: int, steps: int) -> dict:
+    model, tokenizer = load_default_model(), load_default_tokenizer()
+    ids = tokenizer(load_default_text(), return_tensors="pt").input_ids[0]
+    config = model.config
+    bf16_bytes = context * kv_bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, 2)
+    makers = candidates(model)
+    steps_s = decode_step_times(model, {k: v[1] for k, v in makers.items()}, ids, context, rounds, steps)
+    rows = []
+    for label, (nbits, make) in makers.items():
+        result = compression_perplexity(model, make, ids, context_length=context, target_length=target, windows=windows)
+        cache = make()
+        model(ids[None, :context], past_key_values=cache, use_cache=True)
+        rows.append({"cache": label, "nbits": nbits, "ppl": result["ppl"], "window_ppl": result["window_ppl"],
+                     "effective_bits": history_bits(cache) or float(nbits),
+                     "bytes_vs_bf16": cache_nbytes(cache) / bf16_bytes, "cache_bytes": cache_nbytes(cache),
+                     "step_ms": 1000 * steps_s[label]})
+        print(f"{label}: ppl {result['ppl']:.4f}", flush=True)
+    dense = rows[0]
+    for row in rows:
+        row["ppl_vs_dense_%"] = 100 * (row["ppl"] / dense["ppl"] - 1)
+        row["step_vs_dense"] = row["step_ms"] / dense["step_ms"]
+    return {
+        "protocol": {"context_length": context, "target_length": target, "windows": windows,
+                     "decode_rounds": rounds, "decode_steps_per_round": steps},
+        "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                        "threads": torch.get_num_threads(), "machine": platform.machine()},
+        "command": "PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/quantized.py",
+        "rows": rows,
+    }
+
+
+def render(report: dict) -> str:
+    """The Markdown table of a report, numbers rounded for reading (the JSON keeps them whole)."""
+    digits = {"ppl": 3, "ppl_vs_dense_%": 2, "effective_bits": 2, "bytes_vs_bf16": 3, "step_ms": 1, "step_vs_dense": 2}
+    rows = [{k: f"{v:.{digits[k]}f}" if k in digits else v for k, v in row.items()} for row in report["rows"]]
+    return markdown_table(rows, COLUMNS)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--context", type=int, default=2048)
+    parser.add_argument("--target", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved timing rounds")
+    parser.add_argument("--steps", type=int, default=8, help="decode steps per cache per round")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable timings on shared machines)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--render", action="store_true", help="only re-render the tables from the saved JSON")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.render:
+        report = json.loads((args.out / "quantized.json").read_text())
+    else:
+        report = run(args.windows, args.context, args.target, args.rounds, args.steps)
+        write_json(args.out / "quantized.json", report)
+    table = render(report)
+    print(table)
+    (args.out / "quantized.md").write_text(table)
+    doc = ROOT / "docs" / "strategies" / "quantized.md"
+    if doc.exists() and args.out == ROOT / "benchmarks" / "results":
+        text = doc.read_text()
+        pattern = r"(<!-- benchmark:start -->\n).*?(<!-- benchmark:end -->)"
+        doc.write_text(re.sub(pattern, lambda m: m.group(1) + table + m.group(2), text, flags=re.S))
+
+
+if __name__ == "__main__":
+    main()
