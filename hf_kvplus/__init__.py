@@ -16,10 +16,15 @@ from .caches import (
     CacheSpec,
     DenseStore,
     EvictingLayer,
+    HeavyHitterCache,
+    KeyNormCache,
     KVPlusCache,
     KVStore,
     SinkCache,
+    ScoredCache,
     SinkLayer,
+    SnapKVCache,
+    TovaCache,
     get_spec,
     list_caches,
     list_presets,
@@ -28,6 +33,7 @@ from .caches import (
     register_preset,
 )
 from .memory import cache_nbytes
+from .prefill import prefill
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -35,10 +41,15 @@ __all__ = [
     "CacheSpec",
     "DenseStore",
     "EvictingLayer",
+    "HeavyHitterCache",
+    "KeyNormCache",
     "KVPlusCache",
     "KVStore",
+    "ScoredCache",
     "SinkCache",
     "SinkLayer",
+    "SnapKVCache",
+    "TovaCache",
     "__version__",
     "attach",
     "cache_nbytes",
@@ -47,6 +58,7 @@ __all__ = [
     "list_caches",
     "list_presets",
     "make_cache",
+    "prefill",
     "register_cache",
     "register_preset",
 ]

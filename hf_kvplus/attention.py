@@ -53,6 +53,7 @@ def attention_mass(
     attention_mask: torch.Tensor | None,
     scaling: float | None,
     reduction: str,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention probabilities each key receives, averaged over the query heads of its KV group.
 
@@ -64,6 +65,8 @@ def attention_mass(
         scaling (`float`, *optional*): softmax scale, ``1/sqrt(head_dim)`` by default.
         reduction (`str`): ``"sum"`` over queries (H2O), ``"last"`` query only (TOVA), or ``"rows"``
             (every query kept).
+        window (`int`, *optional*): only the last ``window`` queries count (an observation window,
+            SnapKV); ``None`` counts them all.
 
     Returns:
         `torch.Tensor` (float32): ``[batch, kv_heads, kv_len]`` for ``"sum"``/``"last"``,
@@ -74,7 +77,7 @@ def attention_mass(
     kv_heads, kv_len = key.shape[1], key.shape[2]
     groups = q_heads // kv_heads
     scale = scaling if scaling is not None else 1.0 / math.sqrt(head_dim)
-    start_q = q_len - 1 if reduction == "last" else 0
+    start_q = q_len - 1 if reduction == "last" else 0 if window is None else max(0, q_len - window)
     block = max(1, _MAX_BLOCK_ELEMENTS // max(1, batch * q_heads * kv_len))
     keys_t = key.float().transpose(-1, -2).unsqueeze(2)  # [b, kv_heads, 1, d, kv_len]
     q_grouped = query.reshape(batch, kv_heads, groups, q_len, head_dim)
@@ -108,8 +111,9 @@ def kvplus_attention_forward(module, query, key, value, attention_mask, **kwargs
     layer = _take_request(getattr(module, "layer_idx", None))
     if layer is not None:
         reduction = layer.requested_reduction()
+        window = None if reduction == "rows" else layer.attention_window()
         with torch.no_grad():
-            mass = attention_mass(query, key, attention_mask, kwargs.get("scaling"), reduction)
+            mass = attention_mass(query, key, attention_mask, kwargs.get("scaling"), reduction, window)
         layer.observe_attention(mass, reduction)
     return output, weights
 

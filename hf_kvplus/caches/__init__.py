@@ -3,6 +3,10 @@
 from .base import CacheContext, EvictingLayer, KVPlusCache
 from .registry import CacheSpec, get_spec, list_caches, list_presets, make_cache, register_cache, register_preset
 from .sink import SinkCache, SinkLayer
+from .heavy_hitter import HeavyHitterCache, HeavyHitterLayer, ScoredCache
+from .tova import TovaCache, TovaLayer
+from .key_norm import KeyNormCache, KeyNormLayer
+from .snapkv import SnapKVCache, SnapKVLayer
 from .store import DenseStore, KVStore, make_store_factory
 
 __all__ = [
@@ -10,10 +14,19 @@ __all__ = [
     "CacheSpec",
     "DenseStore",
     "EvictingLayer",
+    "HeavyHitterCache",
+    "HeavyHitterLayer",
+    "KeyNormCache",
+    "KeyNormLayer",
     "KVPlusCache",
     "KVStore",
+    "ScoredCache",
     "SinkCache",
+    "SnapKVCache",
+    "SnapKVLayer",
     "SinkLayer",
+    "TovaCache",
+    "TovaLayer",
     "get_spec",
     "list_caches",
     "list_presets",
