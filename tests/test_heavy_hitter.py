@@ -29,10 +29,10 @@ def test_h2o_mass_equals_eager_attention_summed_over_queries():
 
 
 def _reference_keep(pos, scores, budget, sinks, recent):
-    """Slow rule, one (row, head) at a time: sinks, then the newest, then the highest scores."""
+    """Slow rule, one (row, head) at a time: sinks, then the newest, then the highest scores (ties: newer)."""
     order = sorted(range(len(pos)), key=lambda i: pos[i])
     protected = set(order[:sinks]) | set(order[len(order) - recent :] if recent else [])
-    rest = sorted((i for i in order if i not in protected), key=lambda i: -scores[i])
+    rest = sorted((i for i in order if i not in protected), key=lambda i: (-scores[i], -pos[i]))  # ties: newer kept
     return sorted(pos[i] for i in list(protected) + rest[: budget - len(protected)])
 
 

@@ -303,7 +303,8 @@ class EvictingLayer(CacheLayerMixin):
     def score(self) -> torch.Tensor | None:
         """Hook: importance of each kept token, ``[batch, kv_heads, kept]``; higher is kept.
 
-        ``None`` (the default) keeps the newest tokens, after the protected ones.
+        ``None`` (the default) keeps the newest tokens, after the protected ones. Among equal scores
+        the older token is evicted first.
         """
         return None
 
@@ -405,6 +406,10 @@ class EvictingLayer(CacheLayerMixin):
                     torch.arange(kept - (budget - sinks), kept, device=self.device),
                 ]
             )
+        if scores is not None and not self.per_head:
+            scores = scores.float().mean(dim=1, keepdim=True).expand(-1, self.num_heads, -1)
+        if scores is not None and not padded:
+            return self._select_by_score(scores, kept)
         pos = self.pos.expand(self.batch_size, self.num_heads, kept)
         if padded:
             valid = pos >= pad_len.to(self.device).view(-1, 1, 1)
@@ -415,11 +420,32 @@ class EvictingLayer(CacheLayerMixin):
         protect = valid & (rank <= self.num_sink_tokens)
         if self.recent_window:
             protect |= valid & (rank > num_valid - self.recent_window)
-        if scores is not None and not self.per_head:
-            scores = scores.float().mean(dim=1, keepdim=True).expand(-1, self.num_heads, -1)
         priority = pos.float() if scores is None else scores.float().clone()
         priority = priority.masked_fill(protect, math.inf).masked_fill(~valid, -math.inf)
-        return priority.topk(budget, dim=-1, sorted=False).indices.sort(dim=-1).values
+        # Ascending and stable: among equal scores the older token goes first, as in `_select_by_score`.
+        return priority.sort(dim=-1, stable=True).indices[..., kept - budget :].sort(dim=-1).values
+
+    def _select_by_score(self, scores: torch.Tensor, kept: int) -> torch.Tensor:
+        """The keep rule without padding, where it reduces to slicing (the common, per-step path).
+
+        Kept slots are sorted by position, so the sinks are the first columns and the recent window
+        the last ones; only the columns between them compete by score. ``scores``: ``[batch, kv_heads, kept]``.
+        """
+        budget = self.budget
+        sinks = min(self.num_sink_tokens, budget)
+        recent = min(self.recent_window, budget - sinks)
+        middle = scores[..., sinks : kept - recent]  # [batch, kv_heads, candidates]
+        slots = torch.arange(budget, device=self.device)
+        if kept - budget == 1:  # one token too many (a decoding step): skip the lowest, shift the rest
+            worst = middle.argmin(dim=-1, keepdim=True) + sinks  # [batch, kv_heads, 1]; ties: the oldest
+            return slots + (slots >= worst)
+        order = middle.sort(dim=-1, stable=True).indices  # ascending; among ties the older token first
+        chosen = order[..., kept - budget :].sort(dim=-1).values + sinks
+        shape = (*scores.shape[:2], -1)
+        return torch.cat(
+            [slots[:sinks].expand(shape), chosen, torch.arange(kept - recent, kept, device=self.device).expand(shape)],
+            dim=-1,
+        )
 
     # ------------------------------------------------------------- positions
     def _shift_to_slots(self, keys: torch.Tensor) -> torch.Tensor:
