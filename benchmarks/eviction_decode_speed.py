@@ -3,8 +3,8 @@
 Each evicting cache prefills an 8,000-token prompt in chunks of 512 (``hf_kvplus.prefill``), so it
 never holds more than its budget, then decodes greedily; the median step time is compared with
 ``DynamicCache`` after a 512-token prompt (the same number of keys per step, no eviction) and after
-the full 8,000-token prompt (what eviction saves). Everything runs in one process, interleaved in
-rounds so that load from other processes affects every row alike.
+the full 8,000-token prompt (what eviction saves). All caches are prefilled first, then decoded in
+interleaved rounds in one process, so that load from other processes affects every row alike.
 
 Run (about 10 minutes on 2 CPU cores)::
 
@@ -28,17 +28,15 @@ STEM = "eviction_decode_speed"
 
 
 @torch.no_grad()
-def step_times(model, cache, prompt: torch.Tensor, steps: int, chunk: int) -> tuple[list[float], int]:
-    """Prefill ``prompt`` in chunks, then time ``steps`` greedy decode steps; returns (seconds, bytes)."""
-    logits = hf_kvplus.prefill(model, prompt[None], cache, chunk_size=chunk).logits
-    token = logits[:, -1:].argmax(-1)
+def decode_steps(model, state: dict, steps: int) -> list[float]:
+    """Time ``steps`` greedy decode steps on ``state`` (``cache`` and next ``token``, updated in place)."""
     times = []
     for _ in range(steps):
         began = time.perf_counter()
-        logits = model(token, past_key_values=cache, use_cache=True).logits
-        token = logits[:, -1:].argmax(-1)
+        logits = model(state["token"], past_key_values=state["cache"], use_cache=True).logits
+        state["token"] = logits[:, -1:].argmax(-1)
         times.append(time.perf_counter() - began)
-    return times, hf_kvplus.cache_nbytes(cache)
+    return times
 
 
 def main(argv=None) -> None:
@@ -47,8 +45,8 @@ def main(argv=None) -> None:
     parser.add_argument("--strategies", nargs="+", default=evicting, choices=evicting)
     parser.add_argument("--context", type=int, default=8000)
     parser.add_argument("--budget", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=16, help="steps per round")
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     model, ids = load(args.threads)
@@ -61,13 +59,19 @@ def main(argv=None) -> None:
             notes[f"{label}@{args.budget}"] = f"not run: {reason}"
         else:
             runs[f"{label}@{args.budget}"] = (label, long_prompt)
+    states = {}
+    for key, (label, prompt) in runs.items():  # prefill every cache first, chunk by chunk
+        cache = build(model, label, args.budget)
+        logits = hf_kvplus.prefill(model, prompt[None], cache, chunk_size=args.budget).logits
+        states[key] = {"cache": cache, "token": logits[:, -1:].argmax(-1)}
+        print(f"{key:>16}  prefilled {prompt.numel()} tokens", flush=True)
     times = {key: [] for key in runs}
-    held = {}
-    for _ in range(args.rounds):
-        for key, (label, prompt) in runs.items():
-            seconds, held[key] = step_times(model, build(model, label, args.budget), prompt, args.steps, args.budget)
-            times[key] += seconds
-            print(f"{key:>16}  median step {1000 * statistics.median(seconds):.1f} ms", flush=True)
+    held = {key: hf_kvplus.cache_nbytes(state["cache"]) for key, state in states.items()}
+    for _ in range(args.rounds):  # interleaved, so load from other processes affects every row alike
+        for key, state in states.items():
+            times[key] += decode_steps(model, state, args.steps)
+    for key, samples in times.items():
+        print(f"{key:>16}  median step {1000 * statistics.median(samples):.1f} ms", flush=True)
     base_short = statistics.median(times[f"dense@{args.budget}"])
     base_long = statistics.median(times[f"dense@{args.context}"])
     rows = []

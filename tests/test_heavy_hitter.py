@@ -18,7 +18,7 @@ def test_h2o_mass_equals_eager_attention_summed_over_queries():
     model, eager = tiny_model("llama-gqa"), tiny_model("llama-gqa")
     eager.set_attn_implementation("eager")
     ids = prompt(length=20, seed=4)
-    cache = hf_kvplus.make_cache("h2o", model, budget=1000)
+    cache = hf_kvplus.make_cache("h2o", model, budget=1000, normalize=False)
     model(ids[:, :16], past_key_values=cache, use_cache=True)
     model(ids[:, 16:], past_key_values=cache, use_cache=True)
     attentions = eager(ids, output_attentions=True).attentions  # per layer [1, q_heads, 20, 20]
@@ -56,15 +56,15 @@ def test_kept_tokens_are_the_protected_and_highest_scored(name, per_head):
         return select(kept)
 
     layer._select = recording_select
-    ids = prompt(length=30, seed=6)
-    model(ids[:, :14], past_key_values=cache, use_cache=True)
-    for t in range(14, 30):
-        model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+    ids = prompt(length=36, seed=6)
+    steps = [(0, 14)] + [(t, t + 1) for t in range(14, 30)] + [(30, 36)]  # prefill, decoding, a chunk
+    for start, stop in steps:
+        model(ids[:, start:stop], past_key_values=cache, use_cache=True)
         pos, scores = seen_calls[-1]
         for head in range(pos.shape[1]):
             expected = _reference_keep(pos[0, head].tolist(), scores[0, head].tolist(), budget, sinks, recent)
             assert layer.pos.expand(1, pos.shape[1], -1)[0, head].tolist() == expected
-    assert len(seen_calls) == 17 and cache.max_held == budget
+    assert len(seen_calls) == len(steps) and cache.max_held == budget
     if not per_head:
         assert (layer.pos == layer.pos[:, :1]).all()
 
@@ -192,7 +192,9 @@ def test_bad_arguments_are_named(name, kwargs, error, message):
 
 def test_budget_split_defaults():
     config = tiny_model().config
-    assert (HeavyHitterCache(config, budget=10).recent_window, HeavyHitterCache(config, budget=10).heavy_budget) == (5, 5)
+    assert (HeavyHitterCache(config, budget=20).recent_window, HeavyHitterCache(config, budget=20).heavy_budget) == (2, 18)
+    assert HeavyHitterCache(config, budget=20, heavy_ratio=0.5).recent_window == 10
+    assert hf_kvplus.KeyNormCache(config, budget=10).recent_window == 5
     assert hf_kvplus.TovaCache(config, budget=10).recent_window == 0
     assert hf_kvplus.SnapKVCache(config, budget=100, window=16).recent_window == 16
     assert HeavyHitterCache(config, budget=10, num_sink_tokens=2, heavy_ratio=0.3).heavy_budget == 1

@@ -13,11 +13,14 @@ choice, storage keywords); a scorer is one layer class with a ``score`` method (
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import PreTrainedConfig
 
 from .base import EvictingLayer, KVPlusCache, _positive_int
 from .registry import CacheSpec, register_cache
+from .store import make_store_factory
 
 
 class ScoredCache(KVPlusCache):
@@ -65,9 +68,10 @@ class ScoredCache(KVPlusCache):
         if not isinstance(per_head, bool):
             raise ValueError(f"per_head must be True or False, got {per_head!r}")
         options = {name: layer_kwargs.pop(name) for name in self.layer_options if name in layer_kwargs}
-        storage = {name: layer_kwargs.pop(name) for name in ("nbits", "store_factory") if name in layer_kwargs}
+        storage_names = list(inspect.signature(make_store_factory).parameters)  # nbits=, store_factory=, ...
+        storage = {name: layer_kwargs.pop(name) for name in storage_names if name in layer_kwargs}
         if layer_kwargs:
-            allowed = ["budget", "heavy_ratio", "recent_window", "num_sink_tokens", "per_head", "nbits", "store_factory"]
+            allowed = ["budget", "heavy_ratio", "recent_window", "num_sink_tokens", "per_head", *storage_names]
             raise TypeError(
                 f"{type(self).__name__} got unexpected keyword argument(s) {sorted(layer_kwargs)}; it accepts "
                 f"{allowed + list(self.layer_options)}"
@@ -85,14 +89,14 @@ class HeavyHitterLayer(EvictingLayer):
     """Ranks tokens by the attention mass they received since they arrived (``token_state["mass"]``).
 
     Args:
-        normalize (`bool`, defaults to `False`): divide the mass by the number of queries that could
+        normalize (`bool`, defaults to `True`): divide the mass by the number of queries that could
             see each token (``seen - pos``), so old tokens are not favoured just for being old.
         *args, **kwargs: see :class:`~hf_kvplus.caches.base.EvictingLayer`.
     """
 
     needs_attention = True
 
-    def __init__(self, *args, normalize: bool = False, **kwargs):
+    def __init__(self, *args, normalize: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.normalize = normalize
 
@@ -116,10 +120,12 @@ class HeavyHitterCache(ScoredCache):
     Args:
         config (`PreTrainedConfig`): the model's config.
         budget (`int`): tokens kept per layer and KV head.
-        heavy_ratio (`float`, *optional*, defaults to 0.5): share of the budget kept by accumulated
-            attention (the paper splits evenly); the rest is the window of newest tokens.
-        normalize (`bool`, *optional*, defaults to `False`): rank by mean instead of summed attention
-            (mass divided by the number of queries that saw each token).
+        heavy_ratio (`float`, *optional*, defaults to 0.9): share of the budget kept by accumulated
+            attention; the rest is the window of newest tokens. The paper splits evenly (0.5); on the
+            embedded model 0.9 loses far less perplexity (``docs/strategies/heavy_hitter.md``).
+        normalize (`bool`, *optional*, defaults to `True`): rank by the mean attention per query that
+            could see each token (mass divided by ``seen - pos``), so new tokens compete fairly with old
+            ones; `False` ranks by the summed mass, as the paper does.
         **kwargs: ``recent_window``, ``num_sink_tokens``, ``per_head`` (see :class:`ScoredCache`) and
             storage keywords (``nbits=4`` keeps the heavy hitters in quantized storage).
 
@@ -139,8 +145,9 @@ class HeavyHitterCache(ScoredCache):
 
     layer_class = HeavyHitterLayer
     layer_options = ("normalize",)
+    default_heavy_ratio = 0.9
 
-    def __init__(self, config: PreTrainedConfig, budget: int, normalize: bool = False, **kwargs):
+    def __init__(self, config: PreTrainedConfig, budget: int, normalize: bool = True, **kwargs):
         if not isinstance(normalize, bool):
             raise ValueError(f"normalize must be True or False, got {normalize!r}")
         super().__init__(config, budget, normalize=normalize, **kwargs)

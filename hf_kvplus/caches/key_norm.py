@@ -40,7 +40,6 @@ class KeyNormCache(ScoredCache):
     """
 
     layer_class = KeyNormLayer
-    default_heavy_ratio = 1.0
 
 
 register_cache(
