@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import prompt, tiny_model
+from transformers import DynamicCache
 
 import hf_kvplus
 from hf_kvplus import HeavyHitterCache
@@ -198,3 +199,31 @@ def test_budget_split_defaults():
     assert hf_kvplus.TovaCache(config, budget=10).recent_window == 0
     assert hf_kvplus.SnapKVCache(config, budget=100, window=16).recent_window == 16
     assert HeavyHitterCache(config, budget=10, num_sink_tokens=2, heavy_ratio=0.3).heavy_budget == 1
+
+
+@torch.no_grad()
+def test_a_new_scorer_is_a_layer_with_a_score():
+    """The docs' 30-line example: values with the largest norm are kept, beside the recent window."""
+    from hf_kvplus.caches import EvictingLayer, ScoredCache
+
+    class ValueNormLayer(EvictingLayer):
+        def initial_state(self, key_states, value_states):
+            return {"value_norm": value_states.float().norm(dim=-1)}
+
+        def score(self):
+            return self.token_state["value_norm"]
+
+    class ValueNormCache(ScoredCache):
+        layer_class = ValueNormLayer
+
+    model = tiny_model("llama-gqa")
+    hf_kvplus.attach(model)
+    cache = ValueNormCache(model.config, budget=8)
+    model(prompt(length=20), past_key_values=cache, use_cache=True)
+    layer = cache.layers[0]
+    assert cache.max_held == 8 and layer.pos[0, 0, -4:].tolist() == [16, 17, 18, 19]
+    heavy = layer.token_state["value_norm"][..., :4]  # [1, kv_heads, 4]: the scored half
+    reference = DynamicCache(config=model.config)
+    model(prompt(length=20), past_key_values=reference, use_cache=True)
+    norms = reference.layers[0].values.norm(dim=-1)[..., :16]  # [1, kv_heads, 16] candidates
+    torch.testing.assert_close(heavy.sort(dim=-1).values, norms.topk(4, dim=-1).values.sort(dim=-1).values)

@@ -37,6 +37,19 @@ class ScoredCache(KVPlusCache):
             averages the scores over the heads of a layer so all heads keep the same tokens.
         **layer_kwargs: the strategy's own keywords, then storage keywords (``nbits=``,
             ``store_factory=``) forwarded to :func:`~hf_kvplus.caches.store.make_store_factory`.
+
+    Example (a scorer is a layer class with ``score``; see ``docs/strategies/heavy_hitter.md``):
+
+    ```python
+    >>> class ValueNormLayer(EvictingLayer):
+    ...     def initial_state(self, key_states, value_states):
+    ...         return {"value_norm": value_states.float().norm(dim=-1)}  # [batch, kv_heads, new]
+    ...     def score(self):
+    ...         return self.token_state["value_norm"]
+    >>> class ValueNormCache(ScoredCache):
+    ...     layer_class = ValueNormLayer
+    >>> cache = ValueNormCache(model.config, budget=256)
+    ```
     """
 
     default_heavy_ratio = 0.5
