@@ -16,6 +16,8 @@ from .caches import (
     CacheSpec,
     DenseStore,
     EvictingLayer,
+    HeavyHitterCache,
+    KeyNormCache,
     KVPlusCache,
     KVStore,
     LRUPolicy,
@@ -24,7 +26,10 @@ from .caches import (
     QuantizedKVCache,
     QuantizedStore,
     SinkCache,
+    ScoredCache,
     SinkLayer,
+    SnapKVCache,
+    TovaCache,
     get_spec,
     list_caches,
     list_presets,
@@ -34,6 +39,7 @@ from .caches import (
     register_preset,
 )
 from .memory import cache_nbytes
+from .prefill import prefill
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -41,6 +47,8 @@ __all__ = [
     "CacheSpec",
     "DenseStore",
     "EvictingLayer",
+    "HeavyHitterCache",
+    "KeyNormCache",
     "KVPlusCache",
     "KVStore",
     "LRUPolicy",
@@ -48,8 +56,11 @@ __all__ = [
     "PrefixStore",
     "QuantizedKVCache",
     "QuantizedStore",
+    "ScoredCache",
     "SinkCache",
     "SinkLayer",
+    "SnapKVCache",
+    "TovaCache",
     "__version__",
     "attach",
     "cache_nbytes",
@@ -59,6 +70,7 @@ __all__ = [
     "list_presets",
     "make_cache",
     "prefix_store",
+    "prefill",
     "register_cache",
     "register_preset",
 ]

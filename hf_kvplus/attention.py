@@ -53,6 +53,7 @@ def attention_mass(
     attention_mask: torch.Tensor | None,
     scaling: float | None,
     reduction: str,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attention probabilities each key receives, averaged over the query heads of its KV group.
 
@@ -64,6 +65,8 @@ def attention_mass(
         scaling (`float`, *optional*): softmax scale, ``1/sqrt(head_dim)`` by default.
         reduction (`str`): ``"sum"`` over queries (H2O), ``"last"`` query only (TOVA), or ``"rows"``
             (every query kept).
+        window (`int`, *optional*): only the last ``window`` queries count (an observation window,
+            SnapKV); ``None`` counts them all.
 
     Returns:
         `torch.Tensor` (float32): ``[batch, kv_heads, kv_len]`` for ``"sum"``/``"last"``,
@@ -74,19 +77,21 @@ def attention_mass(
     kv_heads, kv_len = key.shape[1], key.shape[2]
     groups = q_heads // kv_heads
     scale = scaling if scaling is not None else 1.0 / math.sqrt(head_dim)
-    start_q = q_len - 1 if reduction == "last" else 0
+    start_q = q_len - 1 if reduction == "last" else 0 if window is None else max(0, q_len - window)
     block = max(1, _MAX_BLOCK_ELEMENTS // max(1, batch * q_heads * kv_len))
-    keys_t = key.float().transpose(-1, -2).unsqueeze(2)  # [b, kv_heads, 1, d, kv_len]
-    q_grouped = query.reshape(batch, kv_heads, groups, q_len, head_dim)
+    keys_t = key.float().transpose(-1, -2)  # [b, kv_heads, d, kv_len] (a view: no copy)
+    q_grouped = query.float().reshape(batch, kv_heads, groups, q_len, head_dim)
     rows = []
-    total = torch.zeros(batch, kv_heads, kv_len, dtype=torch.float32, device=query.device)
+    total = 0.0
     for start in range(start_q, q_len, block):
         stop = min(q_len, start + block)
-        logits = (q_grouped[:, :, :, start:stop].float() @ keys_t) * scale  # [b, kvh, g, blk, kv_len]
+        q_block = q_grouped[:, :, :, start:stop].reshape(batch, kv_heads, groups * (stop - start), head_dim)
+        logits = (q_block @ keys_t).view(batch, kv_heads, groups, stop - start, kv_len) * scale
         if attention_mask is None:
-            q_idx = torch.arange(start, stop, device=query.device) + (kv_len - q_len)
-            allowed = torch.arange(kv_len, device=query.device)[None, :] <= q_idx[:, None]
-            logits = logits.masked_fill(~allowed, float("-inf"))
+            if start < q_len - 1:  # some query of the block precedes some key: apply causality
+                q_idx = torch.arange(start, stop, device=query.device) + (kv_len - q_len)
+                allowed = torch.arange(kv_len, device=query.device)[None, :] <= q_idx[:, None]
+                logits = logits.masked_fill(~allowed, float("-inf"))
         else:
             mask = attention_mask[:, :, start:stop] if attention_mask.shape[2] > 1 else attention_mask
             mask = mask.unsqueeze(2)  # [b, 1, 1, blk, kv_len]
@@ -94,12 +99,16 @@ def attention_mass(
                 logits = logits.masked_fill(~mask, float("-inf"))
             else:
                 logits = logits + mask.float()
-        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0).mean(dim=2)  # [b, kvh, blk, kv_len]
+        probs = torch.softmax(logits, dim=-1)  # [b, kvh, g, blk, kv_len]
+        if attention_mask is not None:
+            probs = probs.nan_to_num_(0.0)  # fully masked rows (padding queries) receive nothing
         if reduction == "rows":
-            rows.append(probs)
+            rows.append(probs.mean(dim=2))  # [b, kvh, blk, kv_len]
         else:
-            total += probs.sum(dim=2)
-    return torch.cat(rows, dim=2) if reduction == "rows" else total
+            total = total + probs.sum(dim=(2, 3)) / groups
+    if reduction == "rows":
+        return torch.cat(rows, dim=2)
+    return total if isinstance(total, torch.Tensor) else query.new_zeros(batch, kv_heads, kv_len, dtype=torch.float32)
 
 
 def kvplus_attention_forward(module, query, key, value, attention_mask, **kwargs):
@@ -108,8 +117,9 @@ def kvplus_attention_forward(module, query, key, value, attention_mask, **kwargs
     layer = _take_request(getattr(module, "layer_idx", None))
     if layer is not None:
         reduction = layer.requested_reduction()
+        window = None if reduction == "rows" else layer.attention_window()
         with torch.no_grad():
-            mass = attention_mass(query, key, attention_mask, kwargs.get("scaling"), reduction)
+            mass = attention_mass(query, key, attention_mask, kwargs.get("scaling"), reduction, window)
         layer.observe_attention(mass, reduction)
     return output, weights
 

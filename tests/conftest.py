@@ -48,6 +48,10 @@ def _build(arch: str):
     torch.manual_seed(0)
     model = ARCHITECTURES[arch]().eval()
     model.generation_config.pad_token_id = 0
+    # A random model emits its EOS or pad id by chance; tests that count steps or continue from returned
+    # sequences (whose mask generate infers from the pad id) need every step to be a real token.
+    model.generation_config.eos_token_id = None
+    model.generation_config.suppress_tokens = [0]
     return model
 
 

@@ -35,7 +35,8 @@ class Reference:
             if len(real) >= self.budget:
                 keep = set(real[: self.sinks]) | set(real[len(real) - (self.budget - self.sinks) :])
             else:
-                keep = set(real) | set(pads[: self.budget - len(real)])  # which pads stay is free
+                # which pads stay changes no output; the base keeps the newest (ties drop the oldest first)
+                keep = set(real) | set(pads[len(pads) - (self.budget - len(real)) :])
             self.rows[b] = {p: row[p] for p in sorted(keep)}
 
     def select(self, index: list[int]) -> None:

@@ -5,6 +5,10 @@ from .registry import CacheSpec, get_spec, list_caches, list_presets, make_cache
 from .quantized import QuantizedKVCache
 from .quantized_store import QuantizedStore
 from .sink import SinkCache, SinkLayer
+from .heavy_hitter import HeavyHitterCache, HeavyHitterLayer, ScoredCache
+from .tova import TovaCache, TovaLayer
+from .key_norm import KeyNormCache, KeyNormLayer
+from .snapkv import SnapKVCache, SnapKVLayer
 from .prefix import PrefixLayer, PrefixSharedCache, prefix_store  # registered after sink
 from .prefix_store import PrefixStore
 from .prefix_tree import LRUPolicy
@@ -15,6 +19,10 @@ __all__ = [
     "CacheSpec",
     "DenseStore",
     "EvictingLayer",
+    "HeavyHitterCache",
+    "HeavyHitterLayer",
+    "KeyNormCache",
+    "KeyNormLayer",
     "KVPlusCache",
     "KVStore",
     "LRUPolicy",
@@ -23,8 +31,13 @@ __all__ = [
     "PrefixStore",
     "QuantizedKVCache",
     "QuantizedStore",
+    "ScoredCache",
     "SinkCache",
+    "SnapKVCache",
+    "SnapKVLayer",
     "SinkLayer",
+    "TovaCache",
+    "TovaLayer",
     "get_spec",
     "list_caches",
     "list_presets",

@@ -77,6 +77,7 @@ class CacheContext:
     def __init__(self) -> None:
         self.pad_len: torch.Tensor | None = None  # [batch] long
         self.observed = False
+        self.awaiting: EvictingLayer | None = None  # the layer whose attention scores are due
 
     def select_batch(self, index: torch.Tensor) -> None:
         if self.pad_len is not None:
@@ -85,6 +86,7 @@ class CacheContext:
     def reset(self) -> None:
         self.pad_len = None
         self.observed = False
+        self.awaiting = None
 
 
 class EvictingLayer(CacheLayerMixin):
@@ -104,6 +106,7 @@ class EvictingLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     needs_attention = False  # True: `score` needs the attention mass from the "kvplus" attention
+    per_head = True  # False: scores are averaged over the KV heads, so every head keeps the same tokens
 
     def __init__(
         self,
@@ -203,6 +206,8 @@ class EvictingLayer(CacheLayerMixin):
         self._check_compatible(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.context.awaiting is not None:  # the previous layer's attention must have reported by now
+            self.context.awaiting._check_attention_arrived()
         self._check_attention_arrived()
         new = key_states.shape[-2]
         new_pos = torch.arange(self.seen, self.seen + new, device=self.device)
@@ -212,11 +217,12 @@ class EvictingLayer(CacheLayerMixin):
             self.pos = torch.cat([self.pos, new_pos.expand(*self.pos.shape[:2], new)], dim=-1)
         keys, values = self.store.update(key_states, value_states)
         self.seen += new
-        self._on_append(new)
+        self._extend_state(key_states, value_states)
         if self.rope is not None:
             keys = self._shift_to_slots(keys)
         if self.needs_attention:
             self._awaiting_attention = True
+            self.context.awaiting = self
             request_attention(self.layer_idx, self)
         elif not self.record_past:
             self._evict()
@@ -296,13 +302,18 @@ class EvictingLayer(CacheLayerMixin):
     def score(self) -> torch.Tensor | None:
         """Hook: importance of each kept token, ``[batch, kv_heads, kept]``; higher is kept.
 
-        ``None`` (the default) keeps the newest tokens, after the protected ones.
+        ``None`` (the default) keeps the newest tokens, after the protected ones. Among equal scores
+        the older token is evicted first.
         """
         return None
 
     def attention_reduction(self) -> str:
         """How the attention mass is reduced over queries before :meth:`on_attention` (``"sum"`` or ``"last"``)."""
         return "sum"
+
+    def attention_window(self) -> int | None:
+        """How many of a forward's last queries count (``None``: all of them; SnapKV uses a window)."""
+        return None
 
     def requested_reduction(self) -> str:
         """What the attention function must compute: every query row while eviction is deferred."""
@@ -311,11 +322,19 @@ class EvictingLayer(CacheLayerMixin):
     def on_attention(self, mass: torch.Tensor) -> None:
         """Hook for scorers that need attention: ``mass`` is ``[batch, kv_heads, kept]`` (float32)."""
 
-    def _on_append(self, new: int) -> None:
-        """Extend per-token state for ``new`` appended tokens (zeros by default)."""
-        for name, state in self.token_state.items():
-            pad = state.new_zeros(*state.shape[:2], new)
-            self.token_state[name] = torch.cat([state, pad], dim=-1)
+    def initial_state(self, key_states: torch.Tensor, value_states: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Hook: per-token state of newly appended tokens, ``{name: [batch, kv_heads, new]}``.
+
+        The default gives zeros for every existing entry of ``token_state``. A strategy returns new
+        names here to create them (for example an accumulator, or a score computed from the keys).
+        """
+        shape = (*key_states.shape[:2], key_states.shape[-2])
+        return {name: state.new_zeros(shape) for name, state in self.token_state.items()}
+
+    def _extend_state(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        for name, state in self.initial_state(key_states, value_states).items():
+            held = self.token_state.get(name)
+            self.token_state[name] = state if held is None else torch.cat([held, state], dim=-1)
 
     # --------------------------------------------------------------- eviction
     def observe_attention(self, mass: torch.Tensor, reduction: str) -> None:
@@ -386,6 +405,10 @@ class EvictingLayer(CacheLayerMixin):
                     torch.arange(kept - (budget - sinks), kept, device=self.device),
                 ]
             )
+        if scores is not None and not self.per_head:
+            scores = scores.float().mean(dim=1, keepdim=True).expand(-1, self.num_heads, -1)
+        if scores is not None and not padded:
+            return self._select_by_score(scores, kept)
         pos = self.pos.expand(self.batch_size, self.num_heads, kept)
         if padded:
             valid = pos >= pad_len.to(self.device).view(-1, 1, 1)
@@ -398,9 +421,30 @@ class EvictingLayer(CacheLayerMixin):
             protect |= valid & (rank > num_valid - self.recent_window)
         priority = pos.float() if scores is None else scores.float().clone()
         priority = priority.masked_fill(protect, math.inf).masked_fill(~valid, -math.inf)
-        # A stable sort makes ties deterministic: among equal priorities (padding) the oldest stay.
-        order = priority.sort(dim=-1, descending=True, stable=True).indices
-        return order[..., :budget].sort(dim=-1).values
+        # Ascending and stable: among equal scores the older token goes first, as in `_select_by_score`.
+        return priority.sort(dim=-1, stable=True).indices[..., kept - budget :].sort(dim=-1).values
+
+    def _select_by_score(self, scores: torch.Tensor, kept: int) -> torch.Tensor:
+        """The keep rule without padding, where it reduces to slicing (the common, per-step path).
+
+        Kept slots are sorted by position, so the sinks are the first columns and the recent window
+        the last ones; only the columns between them compete by score. ``scores``: ``[batch, kv_heads, kept]``.
+        """
+        budget = self.budget
+        sinks = min(self.num_sink_tokens, budget)
+        recent = min(self.recent_window, budget - sinks)
+        middle = scores[..., sinks : kept - recent]  # [batch, kv_heads, candidates]
+        slots = torch.arange(budget, device=self.device)
+        if kept - budget == 1:  # one token too many (a decoding step): skip the lowest, shift the rest
+            worst = middle.argmin(dim=-1, keepdim=True) + sinks  # [batch, kv_heads, 1]; ties: the oldest
+            return slots + (slots >= worst)
+        order = middle.sort(dim=-1, stable=True).indices  # ascending; among ties the older token first
+        chosen = order[..., kept - budget :].sort(dim=-1).values + sinks
+        shape = (*scores.shape[:2], -1)
+        return torch.cat(
+            [slots[:sinks].expand(shape), chosen, torch.arange(kept - recent, kept, device=self.device).expand(shape)],
+            dim=-1,
+        )
 
     # ------------------------------------------------------------- positions
     def _shift_to_slots(self, keys: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,13 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """
     if index.dim() == 1:
         return x.index_select(2, index)
-    expand = index.view(*index.shape, *([1] * (x.dim() - 3))).expand(*index.shape, *x.shape[3:])
-    return torch.gather(x, 2, expand)
+    if x.dim() == 3:
+        return torch.gather(x, 2, index)
+    # Rows of the trailing dims, copied whole: much faster on CPU than gather with an expanded index.
+    batch, heads, tokens = x.shape[:3]
+    offsets = torch.arange(batch * heads, device=index.device).view(batch, heads, 1) * tokens
+    rows = x.reshape(batch * heads * tokens, *x.shape[3:]).index_select(0, (index + offsets).reshape(-1))
+    return rows.view(*index.shape, *x.shape[3:])  # [batch, heads, m, ...]
 
 
 class KVStore:

@@ -1,0 +1,177 @@
+"""Heavy hitters (H2O, arXiv 2306.14048), and the base every score-based strategy shares.
+
+A few tokens receive most of the attention, whichever query asks: H2O keeps those "heavy hitters"
+(ranked by the attention mass they accumulated, per KV head, averaged over the query heads of the
+group) next to a window of the newest tokens, under a fixed budget. Eviction runs after every
+forward, at prefill (chunk by chunk with ``prefill_chunk_size``) and at every decoding step, and
+really frees memory: the store keeps only the chosen tokens.
+
+:class:`ScoredCache` holds what every scorer shares (budget, heavy/recent split, sinks, per-head
+choice, storage keywords); a scorer is one layer class with a ``score`` method (see ``tova.py`` and
+``key_norm.py``, about 30 lines each).
+"""
+
+from __future__ import annotations
+
+
+import torch
+from transformers import PreTrainedConfig
+
+from .base import EvictingLayer, KVPlusCache, _positive_int
+from .registry import CacheSpec, register_cache
+from .store import STORAGE_KEYWORDS
+
+
+class ScoredCache(KVPlusCache):
+    """A budgeted cache whose layers rank tokens with ``layer_class.score`` (higher is kept).
+
+    Args:
+        config (`PreTrainedConfig`): the model's config (a decoder with full attention layers).
+        budget (`int`): tokens kept per layer and KV head between forwards, all kinds included.
+        heavy_ratio (`float`, *optional*): share of the budget chosen by score; the rest is the
+            window of newest tokens. Defaults to the strategy's ``default_heavy_ratio``.
+        recent_window (`int`, *optional*): newest tokens always kept; overrides ``heavy_ratio``.
+        num_sink_tokens (`int`, *optional*, defaults to 0): first tokens never evicted.
+        per_head (`bool`, *optional*, defaults to `True`): each KV head keeps its own tokens; `False`
+            averages the scores over the heads of a layer so all heads keep the same tokens.
+        **layer_kwargs: the strategy's own keywords, then storage keywords (``nbits=``,
+            ``store_factory=``) forwarded to :func:`~hf_kvplus.caches.store.make_store_factory`.
+
+    Example (a scorer is a layer class with ``score``; see ``docs/strategies/heavy_hitter.md``):
+
+    ```python
+    >>> class ValueNormLayer(EvictingLayer):
+    ...     def initial_state(self, key_states, value_states):
+    ...         return {"value_norm": value_states.float().norm(dim=-1)}  # [batch, kv_heads, new]
+    ...     def score(self):
+    ...         return self.token_state["value_norm"]
+    >>> class ValueNormCache(ScoredCache):
+    ...     layer_class = ValueNormLayer
+    >>> cache = ValueNormCache(model.config, budget=256)
+    ```
+    """
+
+    default_heavy_ratio = 0.5
+    layer_options: tuple[str, ...] = ()  # keywords passed on to every layer
+
+    def __init__(
+        self,
+        config: PreTrainedConfig,
+        budget: int,
+        heavy_ratio: float | None = None,
+        recent_window: int | None = None,
+        num_sink_tokens: int = 0,
+        per_head: bool = True,
+        **layer_kwargs,
+    ):
+        budget = _positive_int("budget", budget)
+        num_sink_tokens = _positive_int("num_sink_tokens", num_sink_tokens, minimum=0)
+        heavy_ratio = self.default_heavy_ratio if heavy_ratio is None else heavy_ratio
+        if isinstance(heavy_ratio, bool) or not isinstance(heavy_ratio, (int, float)) or not 0 <= heavy_ratio <= 1:
+            raise ValueError(f"heavy_ratio must be a number in [0, 1], got {heavy_ratio!r}")
+        if recent_window is None:
+            recent_window = budget - round(budget * heavy_ratio)
+        recent_window = _positive_int("recent_window", recent_window, minimum=0)
+        if num_sink_tokens + recent_window > budget:
+            raise ValueError(
+                f"num_sink_tokens ({num_sink_tokens}) + recent_window ({recent_window}) must not exceed the budget "
+                f"({budget})"
+            )
+        if not isinstance(per_head, bool):
+            raise ValueError(f"per_head must be True or False, got {per_head!r}")
+        options = {name: layer_kwargs.pop(name) for name in self.layer_options if name in layer_kwargs}
+        storage_names = ["store_factory", *STORAGE_KEYWORDS]  # nbits=, group_size=, ...
+        storage = {name: layer_kwargs.pop(name) for name in storage_names if name in layer_kwargs}
+        if layer_kwargs:
+            allowed = ["budget", "heavy_ratio", "recent_window", "num_sink_tokens", "per_head", *storage_names]
+            raise TypeError(
+                f"{type(self).__name__} got unexpected keyword argument(s) {sorted(layer_kwargs)}; it accepts "
+                f"{allowed + list(self.layer_options)}"
+            )
+        self.num_sink_tokens, self.recent_window = num_sink_tokens, recent_window
+        self.heavy_budget = budget - recent_window - num_sink_tokens
+        super().__init__(
+            config, budget=budget, num_sink_tokens=num_sink_tokens, recent_window=recent_window, **storage, **options
+        )
+        for layer in self.layers:
+            layer.per_head = per_head
+
+
+class HeavyHitterLayer(EvictingLayer):
+    """Ranks tokens by the attention mass they received since they arrived (``token_state["mass"]``).
+
+    Args:
+        normalize (`bool`, defaults to `True`): divide the mass by the number of queries that could
+            see each token (``seen - pos``), so old tokens are not favoured just for being old.
+        *args, **kwargs: see :class:`~hf_kvplus.caches.base.EvictingLayer`.
+    """
+
+    needs_attention = True
+
+    def __init__(self, *args, normalize: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.normalize = normalize
+
+    def initial_state(self, key_states, value_states):
+        shape = (*key_states.shape[:2], key_states.shape[-2])  # [batch, kv_heads, new]
+        return {"mass": key_states.new_zeros(shape, dtype=torch.float32)}
+
+    def on_attention(self, mass: torch.Tensor) -> None:
+        self.token_state["mass"] += mass  # [batch, kv_heads, kept], summed over this forward's queries
+
+    def score(self) -> torch.Tensor:
+        mass = self.token_state["mass"]
+        if not self.normalize:
+            return mass
+        return mass / (self.seen - self.pos).clamp(min=1)  # pos: [kept] or [batch, kv_heads, kept]
+
+
+class HeavyHitterCache(ScoredCache):
+    """H2O: the ``budget`` tokens per KV head are the newest ones plus the heaviest hitters.
+
+    Args:
+        config (`PreTrainedConfig`): the model's config.
+        budget (`int`): tokens kept per layer and KV head.
+        heavy_ratio (`float`, *optional*, defaults to 0.9): share of the budget kept by accumulated
+            attention; the rest is the window of newest tokens. The paper splits evenly (0.5); on the
+            embedded model 0.9 loses far less perplexity (``docs/strategies/heavy_hitter.md``).
+        normalize (`bool`, *optional*, defaults to `True`): rank by the mean attention per query that
+            could see each token (mass divided by ``seen - pos``), so new tokens compete fairly with old
+            ones; `False` ranks by the summed mass, as the paper does.
+        **kwargs: ``recent_window``, ``num_sink_tokens``, ``per_head`` (see :class:`ScoredCache`) and
+            storage keywords (``nbits=4`` keeps the heavy hitters in quantized storage).
+
+    Needs attention scores: build it with ``make_cache("h2o", model, ...)``, or call
+    ``hf_kvplus.attach(model, attention_scores=True)`` once; otherwise the first forward raises.
+
+    Example:
+
+    ```python
+    >>> import hf_kvplus
+    >>> cache = hf_kvplus.make_cache("h2o", model, budget=256)
+    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=500, prefill_chunk_size=256)
+    >>> cache.max_held  # never more than 256 tokens per layer between forwards
+    256
+    ```
+    """
+
+    layer_class = HeavyHitterLayer
+    layer_options = ("normalize",)
+    default_heavy_ratio = 0.9
+
+    def __init__(self, config: PreTrainedConfig, budget: int, normalize: bool = True, **kwargs):
+        if not isinstance(normalize, bool):
+            raise ValueError(f"normalize must be True or False, got {normalize!r}")
+        super().__init__(config, budget, normalize=normalize, **kwargs)
+
+
+register_cache(
+    CacheSpec(
+        name="h2o",
+        factory=HeavyHitterCache,
+        description="heavy hitters: accumulated attention + recent window (H2O)",
+        paper="arXiv:2306.14048",
+        evicting=True,
+        attention_scores=True,
+    )
+)
