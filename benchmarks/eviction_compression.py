@@ -72,7 +72,7 @@ def _write(rows: dict, path: str) -> str:
     meta = {
         "protocol": f"prefill {CONTEXT}, score next {TARGET} teacher-forced, {WINDOWS} consecutive windows, "
         "one-shot prefill then eviction",
-        "command": "PYTHONPATH=. python benchmarks/eviction_compression.py " + " ".join(sys.argv[1:]),
+        "command": "PYTHONPATH=. python benchmarks/eviction_compression.py",  # rows resume; the default runs all
         "model": "SmolLM2-135M-Instruct (embedded GGUF), float32, CPU",
     }
     columns = ["strategy", "keep", "budget", "ppl", "vs_dense", "cache_mib", "note"]
