@@ -202,7 +202,18 @@ def attach(model: PreTrainedModel, attention_scores: bool = False) -> PreTrained
 
 
 def detach(model: PreTrainedModel) -> None:
-    """Remove what :func:`attach` installed and return the model to ``"sdpa"`` attention."""
+    """Remove what :func:`attach` installed and return the model to ``"sdpa"`` attention.
+
+    Args:
+        model (`PreTrainedModel`): a model passed to :func:`attach` (or to ``make_cache``) before;
+            a model never attached is left as it is.
+
+    Example:
+
+    ```python
+    >>> cache = hf_kvplus.make_cache("h2o", model, budget=256)  # attaches, switches to "kvplus" attention
+    >>> hf_kvplus.detach(model)  # hook removed, attention back to "sdpa"
+    ```"""
     handle = getattr(model, _HOOK_ATTR, None)
     if handle is not None:
         handle.remove()

@@ -72,6 +72,14 @@ class CacheContext:
     ``pad_len[b]`` counts the padding columns at the start of row ``b``. ``observed`` tells
     whether the inputs were seen at all (through :func:`hf_kvplus.attach`); without it, an
     evicting cache refuses batches it cannot prove are unpadded.
+
+    Example:
+
+    ```python
+    >>> cache = hf_kvplus.make_cache("sink", model, budget=256)
+    >>> model(input_ids, attention_mask=mask, past_key_values=cache)  # the hook fills cache.context
+    >>> cache.context.pad_len  # tensor of left-padding columns per row
+    ```
     """
 
     def __init__(self) -> None:
@@ -101,6 +109,14 @@ class EvictingLayer(CacheLayerMixin):
         rope (`tuple[torch.Tensor, float]`, *optional*): ``(inv_freq, attention_scaling)``; when given,
             keys are re-rotated so cached tokens sit at contiguous positions (StreamingLLM).
         store_factory (`Callable[[], KVStore]`, defaults to `DenseStore`): the storage format.
+
+    Example (a strategy overrides ``score``; see ``docs/write_your_own_cache.md``):
+
+    ```python
+    >>> class ValueNormLayer(EvictingLayer):
+    ...     def score(self):  # [batch, kv_heads, kept]; higher is kept
+    ...         return self.store.get()[1].norm(dim=-1)
+    ```
     """
 
     is_sliding = False
@@ -466,6 +482,20 @@ class KVPlusCache(Cache):
     Subclasses set ``layer_class`` and pass the layer keyword arguments; see ``SinkCache``. Storage
     keywords (``nbits=``, ``store_factory=``...) go to :func:`~hf_kvplus.caches.store.make_store_factory`,
     so every strategy runs over every storage format.
+
+    Args:
+        config (`PreTrainedConfig`): the model's config (layers, KV heads and head size are read from it).
+        store_factory (`Callable[[], KVStore]`, *optional*): the storage format of every layer.
+        nbits (`int`, *optional*): 8, 4 or 2 for packed storage (with ``group_size=``, ``residual_length=``).
+        **layer_kwargs: keyword arguments of ``layer_class`` (``budget``, ``num_sink_tokens``, ...).
+
+    Example:
+
+    ```python
+    >>> class ValueNormCache(KVPlusCache):
+    ...     layer_class = ValueNormLayer
+    >>> cache = ValueNormCache(model.config, budget=256, nbits=4)
+    ```
     """
 
     layer_class: type[EvictingLayer] = EvictingLayer

@@ -25,7 +25,17 @@ _DEFAULT_STORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def prefix_store(model) -> PrefixStore:
-    """The model's default :class:`PrefixStore` (1 GiB budget), shared by ``make_cache("prefix", model)`` caches."""
+    """The model's default :class:`PrefixStore` (1 GiB budget), shared by ``make_cache("prefix", model)`` caches.
+
+    Args:
+        model (`PreTrainedModel`): the model whose store is returned (created at the first call).
+
+    Example:
+
+    ```python
+    >>> cache = hf_kvplus.make_cache("prefix", model)
+    >>> hf_kvplus.prefix_store(model).stats()["tokens_reused"]
+    ```"""
     if model not in _DEFAULT_STORES:
         store = PrefixStore()
         store.bind(model)

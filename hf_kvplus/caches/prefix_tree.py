@@ -23,7 +23,16 @@ from .store import DenseStore, KVStore
 
 
 class LRUPolicy:
-    """Eviction policy: the least recently used candidate goes first. Any object with ``choose`` works."""
+    """Eviction policy: the least recently used candidate goes first. Any object with ``choose`` works.
+
+    ``choose(candidates)`` receives the unreferenced leaf nodes (:class:`PrefixNode`: ``tokens``,
+    ``last_used``, a tick of the store's clock, ``refs``) and returns the one to evict.
+
+    Example:
+
+    ```python
+    >>> store = hf_kvplus.PrefixStore(max_bytes=2**28, policy=hf_kvplus.LRUPolicy())
+    ```"""
 
     def choose(self, candidates: list[PrefixNode]) -> PrefixNode:
         return min(candidates, key=lambda node: node.last_used)

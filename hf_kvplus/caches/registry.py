@@ -34,6 +34,14 @@ class CacheSpec:
             (given keywords win), e.g. the model's default ``PrefixStore``.
         sweep: keyword arguments recipes sweep by default besides the budget, e.g. ``{"nbits": (8, 4, 2)}``
             (empty: evicting strategies sweep their budget, the others run once with their defaults).
+
+    Example:
+
+    ```python
+    >>> spec = CacheSpec(name="valuenorm", factory=ValueNormCache, description="low value norms go first",
+    ...                  evicting=True, sweep={"nbits": (None, 4)})
+    >>> register_cache(spec)
+    ```
     """
 
     name: str
@@ -54,7 +62,19 @@ _PRESETS: dict[str, tuple[str, dict]] = {}
 
 
 def register_cache(spec: CacheSpec) -> CacheSpec:
-    """Add a strategy to the registry (the name must be new)."""
+    """Add a strategy to the registry (the name must be new).
+
+    Args:
+        spec (`CacheSpec`): the strategy's name, factory and test settings; the conformance suite
+            picks up every registered spec.
+
+    Example:
+
+    ```python
+    >>> register_cache(CacheSpec(name="valuenorm", factory=ValueNormCache, description="low value norms go first",
+    ...                          evicting=True))
+    >>> cache = hf_kvplus.make_cache("valuenorm", model, budget=256)
+    ```"""
     if spec.name in _REGISTRY or spec.name in _PRESETS:
         raise ValueError(f"cache name {spec.name!r} is already registered")
     _REGISTRY[spec.name] = spec
@@ -62,7 +82,19 @@ def register_cache(spec: CacheSpec) -> CacheSpec:
 
 
 def register_preset(name: str, strategy: str, **kwargs) -> None:
-    """Register ``name`` as ``strategy`` with default keyword arguments."""
+    """Register ``name`` as ``strategy`` with default keyword arguments.
+
+    Args:
+        name (`str`): the new preset name.
+        strategy (`str`): a registered strategy.
+        **kwargs: default keyword arguments (the caller's keywords win).
+
+    Example:
+
+    ```python
+    >>> register_preset("sink4", "sink", num_sink_tokens=4)
+    >>> cache = hf_kvplus.make_cache("sink4", model, budget=256)
+    ```"""
     if name in _REGISTRY or name in _PRESETS:
         raise ValueError(f"cache name {name!r} is already registered")
     if strategy not in _REGISTRY:
@@ -71,17 +103,41 @@ def register_preset(name: str, strategy: str, **kwargs) -> None:
 
 
 def list_caches() -> list[str]:
-    """Names of the registered strategies (presets excluded; see :func:`list_presets`)."""
+    """Names of the registered strategies (presets excluded; see :func:`list_presets`).
+
+    Example:
+
+    ```python
+    >>> "h2o" in hf_kvplus.list_caches()
+    True
+    ```"""
     return list(_REGISTRY)
 
 
 def list_presets() -> dict[str, tuple[str, dict]]:
-    """Preset name -> ``(strategy, default keyword arguments)``."""
+    """Preset name -> ``(strategy, default keyword arguments)``.
+
+    Example:
+
+    ```python
+    >>> hf_kvplus.list_presets()["int4"]
+    ('quantized', {'nbits': 4})
+    ```"""
     return {name: (strategy, dict(kwargs)) for name, (strategy, kwargs) in _PRESETS.items()}
 
 
 def get_spec(name: str) -> CacheSpec:
-    """The :class:`CacheSpec` of a strategy or preset name."""
+    """The :class:`CacheSpec` of a strategy or preset name.
+
+    Args:
+        name (`str`): a registered strategy (:func:`list_caches`) or preset (:func:`list_presets`).
+
+    Example:
+
+    ```python
+    >>> hf_kvplus.get_spec("int4").name  # a preset resolves to its strategy
+    'quantized'
+    ```"""
     if name in _PRESETS:
         name = _PRESETS[name][0]
     if name not in _REGISTRY:

@@ -17,7 +17,28 @@ from .registry import CacheSpec, register_cache, register_preset
 
 
 class SinkLayer(EvictingLayer):
-    """Keeps the sinks and the newest tokens: the base's default (recency) rule, no scores needed."""
+    """Keeps the sinks and the newest tokens: the base's default (recency) rule, no scores needed.
+
+    Takes the :class:`~hf_kvplus.caches.base.EvictingLayer` arguments (``layer_idx``, ``context``,
+    ``budget``, ``num_sink_tokens``, ``recent_window``, ``rope``, ``store_factory``); :class:`SinkCache`
+    builds one per decoder layer.
+
+    Args:
+        layer_idx (`int`): index of the decoder layer.
+        context (`CacheContext`): padding state shared with the other layers.
+        budget (`int`, *optional*): tokens kept between forwards; ``None`` keeps all.
+        num_sink_tokens (`int`, defaults to 0): first real tokens never evicted.
+        recent_window (`int`, defaults to 0): newest tokens never evicted.
+        rope (`tuple[torch.Tensor, float]`, *optional*): ``(inv_freq, attention_scaling)`` to re-rotate keys.
+        store_factory (`Callable[[], KVStore]`, defaults to `DenseStore`): the storage format.
+
+    Example:
+
+    ```python
+    >>> cache = hf_kvplus.SinkCache(model.config, budget=256, num_sink_tokens=4)
+    >>> isinstance(cache.layers[0], hf_kvplus.SinkLayer)
+    True
+    ```"""
 
 
 class SinkCache(KVPlusCache):

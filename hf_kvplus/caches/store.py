@@ -28,7 +28,20 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class KVStore:
-    """Interface of a storage backend. ``length`` counts the tokens held."""
+    """Interface of a storage backend. ``length`` counts the tokens held.
+
+    Tensors are ``[batch, kv_heads, tokens, head_dim]``. ``keep(index)`` keeps the tokens at ``index``
+    (``[n]`` for every row and head, or ``[batch, kv_heads, n]``), ``truncate(n)`` drops the newest ``n``,
+    ``select_batch(index)`` picks rows, ``tensors()`` lists what is held (counted by ``cache_nbytes``).
+
+    Example (a float16 store for a float32 model):
+
+    ```python
+    >>> class HalfStore(KVStore):
+    ...     def append(self, keys, values): ...
+    ...     def get(self): ...  # float32 keys and values, as attention uses them
+    >>> cache = hf_kvplus.make_cache("sink", model, budget=256, store_factory=HalfStore)
+    ```"""
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         raise NotImplementedError
@@ -68,7 +81,17 @@ class KVStore:
 
 
 class DenseStore(KVStore):
-    """Keys and values in the model's dtype, exactly as attention uses them."""
+    """Keys and values in the model's dtype, exactly as attention uses them.
+
+    Example:
+
+    ```python
+    >>> store = DenseStore()
+    >>> store.append(keys, values)  # [batch, kv_heads, tokens, head_dim]
+    >>> store.keep(torch.tensor([0, 2]))  # keep tokens 0 and 2 (or [batch, kv_heads, n] per head)
+    >>> store.length
+    2
+    ```"""
 
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None  # [batch, kv_heads, tokens, head_dim]
