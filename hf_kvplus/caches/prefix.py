@@ -107,6 +107,11 @@ class PrefixSharedCache(KVPlusCache):
         new = input_ids.detach().to("cpu", torch.long)
         if ids is not None and ids.shape[0] != new.shape[0] and self.shared_length == seen:
             ids = ids[:1].expand(new.shape[0], -1)  # rows hold only the shared prefix: any batch reads it
+        if ids is not None and ids.shape[0] != new.shape[0]:
+            raise ValueError(
+                f"{type(self).__name__} holds [batch={ids.shape[0]}] rows but received input_ids of shape "
+                f"{tuple(input_ids.shape)}: continue with the batch size the cache was filled with"
+            )
         context.token_ids = new if ids is None else torch.cat([ids, new], dim=1)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
