@@ -39,16 +39,24 @@ def _positive_int(name: str, value, allow_none: bool = False, minimum: int = 1) 
     return value
 
 
-def text_config(config: PreTrainedConfig) -> PreTrainedConfig:
-    """The decoder text config, with a clear error for objects that are not model configs."""
+def decoder_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The decoder text config; a clear error for objects that are not configs or have no attention heads."""
     if not isinstance(config, PreTrainedConfig):
         raise TypeError(f"expected a transformers model or PreTrainedConfig, got {type(config).__name__}")
     config = config.get_text_config(decoder=True)
     for attr in ("num_hidden_layers", "num_attention_heads"):
-        if not isinstance(getattr(config, attr, None), int):
+        value = getattr(config, attr, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(
-                f"{type(config).__name__} has no integer {attr!r}: hf_kvplus caches need a decoder with attention heads"
+                f"{type(config).__name__} has {attr}={value!r}: hf_kvplus caches need a decoder config with an integer "
+                f"{attr} >= 1"
             )
+    return config
+
+
+def text_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The decoder text config, checked: attention heads, and only full-attention layers."""
+    config = decoder_config(config)
     layer_types = getattr(config, "layer_types", None) or []
     other = sorted(set(layer_types) - {"full_attention"})
     if other:
@@ -56,6 +64,16 @@ def text_config(config: PreTrainedConfig) -> PreTrainedConfig:
             f"hf_kvplus caches support models whose layers all use full attention; this config has {other}"
         )
     return config
+
+
+def check_storage_keywords(cache_name: str, storage: dict, accepted: list[str]) -> None:
+    """A ``TypeError`` for keywords that are neither the cache's own (``accepted``) nor storage keywords."""
+    storage_names = ["store_factory", *STORAGE_KEYWORDS]
+    unknown = sorted(set(storage) - set(storage_names))
+    if unknown:
+        raise TypeError(
+            f"{cache_name} got unexpected keyword argument(s) {unknown}; it accepts {accepted + storage_names}"
+        )
 
 
 def kv_geometry(config: PreTrainedConfig) -> tuple[int, int, int]:

@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedConfig
 
 from ..attention import attach
-from .base import KVPlusCache
+from .base import KVPlusCache, check_storage_keywords
 from .prefix_layer import PrefixContext, PrefixLayer, PrefixLease, trim_storage
 from .prefix_store import PrefixStore
 from .registry import CacheSpec, register_cache
@@ -62,6 +62,7 @@ class PrefixSharedCache(KVPlusCache):
     def __init__(self, config: PreTrainedConfig, store: PrefixStore | None = None, **storage):
         if store is not None and not isinstance(store, PrefixStore):
             raise TypeError(f"store must be a hf_kvplus.PrefixStore or None, got {type(store).__name__}")
+        check_storage_keywords("PrefixSharedCache", storage, ["store"])
         super().__init__(config, **storage)
         self.context = PrefixContext()
         for layer in self.layers:
