@@ -16,8 +16,6 @@ from conftest import ARCHITECTURES, prompt, tiny_model
 from test_conformance import BUDGET, CASES, EVICTING, NAMES, build
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-import hf_kvplus
-
 
 @pytest.fixture(scope="module")
 def llama():
