@@ -86,7 +86,7 @@ operation = st.one_of(
 
 @pytest.mark.parametrize("storage", ["dense", "int8"])
 @pytest.mark.parametrize("kind", ["keynorm", "h2o"])
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(
     budget=st.integers(3, 10),
@@ -108,10 +108,10 @@ def test_scored_cache_keeps_what_the_reference_keeps(kind, storage, budget, sink
     reference = Reference(kind, len(pads), budget, sinks, recent, per_head, pads)
     first = max(pads) + 1
     mask = torch.tensor([[0] * p + [1] * (first - p) for p in pads])
-    for op, arg in [("append", first)] + list(operations):
+    for step, (op, arg) in enumerate([("append", first)] + list(operations)):
         batch = len(reference.rows)
         if op == "append":
-            cache.observe_inputs(mask if reference.seen == 0 else None, arg)
+            cache.observe_inputs(mask if step == 0 else None, arg)  # the padding mask of the first forward
             keys = torch.randn(batch, HEADS, arg, DIM, generator=generator)
             held_before = layer.kept
             kv_length, kv_offset = cache.get_mask_sizes(arg, 0)
