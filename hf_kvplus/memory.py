@@ -86,6 +86,12 @@ def cache_nbytes(*caches) -> int:
     >>> hf_kvplus.cache_nbytes(cache) / 2**20  # MiB
     ```
     """
+    for cache in caches:
+        if isinstance(cache, (str, bytes, int, float, torch.nn.Module)):  # None (no cache) holds 0 bytes
+            raise TypeError(
+                f"cache_nbytes counts caches (transformers.Cache), cache layers, KV stores, a PrefixStore or tensors; "
+                f"got {type(cache).__name__}"
+            )
     return sum(t.untyped_storage().nbytes() for t in held_tensors(*caches))
 
 

@@ -134,3 +134,33 @@ def test_other_errors_are_named(saved, tmp_path):
         PrefixStore().save(tmp_path / "unbound.safetensors")
     metadata, _ = read(path)
     assert json.loads(metadata["fingerprint"])["num_layers"] == 2 and metadata["version"] == "1"
+
+
+class _Trap:
+    """Unpickling this creates ``marker``: proof that a loader unpickled the file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_a_pickle_file_is_refused_without_being_unpickled(saved, tmp_path, writer):
+    import pickle
+
+    model = saved[0]
+    marker, target = tmp_path / "unpickled", tmp_path / "store.bin"
+    payload = {"node0.keys": _Trap(str(marker))}
+    if writer == "pickle":
+        target.write_bytes(pickle.dumps(payload))
+    else:
+        torch.save(payload, target)
+    pickle.loads(pickle.dumps(_Trap(str(tmp_path / "trap-works"))))  # the trap does fire when unpickled ...
+    assert (tmp_path / "trap-works").exists()
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        PrefixStore.load(target, model)
+    assert not marker.exists()  # ... and loading never unpickled the file

@@ -39,16 +39,24 @@ def _positive_int(name: str, value, allow_none: bool = False, minimum: int = 1) 
     return value
 
 
-def text_config(config: PreTrainedConfig) -> PreTrainedConfig:
-    """The decoder text config, with a clear error for objects that are not model configs."""
+def decoder_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The decoder text config; a clear error for objects that are not configs or have no attention heads."""
     if not isinstance(config, PreTrainedConfig):
         raise TypeError(f"expected a transformers model or PreTrainedConfig, got {type(config).__name__}")
     config = config.get_text_config(decoder=True)
     for attr in ("num_hidden_layers", "num_attention_heads"):
-        if not isinstance(getattr(config, attr, None), int):
+        value = getattr(config, attr, None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(
-                f"{type(config).__name__} has no integer {attr!r}: hf_kvplus caches need a decoder with attention heads"
+                f"{type(config).__name__} has {attr}={value!r}: hf_kvplus caches need a decoder config with an integer "
+                f"{attr} >= 1"
             )
+    return config
+
+
+def text_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The decoder text config, checked: attention heads, and only full-attention layers."""
+    config = decoder_config(config)
     layer_types = getattr(config, "layer_types", None) or []
     other = sorted(set(layer_types) - {"full_attention"})
     if other:
@@ -56,6 +64,16 @@ def text_config(config: PreTrainedConfig) -> PreTrainedConfig:
             f"hf_kvplus caches support models whose layers all use full attention; this config has {other}"
         )
     return config
+
+
+def check_storage_keywords(cache_name: str, storage: dict, accepted: list[str]) -> None:
+    """A ``TypeError`` for keywords that are neither the cache's own (``accepted``) nor storage keywords."""
+    storage_names = ["store_factory", *STORAGE_KEYWORDS]
+    unknown = sorted(set(storage) - set(storage_names))
+    if unknown:
+        raise TypeError(
+            f"{cache_name} got unexpected keyword argument(s) {unknown}; it accepts {accepted + storage_names}"
+        )
 
 
 def kv_geometry(config: PreTrainedConfig) -> tuple[int, int, int]:
@@ -154,6 +172,7 @@ class EvictingLayer(CacheLayerMixin):
         self.max_held = 0  # most tokens held between forwards
         self._awaiting_attention = False
         self._pending_rows: list[torch.Tensor] = []
+        self.uncommitted = False  # a forward ran while eviction was deferred and no crop has committed it yet
         self.is_initialized = False
 
     @property
@@ -236,6 +255,8 @@ class EvictingLayer(CacheLayerMixin):
         self._extend_state(key_states, value_states)
         if self.rope is not None:
             keys = self._shift_to_slots(keys)
+        if self.record_past:
+            self.uncommitted = True
         if self.needs_attention:
             self._awaiting_attention = True
             self.context.awaiting = self
@@ -284,30 +305,45 @@ class EvictingLayer(CacheLayerMixin):
 
     def activate_past_recording(self) -> None:
         """Defer eviction until ``crop`` commits the tokens (assisted and speculative decoding)."""
+        if self.uncommitted:  # a new recording starts: what an earlier one left pending is committed first
+            self._commit(0)
         self.record_past = True
+
+    def end_past_recording(self) -> None:
+        """Commit what is pending and evict after every forward again (see ``KVPlusCache.end_stale_recording``)."""
+        self._check_attention_arrived()
+        self._commit(0)
+        self.record_past = False
+
+    def check_crop(self, tokens_to_remove: int) -> None:
+        """Raise the ``ValueError`` :meth:`crop` would raise, changing nothing (the cache checks every layer first)."""
+        if isinstance(tokens_to_remove, bool) or not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
+            raise ValueError(
+                f"crop({tokens_to_remove!r}): hf_kvplus caches only accept a negative count of tokens to remove "
+                "(or 0 to commit), as DynamicCache does"
+            )
+        drop = -tokens_to_remove
+        if not drop or not self.is_initialized:
+            return
+        if drop > self.seen:
+            raise ValueError(f"crop({tokens_to_remove}): layer {self.layer_idx} has only seen {self.seen} tokens")
+        tail = self.pos[..., -drop:] if self.kept >= drop else None
+        expected = torch.arange(self.seen - drop, self.seen, device=self.device)
+        if tail is None or not bool((tail == expected).all()):
+            raise ValueError(
+                f"crop({tokens_to_remove}) on layer {self.layer_idx}: some of the newest {drop} tokens were already "
+                f"evicted (budget {self.budget}); enable past recording (done by assisted generation) or keep a "
+                "recent window at least as long as the tokens you roll back"
+            )
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest ``-tokens_to_remove`` tokens (a negative count), then commit any deferred eviction.
 
         Raises a ``ValueError`` when those tokens were already evicted: the cache cannot roll back.
         """
-        if tokens_to_remove > 0:
-            raise ValueError(
-                f"crop({tokens_to_remove}): hf_kvplus caches only accept a negative count of tokens to remove "
-                "(or 0 to commit), as DynamicCache does"
-            )
+        self.check_crop(tokens_to_remove)
         drop = -tokens_to_remove
         if drop and self.is_initialized:
-            if drop > self.seen:
-                raise ValueError(f"crop({tokens_to_remove}): layer {self.layer_idx} has only seen {self.seen} tokens")
-            tail = self.pos[..., -drop:] if self.kept >= drop else None
-            expected = torch.arange(self.seen - drop, self.seen, device=self.device)
-            if tail is None or not bool((tail == expected).all()):
-                raise ValueError(
-                    f"crop({tokens_to_remove}) on layer {self.layer_idx}: some of the newest {drop} tokens were already "
-                    f"evicted (budget {self.budget}); enable past recording (done by assisted generation) or keep a "
-                    "recent window at least as long as the tokens you roll back"
-                )
             self.store.truncate(drop)
             self.pos = self.pos[..., :-drop].clone()
             self.token_state = {k: v[..., :-drop].clone() for k, v in self.token_state.items()}
@@ -372,6 +408,7 @@ class EvictingLayer(CacheLayerMixin):
 
     def _commit(self, dropped: int) -> None:
         """Fold attention recorded while eviction was deferred (minus ``dropped`` rejected queries), then evict."""
+        self.uncommitted = False
         rows, self._pending_rows = self._pending_rows, []
         trimmed = []
         for block in reversed(rows):
@@ -516,8 +553,26 @@ class KVPlusCache(Cache):
     def budget(self) -> int | None:
         return self.layers[0].budget if self.layers else None
 
+    def end_stale_recording(self) -> None:
+        """Stop deferring eviction once generation has left assisted decoding.
+
+        Assisted and prompt-lookup decoding activate past recording and call ``crop`` after every forward;
+        generate leaves recording on in the cache it returns. A forward starting while the previous one
+        was never cropped means nobody will crop any more (for example ``generate`` continuing from that
+        cache without an assistant): the pending tokens are committed and eviction resumes after each
+        forward, so the budget holds again. Called before each forward (mask sizes, model hook).
+        """
+        if any(layer.uncommitted for layer in self.layers if isinstance(layer, EvictingLayer)):
+            for layer in self.layers:
+                layer.end_past_recording()
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        self.end_stale_recording()
+        return super().get_mask_sizes(query_length, layer_idx)
+
     def observe_inputs(self, attention_mask: torch.Tensor | None, query_length: int) -> None:
         """Learn each row's left padding from the call's 2-D attention mask (done by the model hook)."""
+        self.end_stale_recording()
         self.context.observed = True
         if attention_mask is None or attention_mask.dim() != 2:
             return
@@ -541,6 +596,13 @@ class KVPlusCache(Cache):
                 )
             return
         self.context.pad_len = (~history).sum(dim=-1)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Roll back the newest ``-tokens_to_remove`` tokens in every layer, or in none (``ValueError``)."""
+        for layer in self.layers:
+            if isinstance(layer, EvictingLayer):
+                layer.check_crop(tokens_to_remove)
+        super().crop(tokens_to_remove)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

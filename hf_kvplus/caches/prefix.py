@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedConfig
 
 from ..attention import attach
-from .base import KVPlusCache
+from .base import KVPlusCache, check_storage_keywords
 from .prefix_layer import PrefixContext, PrefixLayer, PrefixLease, trim_storage
 from .prefix_store import PrefixStore
 from .registry import CacheSpec, register_cache
@@ -72,6 +72,7 @@ class PrefixSharedCache(KVPlusCache):
     def __init__(self, config: PreTrainedConfig, store: PrefixStore | None = None, **storage):
         if store is not None and not isinstance(store, PrefixStore):
             raise TypeError(f"store must be a hf_kvplus.PrefixStore or None, got {type(store).__name__}")
+        check_storage_keywords("PrefixSharedCache", storage, ["store"])
         super().__init__(config, **storage)
         self.context = PrefixContext()
         for layer in self.layers:
@@ -117,6 +118,11 @@ class PrefixSharedCache(KVPlusCache):
         new = input_ids.detach().to("cpu", torch.long)
         if ids is not None and ids.shape[0] != new.shape[0] and self.shared_length == seen:
             ids = ids[:1].expand(new.shape[0], -1)  # rows hold only the shared prefix: any batch reads it
+        if ids is not None and ids.shape[0] != new.shape[0]:
+            raise ValueError(
+                f"{type(self).__name__} holds [batch={ids.shape[0]}] rows but received input_ids of shape "
+                f"{tuple(input_ids.shape)}: continue with the batch size the cache was filled with"
+            )
         context.token_ids = new if ids is None else torch.cat([ids, new], dim=1)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):

@@ -14,6 +14,7 @@ import torch
 from transformers import Cache, DynamicCache, PreTrainedConfig
 
 from ..attention import attach
+from .base import decoder_config
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,10 @@ def register_cache(spec: CacheSpec) -> CacheSpec:
     ...                          evicting=True))
     >>> cache = hf_kvplus.make_cache("valuenorm", model, budget=256)
     ```"""
+    if not isinstance(spec, CacheSpec):
+        raise TypeError(f"register_cache expects a hf_kvplus.CacheSpec, got {type(spec).__name__}")
+    if not isinstance(spec.name, str) or not spec.name or not callable(spec.factory):
+        raise ValueError(f"a CacheSpec needs a non-empty name and a callable factory, got {spec.name!r}, {spec.factory!r}")
     if spec.name in _REGISTRY or spec.name in _PRESETS:
         raise ValueError(f"cache name {spec.name!r} is already registered")
     _REGISTRY[spec.name] = spec
@@ -95,6 +100,8 @@ def register_preset(name: str, strategy: str, **kwargs) -> None:
     >>> register_preset("sink4", "sink", num_sink_tokens=4)
     >>> cache = hf_kvplus.make_cache("sink4", model, budget=256)
     ```"""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"preset name must be a non-empty string, got {name!r}")
     if name in _REGISTRY or name in _PRESETS:
         raise ValueError(f"cache name {name!r} is already registered")
     if strategy not in _REGISTRY:
@@ -165,6 +172,12 @@ def _check_kwargs(spec: CacheSpec, kwargs: dict) -> None:
         raise TypeError(f"cache {spec.name!r} got unexpected keyword argument(s) {unknown}; it accepts {allowed}")
 
 
+def _require_budget(spec: CacheSpec, kwargs: dict) -> None:
+    budget = inspect.signature(spec.factory).parameters.get("budget")
+    if budget is not None and budget.default is inspect.Parameter.empty and "budget" not in kwargs:
+        raise ValueError(f"cache {spec.name!r} evicts tokens: pass budget=<tokens kept per layer>, an integer >= 1")
+
+
 def make_cache(name: str, model_or_config, **kwargs) -> Cache:
     """Build a ready cache to pass as ``model.generate(..., past_key_values=cache)``.
 
@@ -189,6 +202,7 @@ def make_cache(name: str, model_or_config, **kwargs) -> Cache:
     """
     spec, kwargs = resolve(name, **kwargs)
     _check_kwargs(spec, kwargs)
+    _require_budget(spec, kwargs)
     if isinstance(model_or_config, torch.nn.Module):
         model = model_or_config
         config = getattr(model, "config", None)
@@ -210,7 +224,28 @@ def make_cache(name: str, model_or_config, **kwargs) -> Cache:
         raise TypeError(
             f"make_cache needs a transformers model or PreTrainedConfig, got {type(model_or_config).__name__}"
         )
+    decoder_config(config)  # every strategy, "dynamic" included, needs attention heads
     return spec.factory(config, **kwargs)
+
+
+def _probe_config() -> PreTrainedConfig:
+    """A small Llama-shaped config on which :func:`check_cache_kwargs` builds caches (no weights)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2)
+
+
+def check_cache_kwargs(name: str, **kwargs) -> None:
+    """Raise the error ``make_cache(name, model, **kwargs)`` would raise for bad names or values, without a model.
+
+    The cache is built on a small Llama-shaped config, so only what depends on the real model (for example a
+    ``group_size`` dividing its ``head_dim``) is left for the first forward. Recipes call this while parsing.
+    """
+    spec, kwargs = resolve(name, **kwargs)
+    _check_kwargs(spec, kwargs)
+    _require_budget(spec, kwargs)
+    spec.factory(_probe_config(), **kwargs)
 
 
 def _dynamic(config: PreTrainedConfig) -> DynamicCache:

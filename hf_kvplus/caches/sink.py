@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from .base import EvictingLayer, KVPlusCache, _positive_int
+from .base import EvictingLayer, KVPlusCache, _positive_int, check_storage_keywords, text_config
 from .registry import CacheSpec, register_cache, register_preset
 
 
@@ -82,6 +82,10 @@ class SinkCache(KVPlusCache):
         rope=None,
         **storage,
     ):
+        text_config(config)  # a clear error before anything reads the config
+        check_storage_keywords(
+            "SinkCache", storage, ["budget", "window_length", "num_sink_tokens", "rerotate_keys", "rope"]
+        )
         num_sink_tokens = _positive_int("num_sink_tokens", num_sink_tokens, minimum=0)
         if (budget is None) == (window_length is None):
             raise ValueError(

@@ -18,7 +18,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 
-from ..caches.registry import _check_kwargs, get_spec, list_caches
+from ..caches.registry import _check_kwargs, check_cache_kwargs, get_spec, list_caches
 from .protocols import PROTOCOLS
 
 SIZE_KEYS = ("budget", "keep_ratio")
@@ -94,8 +94,11 @@ def _entry_points(experiment, entry: dict, origin: str) -> list[Point]:
                                        or params["budget"] < 1):
                 raise ValueError(f"bad budget {params['budget']!r} for {where}: allowed values are integers >= 1")
             try:
-                _check_kwargs(spec, kwargs)
-            except TypeError as error:
+                if origin == "explicit":  # names and values, before any model loads
+                    check_cache_kwargs(name, **kwargs)
+                else:  # `strategy: all`: a strategy its defaults cannot build is reported as skipped by the runner
+                    _check_kwargs(spec, kwargs)
+            except (TypeError, ValueError) as error:
                 raise ValueError(f"{where}: {error}") from None
             points.append(Point(experiment.name, name, params, kwargs, options, origin))
     return points

@@ -1,0 +1,83 @@
+"""Rules on the package source itself: nothing unpickles data, and cache code is device-agnostic.
+
+Grep-style checks over ``hf_kvplus/**/*.py``: they fail as soon as a new line breaks a rule, with the
+file and line to look at. The allow-lists name each exception and why it is one.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import hf_kvplus
+
+PACKAGE = Path(hf_kvplus.__file__).parent
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+
+def lines(paths, pattern: str):
+    """``(relative path, line number, line)`` of every code line matching ``pattern`` (docstring examples skipped)."""
+    regex = re.compile(pattern)
+    found = []
+    for path in paths:
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if regex.search(code) and not code.lstrip().startswith(">>>"):
+                found.append((str(path.relative_to(PACKAGE)), number, line.strip()))
+    return found
+
+
+def test_the_rules_see_the_whole_package():
+    names = {str(p.relative_to(PACKAGE)) for p in SOURCES}
+    assert {"caches/base.py", "caches/prefix_io.py", "eval/recipe.py", "attention.py"} <= names
+
+
+UNSAFE_LOADING = [
+    r"\bimport\s+(c?pickle|dill|cloudpickle|joblib|marshal|shelve)\b",
+    r"\bfrom\s+(c?pickle|dill|cloudpickle|joblib|marshal|shelve)\b",
+    r"\bpickle\.",
+    r"\btorch\.load\(",  # even with weights_only=True: prefix-store files are safetensors only
+    r"weights_only\s*=\s*False",
+    r"allow_pickle\s*=\s*True",
+    r"\byaml\.(unsafe_)?load\(",  # yaml.safe_load only
+    r"\byaml\.(Unsafe|Full)?Loader\b",
+    r"(?<![\w.])(eval|exec)\(",
+]
+
+
+@pytest.mark.parametrize("pattern", UNSAFE_LOADING)
+def test_nothing_in_the_package_unpickles_or_evaluates_data(pattern):
+    assert lines(SOURCES, pattern) == []
+
+
+def test_the_prefix_store_reads_and_writes_safetensors_only():
+    io = (PACKAGE / "caches" / "prefix_io.py").read_text()
+    assert "from safetensors import safe_open" in io and "save_file(" in io
+    assert lines([PACKAGE / "caches" / "prefix_io.py"], r"(?<!safe_)open\(|read_bytes\(|read_text\(") == []
+
+
+# ------------------------------------------------------------------ device-agnostic cache code
+CACHE_CODE = sorted((PACKAGE / "caches").glob("*.py")) + sorted((PACKAGE / "quant").glob("*.py")) + [
+    PACKAGE / "attention.py", PACKAGE / "prefill.py",
+]
+HOST_ON_PURPOSE = {  # file -> why it names the CPU
+    "caches/prefix.py": "token ids are bookkeeping kept on the host (compared with Python lists)",
+    "caches/prefix_layer.py": "the same token ids, reordered on the host",
+    "caches/prefix_io.py": "files are written from and read into host memory, then moved to the model's device",
+}
+
+
+def test_cache_code_names_no_device_except_for_host_bookkeeping():
+    named = lines(CACHE_CODE, r"""["'](cpu|cuda|mps)(:\d+)?["']|\.(cpu|cuda)\(""")
+    unexpected = [hit for hit in named if hit[0] not in HOST_ON_PURPOSE]
+    assert unexpected == []
+    assert {hit[0] for hit in named} <= set(HOST_ON_PURPOSE)
+
+
+def test_cache_code_creates_tensors_on_the_device_of_its_inputs():
+    """Every ``torch.arange/zeros/ones/empty/full/tensor/...`` call passes ``device=`` (``new_*``/``*_like`` inherit it)."""
+    created = lines(CACHE_CODE, r"torch\.(arange|zeros|ones|empty|full|tensor|randn|rand|eye|linspace)\(")
+    missing = [hit for hit in created if "device=" not in hit[2]]
+    assert [hit[0] for hit in missing] == ["caches/prefix_io.py", "caches/prefix_io.py"]  # the file's index tensors
