@@ -93,7 +93,16 @@ class DataSpec:
 
 
 def cache_dir() -> Path:
-    """``$HF_KVPLUS_CACHE``, else ``$XDG_CACHE_HOME/hf_kvplus`` (``~/.cache/hf_kvplus``)."""
+    """``$HF_KVPLUS_CACHE``, else ``$XDG_CACHE_HOME/hf_kvplus`` (``~/.cache/hf_kvplus``).
+
+    Tokenized texts are cached there, keyed by tokenizer and text, so reruns skip tokenization.
+
+    Example:
+
+    ```python
+    >>> cache_dir()
+    PosixPath('/home/me/.cache/hf_kvplus')
+    ```"""
     if os.environ.get("HF_KVPLUS_CACHE"):
         return Path(os.environ["HF_KVPLUS_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hf_kvplus"
@@ -149,7 +158,16 @@ def _load_file_texts(spec: DataSpec) -> list[str]:
 
 
 def load_text(spec: DataSpec) -> str:
-    """The whole text of a spec, documents joined by blank lines."""
+    """The whole text of a spec, documents joined by blank lines.
+
+    Args:
+        spec (`DataSpec`): the default text, a ``datasets`` dataset or a local file.
+
+    Example:
+
+    ```python
+    >>> text = load_text(DataSpec(source="file", path="notes.txt"))
+    ```"""
     if spec.source == "default":
         from .models import load_default_text
 

@@ -26,7 +26,24 @@ SIZE_KEYS = ("budget", "keep_ratio")
 
 @dataclass
 class Point:
-    """One grid point: a strategy, its cache keyword arguments and the protocol options it runs with."""
+    """One grid point: a strategy, its cache keyword arguments and the protocol options it runs with.
+
+    Attributes:
+        experiment (`str`): the experiment it belongs to.
+        strategy (`str`): a registered strategy or preset name.
+        params (`dict`): what the grid varied (``keep_ratio``, ``budget``, ``nbits``...), for tables.
+        cache_kwargs (`dict`): keyword arguments of ``make_cache(strategy, model, **cache_kwargs)``.
+        options (`dict`): protocol options for this point.
+        origin (`str`, defaults to ``"explicit"``): ``"all"`` when it came from ``strategy: all``.
+        skip_reason (`str`, *optional*): why the point is reported but not run.
+
+    Example:
+
+    ```python
+    >>> points, _ = expand_grid(load_recipe("default").experiments[0])
+    >>> points[0].strategy, points[0].cache_kwargs
+    ('dynamic', {})
+    ```"""
 
     experiment: str
     strategy: str
@@ -108,12 +125,15 @@ def expand_grid(experiment) -> tuple[list[Point], list[dict]]:
     """``(points, not_measured)``: the grid points in order, and ``{"strategy", "reason"}`` for every
     registered strategy the experiment leaves out (``exclude``). Bad names and values raise ``ValueError``.
 
+    Args:
+        experiment (`Experiment`): a parsed experiment (its ``grid``, ``budgets``, ``keep_ratios``, ``exclude``).
+
     Example:
 
     ```python
     >>> points, excluded = expand_grid(load_recipe("default").experiments[0])
     >>> [(p.strategy, p.settings) for p in points][:2]
-    [('dynamic', 'all tokens'), ('sink', 'keep_ratio=0.5, budget=1024')]
+    [('dynamic', 'all tokens'), ('quantized', 'nbits=8')]
     ```
     """
     named = {entry["strategy"] for entry in experiment.grid if entry["strategy"] != "all"}

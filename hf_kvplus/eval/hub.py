@@ -53,7 +53,19 @@ def dataset_card(run_dir: str | Path, repo_id: str) -> str:
 
 
 def stage_run(run_dir: str | Path, folder: str | Path, repo_id: str) -> list[Path]:
-    """Write exactly what :func:`push_run` uploads into ``folder``; return the files."""
+    """Write exactly what :func:`push_run` uploads into ``folder``; return the files.
+
+    Args:
+        run_dir (`str` or `Path`): a run folder written by ``kvplus eval``.
+        folder (`str` or `Path`): where to write the staged files.
+        repo_id (`str`): the dataset repository named in the card.
+
+    Example:
+
+    ```python
+    >>> files = stage_run("runs/default", "staged", "me/kvplus-default")
+    >>> sorted(f.name for f in files)[:2]
+    ```"""
     run_dir, folder = Path(run_dir), Path(folder)
     missing = [f for f in REQUIRED if not (run_dir / f).is_file()]
     if missing:

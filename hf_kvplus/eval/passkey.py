@@ -24,6 +24,9 @@ QUESTION = "\n\nWhat is the pass key? The pass key is"
 def load_metric(name: str = "exact_match"):
     """An ``evaluate`` metric shipped in the package, loaded from its folder (works offline).
 
+    Args:
+        name (`str`, *optional*, defaults to ``"exact_match"``): a folder under ``hf_kvplus/eval/metrics``.
+
     Example:
 
     ```python

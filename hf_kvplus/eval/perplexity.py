@@ -125,7 +125,19 @@ def streaming_perplexity(
 
 
 def window_starts(total: int, span: int, windows: int) -> list[int]:
-    """Start offsets of ``windows`` consecutive spans of ``span`` tokens from the start of the text."""
+    """Start offsets of ``windows`` consecutive spans of ``span`` tokens from the start of the text.
+
+    Args:
+        total (`int`): tokens in the text.
+        span (`int`): tokens per window (context plus scored tokens).
+        windows (`int`): how many windows; a text too short for them raises ``ValueError``.
+
+    Example:
+
+    ```python
+    >>> window_starts(10_000, 2304, 3)
+    [0, 2304, 4608]
+    ```"""
     if not isinstance(windows, int) or windows < 1:
         raise ValueError(f"windows must be a positive integer, got {windows!r}")
     if span * windows > total:
@@ -220,9 +232,23 @@ def compression_perplexity(
 def decode_speed(model, cache, prompt_ids, new_tokens: int = 64, prefill_chunk_size: int | None = None) -> dict:
     """Greedy-decode ``new_tokens`` after prefilling ``prompt_ids``; time the decode steps only.
 
+    Args:
+        model (`PreTrainedModel`): the model.
+        cache (`transformers.Cache`): a fresh cache, filled by the prefill.
+        prompt_ids (`torch.Tensor`): ``[1, prompt_len]`` token ids.
+        new_tokens (`int`, *optional*, defaults to 64): greedy steps to time (at least 1).
+        prefill_chunk_size (`int`, *optional*): prefill in chunks of this many tokens (``hf_kvplus.prefill``).
+
     Returns:
         `dict`: ``tokens_per_second``, ``step_seconds`` (median), ``cache_bytes``, ``peak_rss_bytes``,
         ``device_peak_bytes`` (CUDA only, else ``None``).
+
+    Example:
+
+    ```python
+    >>> cache = hf_kvplus.make_cache("sink", model, budget=256)
+    >>> decode_speed(model, cache, ids[None, :1024], new_tokens=16)["tokens_per_second"]
+    ```
     """
     if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
         raise ValueError(f"new_tokens must be an integer >= 1, got {new_tokens!r}")

@@ -35,7 +35,24 @@ MODEL_FIELDS = ("id", "dtype", "device", "attn_implementation", "threads")
 
 @dataclass
 class Experiment:
-    """One protocol over one grid. ``grid`` holds the raw entries; :mod:`.grid` expands them."""
+    """One protocol over one grid. ``grid`` holds the raw entries; :mod:`.grid` expands them.
+
+    Attributes:
+        name (`str`): the experiment's name (a table in the summary, a panel in the plot).
+        protocol (`str`): ``"compression"``, ``"streaming"`` or ``"passkey"``.
+        options (`dict`): the protocol's options, defaults filled in (``context_length``...).
+        grid (`list[dict]`): raw grid entries (``{"strategy": "all"}``, ``{"strategy": "sink", "budget": 256}``...).
+        budgets (`list[int]`): budgets given to every evicting strategy without its own.
+        keep_ratios (`list[float]`): shares of ``context_length`` kept, the alternative to budgets.
+        exclude (`dict[str, str]`): strategies left out of ``strategy: all``, with the reason.
+
+    Example:
+
+    ```python
+    >>> experiment = load_recipe("default").experiments[0]
+    >>> experiment.protocol, experiment.keep_ratios
+    ('compression', [0.5, 0.125])
+    ```"""
 
     name: str
     protocol: str
@@ -49,6 +66,15 @@ class Experiment:
 @dataclass
 class Recipe:
     """A parsed recipe.
+
+    Attributes:
+        name (`str`): the recipe's name (run folder, card, plot title).
+        model (`dict`): ``id`` (``"default"``, a path or a Hub id), ``dtype``, ``device``, ``threads``.
+        data (`DataSpec`): where the text comes from.
+        experiments (`list[Experiment]`): what to run, in order.
+        description (`str`, *optional*): a paragraph for the summary and the card.
+        source (`str`, *optional*): the file it was read from.
+        text (`str`, *optional*): the YAML text, copied into the run folder.
 
     Example:
 
@@ -135,7 +161,19 @@ def _parse_experiment(raw, index: int) -> Experiment:
 
 
 def parse_recipe(raw: dict, source: str = "", text: str = "") -> Recipe:
-    """Validate a recipe mapping (everything that can be checked without loading the model)."""
+    """Validate a recipe mapping (everything that can be checked without loading the model).
+
+    Args:
+        raw (`dict`): the YAML mapping (``name``, ``model``, ``data``, ``experiments``...).
+        source (`str`, *optional*): where it came from, for error messages.
+        text (`str`, *optional*): the YAML text, kept in the run folder.
+
+    Example:
+
+    ```python
+    >>> recipe = parse_recipe({"name": "tiny", "experiments": [
+    ...     {"name": "c", "protocol": {"name": "compression"}, "grid": [{"strategy": "sink", "budget": 256}]}]})
+    ```"""
     raw = _mapping(raw, "recipe", RECIPE_FIELDS)
     experiments = raw.get("experiments")
     if not isinstance(experiments, list) or not experiments:
@@ -155,7 +193,14 @@ def parse_recipe(raw: dict, source: str = "", text: str = "") -> Recipe:
 
 
 def packaged_recipes() -> list[str]:
-    """Names of the recipes shipped inside the package (``kvplus eval NAME``)."""
+    """Names of the recipes shipped inside the package (``kvplus eval NAME``).
+
+    Example:
+
+    ```python
+    >>> "default" in packaged_recipes()
+    True
+    ```"""
     return sorted(p.stem for p in PACKAGED.glob("*.yaml"))
 
 

@@ -18,7 +18,20 @@ def _cell(value) -> str:
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:
-    """A GitHub Markdown table of ``rows`` (``columns`` default to the keys of the first row)."""
+    """A GitHub Markdown table of ``rows`` (``columns`` default to the keys of the first row).
+
+    Args:
+        rows (`list[dict]`): one dict per row; missing values are left blank.
+        columns (`list[str]`, *optional*): the columns, in order.
+
+    Example:
+
+    ```python
+    >>> print(markdown_table([{"strategy": "sink", "ppl": 11.41}]))
+    | strategy | ppl |
+    |---|---|
+    | sink | 11.41 |
+    ```"""
     if not rows:
         return "(no rows)\n"
     columns = columns or list(rows[0])
@@ -76,7 +89,19 @@ def _curve(rows: list[dict], every: int) -> list[dict]:
 
 
 def summary_markdown(recipe, rows: list[dict], excluded: list[dict] | None = None, plot: str | None = None) -> str:
-    """The Markdown summary of a run: one table per experiment, streaming curves, what was not measured."""
+    """The Markdown summary of a run: one table per experiment, streaming curves, what was not measured.
+
+    Args:
+        recipe (`Recipe`): the recipe that ran.
+        rows (`list[dict]`): the result rows (``results.jsonl``).
+        excluded (`list[dict]`, *optional*): ``{"strategy", "reason"}`` of strategies not measured.
+        plot (`str`, *optional*): a plot file name to embed.
+
+    Example:
+
+    ```python
+    >>> print(summary_markdown(recipe, rows, plot="pareto.png"))
+    ```"""
     lines = [f"# {recipe.name}\n", f"{recipe.description.strip()}\n" if recipe.description else "",
              f"Model: `{recipe.model['id']}` ({recipe.model['dtype']}, {recipe.model['device']}). "
              f"Data: {recipe.data.describe()}.\n"]

@@ -73,6 +73,14 @@ def check_point(model, point: Point) -> str | None:
 def run_point(model, tokenizer, ids, protocol: str, point: Point, progress: bool = False) -> dict:
     """Measure one grid point: the protocol's metrics plus memory (cache MiB, peak RSS / CUDA) and time.
 
+    Args:
+        model (`PreTrainedModel`): the model.
+        tokenizer: its tokenizer (the passkey protocol writes prompts).
+        ids (`torch.Tensor`): ``[tokens]`` token ids of the text.
+        protocol (`str`): ``"compression"``, ``"streaming"`` or ``"passkey"``.
+        point (`Point`): the grid point to run.
+        progress (`bool`, *optional*, defaults to `False`): show a progress bar.
+
     Example:
 
     ```python
