@@ -17,7 +17,6 @@ recomputed).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from eviction_common import STRATEGIES, build, load, load_rows, save, unavailable

@@ -17,7 +17,6 @@ recomputes), so it can be split and resumed::
 from __future__ import annotations
 
 import argparse
-import sys
 
 import eviction_common
 from eviction_common import STRATEGIES, build, load, load_rows, save, unavailable
@@ -73,7 +72,7 @@ def _write(rows: dict) -> str:
             row["cache_mib"] = row["cache_bytes"] / 2**20
     meta = {
         "protocol": "token by token (chunk_size=1, exact): every next token scored, the cache evicting as it goes",
-        "command": "PYTHONPATH=. python benchmarks/eviction_streaming.py " + " ".join(sys.argv[1:]),
+        "command": "PYTHONPATH=. python benchmarks/eviction_streaming.py",  # rows resume; the default runs all
         "model": "SmolLM2-135M-Instruct (embedded GGUF), float32, CPU",
     }
     columns = ["strategy", "budget", "tokens", "ppl", "cache_mib", "ms_per_token", "note"]
