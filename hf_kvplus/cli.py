@@ -2,6 +2,8 @@
 
 * ``kvplus eval [RECIPE] --out DIR``: run a recipe (default: every registered cache on the embedded
   model and text, the README's first command); ``kvplus demo`` is the same as ``kvplus eval``.
+* ``kvplus eval cost-of-caching`` / ``kvplus eval prompt-order``: the studies of :mod:`hf_kvplus.eval.studies`.
+* ``kvplus memory MODEL --context N --batch B``: KV cache bytes per token and for a workload, per strategy.
 * ``kvplus push RUN_DIR --repo-id USER/NAME``: publish a run to the Hub as a dataset with a card.
 * ``kvplus list``: registered strategies and presets.
 """
@@ -15,6 +17,16 @@ from pathlib import Path
 
 def _eval(args) -> int:
     from .eval.recipe import load_recipe
+    from .eval.studies import STUDIES, run_study
+
+    if args.recipe in STUDIES:
+        options = {k: v for k, v in (("new_tokens", args.new_tokens), ("turns", args.turns)) if v is not None}
+        result = run_study(args.recipe, out=args.out, progress=not args.quiet, threads=args.threads, **options)
+        print("\n" + (result["folder"] / "summary.md").read_text())
+        print(f"wrote {', '.join(str(f) for f in result['files'])} ({result['seconds']:.0f} s)")
+        return 0
+    if args.new_tokens is not None or args.turns is not None:
+        raise ValueError(f"--new-tokens and --turns apply to the studies {sorted(STUDIES)}, not to recipe {args.recipe!r}")
     from .eval.runner import run_recipe
 
     recipe = load_recipe(args.recipe)
@@ -66,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--dtype", default=None, help="override the recipe's dtype (float32, bfloat16, float16)")
         sub.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        sub.add_argument("--new-tokens", type=int, nargs="+", default=None, metavar="N",
+                         help="cost-of-caching: lengths to report (default 64 128 256 512 1024)")
+        sub.add_argument("--turns", type=int, default=None, help="prompt-order: turns of the agent loop (default 8)")
         sub.set_defaults(func=_eval)
     push = commands.add_parser("push", help="publish a run folder to the Hub as a dataset with a card")
     push.add_argument("run_dir", help="a folder written by kvplus eval")
