@@ -65,6 +65,16 @@ def _list(args) -> int:
     return 0
 
 
+def _memory(args) -> int:
+    import json
+
+    from .planner import format_plan, load_config, plan
+
+    report = plan(load_config(args.model), args.context, args.batch, args.dtype, args.budget, args.prefix)
+    print(json.dumps(report, indent=2) if args.json else format_plan(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvplus", description="KV cache strategies for transformers, measured.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--dry-run", default=None, metavar="DIR", help="write what would be uploaded into DIR instead")
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.set_defaults(func=_push)
+    memory = commands.add_parser("memory", help="KV cache bytes per token and for a workload, per strategy")
+    memory.add_argument("model", nargs="?", default="default",
+                        help="default (the embedded model), a folder with config.json, a config.json or .gguf file, "
+                             "or a Hub id (online only)")
+    memory.add_argument("--context", type=int, required=True, help="tokens per sequence")
+    memory.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
+    memory.add_argument("--dtype", default="bf16", help="dtype of keys and values (default bf16)")
+    memory.add_argument("--budget", type=int, default=1024, help="tokens kept by evicting strategies (default 1024)")
+    memory.add_argument("--prefix", type=int, default=0, help="prompt tokens shared by the whole batch (default 0)")
+    memory.add_argument("--json", action="store_true", help="machine-readable output")
+    memory.set_defaults(func=_memory)
     listing = commands.add_parser("list", help="registered strategies and presets")
     listing.set_defaults(func=_list)
     return parser

@@ -62,6 +62,10 @@ class KVStore:
         """Every tensor the store holds (for memory accounting)."""
         raise NotImplementedError
 
+    def predict_nbytes(self, batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int | None:
+        """Bytes :meth:`tensors` will hold after ``tokens`` tokens were appended (no eviction); ``None``: unknown."""
+        return None
+
     @property
     def length(self) -> int:
         raise NotImplementedError
@@ -102,6 +106,10 @@ class DenseStore(KVStore):
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.keys, self.values) if t is not None]
+
+    def predict_nbytes(self, batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Keys and values: ``2 * batch * kv_heads * tokens * head_dim * element_size``."""
+        return 2 * batch * kv_heads * tokens * head_dim * torch.empty(0, dtype=dtype).element_size()
 
     @property
     def length(self) -> int:
