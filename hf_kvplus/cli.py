@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(command, help="run a recipe (default: every registered cache on the embedded "
                                   "model and text)" + (" (same as eval)" if command == "demo" else ""))
         sub.add_argument("recipe", nargs="?", default=None,
-                         help="a recipe YAML file or a packaged recipe name (default: the default recipe)")
+                         help="a recipe YAML file, a packaged recipe name (default: the default recipe), or a study: "
+                              "cost-of-caching, prompt-order")
         sub.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>); re-running resumes")
         sub.add_argument("--device", default=None, help="override the recipe's device (cpu, cuda, cuda:1 ...)")
         sub.add_argument("--dtype", default=None, help="override the recipe's dtype (float32, bfloat16, float16)")

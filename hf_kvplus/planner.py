@@ -9,6 +9,7 @@ are read from the registry: evicting ones at a budget, the others at their sweep
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -91,18 +92,24 @@ def plan(config: PreTrainedConfig, context: int, batch: int = 1, dtype="bf16", b
         spec = get_spec(name)
         if name == "dynamic" or (name == "prefix" and not prefix):
             continue
-        sweeps = [dict(zip(spec.sweep, values)) for values in zip(*spec.sweep.values())] or [{}]
-        for kwargs in sweeps:
+        values = [v if isinstance(v, (list, tuple)) else [v] for v in spec.sweep.values()]
+        for combination in itertools.product(*values):
+            kwargs = dict(zip(spec.sweep, combination))
             if spec.evicting:
                 kwargs = {**kwargs, "budget": budget}
-            cache = make_cache(name, config, **kwargs)
+            tokens = min(context, budget) if spec.evicting else context
+            try:
+                cache = make_cache(name, config, **kwargs)
+            except (ValueError, TypeError) as error:  # e.g. a strategy this architecture does not support
+                rows.append({"strategy": name, "settings": f"not available: {error}", "tokens_held": tokens,
+                             "bytes": None})
+                continue
             if name == "prefix":
                 held = cache.predict_nbytes(context, batch, dtype, shared=prefix)
                 settings = f"prefix={prefix // 16 * 16} shared by {batch} rows"
             else:
                 held = cache.predict_nbytes(context, batch, dtype)
                 settings = ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "defaults"
-            tokens = min(context, budget) if spec.evicting else context
             rows.append({"strategy": name, "settings": settings, "tokens_held": tokens, "bytes": held})
     for row in rows:
         row["vs_dense"] = None if row["bytes"] is None else row["bytes"] / dense

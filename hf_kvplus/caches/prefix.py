@@ -91,8 +91,9 @@ class PrefixSharedCache(KVPlusCache):
         """Bytes held once ``batch`` rows of ``tokens`` tokens ran, the first ``shared`` read from the store.
 
         The shared prefix is held once (one row, whole blocks only), each row's own tokens privately, plus the
-        token ids (``int64``, ``[batch, tokens]``). A prefix published from another cache may sit in a larger
-        buffer (at most one block more per layer, see ``trim_storage``).
+        token ids (``int64``, ``[batch, tokens]``). A prefix cut from a longer cached prompt is a view of that
+        prompt's buffer, which :func:`hf_kvplus.cache_nbytes` counts whole (the store holds it anyway); this
+        counts the shared tokens only.
         """
         block = self.store.block_size if self.store is not None else 16
         shared = min(shared // block * block, tokens)
