@@ -102,6 +102,8 @@ def test_flops_are_quadratic_without_cache_and_linear_with():
     # without a cache, step i re-runs P + i tokens: doubling N about quadruples the work
     assert 3.3 < without[1] / without[0] < 4.3 and 3.5 < without[2] / without[1] < 4.3
     assert generation_flops(config, 16, 1, False) == generation_flops(config, 16, 1, True) == forward_flops(config, 16)
+    budgeted = generation_flops(config, 16, 64, True, budget=32) - generation_flops(config, 16, 63, True, budget=32)
+    assert budgeted == forward_flops(config, 1, 32)  # the 64th token attends to the 32 kept keys and itself
     # one token attending to 10 keys: projections + MLP + attention of every layer, plus the LM head
     h, layers = 64, 2
     linear = 2 * h * 64 + 4 * h * 32 + 2 * 64 * h + 2 * 3 * h * 128
@@ -119,7 +121,10 @@ def test_generation_cost_rows():
     assert all(r["measured"] and r["seconds"] > 0 for r in rows if r["method"] != "no cache")
     for n in (4, 8, 16):
         here = {r["method"]: r for r in rows if r["new_tokens"] == n}
-        assert here["no cache"]["gflops"] > here["dynamic"]["gflops"] == here["sink"]["gflops"]
+        assert here["no cache"]["gflops"] > here["dynamic"]["gflops"] >= here["sink"]["gflops"]
+    # past its budget of 8 tokens the sink cache attends to fewer keys than DynamicCache
+    assert [r["gflops"] for r in rows if r["method"] == "sink"][2] < [r["gflops"] for r in rows
+                                                                      if r["method"] == "dynamic"][2]
     with pytest.raises(ValueError, match="new_tokens must be integers >= 1"):
         generation_cost(model, prompt(length=8), methods, new_tokens=(0,))
 

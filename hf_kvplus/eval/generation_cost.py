@@ -8,8 +8,8 @@ token, O(N) in total. Work is estimated from the config (:func:`forward_flops`),
 FLOPs counted (a multiply-add is 2 FLOPs), per decoder layer and token at position ``c`` (it attends to
 ``c`` keys, causal): projections ``2 h (q d) + 4 h (kv d) + 2 (q d) h``, MLP ``2 m h I`` (``m`` = 3
 matrices for gated MLPs such as Llama's, 2 otherwise), attention ``4 q d c`` (scores and weighted sum);
-plus the LM head ``2 h V`` for the one position whose logits ``generate`` computes per forward. Norms,
-RoPE, softmax and embeddings are ignored (under 1% here).
+plus the LM head ``2 h V`` for the one position whose logits ``generate`` computes per forward (an evicting
+cache attends to its budget only). Norms, RoPE, softmax and embeddings are ignored.
 """
 
 from __future__ import annotations
@@ -52,11 +52,15 @@ def forward_flops(config, new_tokens: int, context_before: int = 0) -> int:
     return t["layers"] * (t["linear"] * new_tokens + t["attention"] * keys) + t["head"]
 
 
-def generation_flops(config, prompt_length: int, new_tokens: int, use_cache: bool) -> int:
-    """Estimated FLOPs to generate ``new_tokens`` after a ``prompt_length`` prompt, with or without a cache."""
+def generation_flops(config, prompt_length: int, new_tokens: int, use_cache: bool, budget: int | None = None) -> int:
+    """Estimated FLOPs to generate ``new_tokens`` after a ``prompt_length`` prompt, with or without a cache.
+
+    ``budget``: a cache that keeps at most that many tokens, so each decoding step attends to ``budget + 1`` keys.
+    """
     if use_cache:
+        held = (lambda n: n) if budget is None else (lambda n: min(n, budget))
         return forward_flops(config, prompt_length) + sum(
-            forward_flops(config, 1, prompt_length + i - 1) for i in range(1, new_tokens))
+            forward_flops(config, 1, held(prompt_length + i - 1)) for i in range(1, new_tokens))
     return sum(forward_flops(config, prompt_length + i) for i in range(new_tokens))
 
 
@@ -114,9 +118,11 @@ def generation_cost(model, prompt: torch.Tensor, methods: dict, new_tokens=(64, 
         measured = lengths[-1] if use_cache else max([n for n in lengths if n <= no_cache_max_new_tokens], default=0)
         if progress:
             print(f"  {label}: generating {measured} tokens", flush=True)
-        times = time_generation(model, prompt, measured, factory() if use_cache else None, use_cache) if measured else []
+        cache = factory() if use_cache else None
+        budget = getattr(cache, "budget", None)  # an evicting cache attends to its budget only
+        times = time_generation(model, prompt, measured, cache, use_cache) if measured else []
         for n in lengths:
-            flops = generation_flops(model.config, prompt_length, n, use_cache)
+            flops = generation_flops(model.config, prompt_length, n, use_cache, budget)
             seconds = times[n - 1] if n <= len(times) else None
             last = (times[n - 1] - times[n - 2]) * 1e3 if seconds is not None and n >= 2 else None
             rows.append({"method": label, "new_tokens": n, "prompt_tokens": prompt_length, "use_cache": use_cache,
