@@ -182,3 +182,10 @@ def test_studies_write_their_run_folder(tmp_path, capsys):
         run_study("nope", model=model, tokenizer=tokenizer)
     assert main(["eval", "default", "--turns", "3"]) == 2
     assert "--new-tokens and --turns apply to the studies" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_memory_of_the_embedded_model_reads_only_its_config():
+    report = plan(load_config("default"), context=2048, batch=1, dtype="bf16")
+    assert report["bytes_per_token"] == {"dense": 23_040, "full_mha": 69_120}  # 2 x 30 x 3 x 64 x 2 bytes
+    assert report["rows"][0]["bytes"] == 23_040 * 2048
