@@ -207,6 +207,28 @@ class EvictingLayer(CacheLayerMixin):
             held.append(self.rope[0])  # inv_freq, shared by all layers (counted once)
         return held
 
+    def predict_nbytes(self, batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int | None:
+        """Bytes :meth:`tensors` will hold after ``tokens`` tokens (``None`` when the store cannot tell).
+
+        The store's own prediction for the kept tokens, plus positions (``int64``: one row, or one per row and
+        head once a score-based layer evicted) and per-token state (its dtypes read from :meth:`initial_state`
+        on meta tensors). The RoPE table is shared by every layer: see :meth:`KVPlusCache.predict_nbytes`.
+        Quantized storage is predicted without eviction only (evicted key groups keep partial scale rows).
+        """
+        kept = tokens if self.budget is None else min(tokens, self.budget)
+        evicted = kept < tokens
+        store = self.store_factory()
+        if evicted and type(store) is not DenseStore:
+            return None
+        held = store.predict_nbytes(batch, kv_heads, kept, head_dim, dtype)
+        if held is None:
+            return None
+        scored = type(self).score is not EvictingLayer.score
+        position_rows = batch * kv_heads if scored and evicted else 1
+        meta = torch.empty(batch, kv_heads, kept, head_dim, dtype=dtype, device="meta")  # [b, h, kept, d]
+        state = sum(t.numel() * t.element_size() for t in self.initial_state(meta, meta).values())
+        return held + 8 * position_rows * kept + state
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.batch_size, self.num_heads = key_states.shape[0], key_states.shape[1]
@@ -544,6 +566,23 @@ class KVPlusCache(Cache):
         layer_kwargs["store_factory"] = make_store_factory(store_factory=store_factory, nbits=nbits, **storage)
         layers = [self.layer_class(i, self.context, **layer_kwargs) for i in range(num_layers)]
         super().__init__(layers=layers)
+
+    def predict_nbytes(self, tokens: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int | None:
+        """Bytes :func:`hf_kvplus.cache_nbytes` will count once ``tokens`` tokens went through this (fresh) cache.
+
+        Example:
+
+        ```python
+        >>> cache = hf_kvplus.make_cache("sink", model.config, budget=256)
+        >>> cache.predict_nbytes(4096, batch=1, dtype=torch.bfloat16)  # the same after 300 tokens or 300,000
+        ```
+        """
+        per_layer = [layer.predict_nbytes(batch, self.num_kv_heads, tokens, self.head_dim, dtype) for layer in self.layers]
+        if any(p is None for p in per_layer):
+            return None
+        tables = {id(layer.rope[0]): layer.rope[0].untyped_storage().nbytes() for layer in self.layers
+                  if layer.rope is not None and tokens}
+        return sum(per_layer) + sum(tables.values())
 
     @property
     def evicts(self) -> bool:

@@ -98,6 +98,20 @@ class PrefixSharedCache(KVPlusCache):
         self._lease.release()
         self._lease = PrefixLease(store, found.node_id)
 
+    def predict_nbytes(self, tokens: int, batch: int = 1, dtype: torch.dtype = torch.float32, shared: int = 0) -> int:
+        """Bytes held once ``batch`` rows of ``tokens`` tokens ran, the first ``shared`` read from the store.
+
+        The shared prefix is held once (one row, whole blocks only), each row's own tokens privately, plus the
+        token ids (``int64``, ``[batch, tokens]``). A prefix cut from a longer cached prompt is a view of that
+        prompt's buffer, which :func:`hf_kvplus.cache_nbytes` counts whole (the store holds it anyway); this
+        counts the shared tokens only.
+        """
+        block = self.store.block_size if self.store is not None else 16
+        shared = min(shared // block * block, tokens)
+        held = [layer.store_factory().predict_nbytes(rows, self.num_kv_heads, n, self.head_dim, dtype)
+                for layer in self.layers for rows, n in ((1, shared), (batch, tokens - shared))]
+        return sum(held) + 8 * batch * tokens
+
     # ---------------------------------------------------------------- inputs
     def observe_inputs(self, attention_mask, query_length: int, input_ids: torch.Tensor | None = None) -> None:
         """Padding (see the base) and the token ids about to be appended (from :func:`hf_kvplus.attach`)."""

@@ -82,6 +82,27 @@ class QuantizedStore(KVStore):
     def tensors(self) -> list[torch.Tensor]:
         return self.history_tensors() + [t for t in (self.res_keys, self.res_values) if t is not None]
 
+    def split(self, tokens: int) -> tuple[int, int]:
+        """``(quantized, residual)`` tokens held after appending ``tokens`` (in any chunks, without eviction)."""
+        flush = max(0, (tokens - self.residual_length) // self.group_size) * self.group_size
+        return flush, tokens - flush
+
+    def predict_nbytes(self, batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes of codes, scales, zero points and the residual after ``tokens`` appended tokens (no eviction).
+
+        Per head: ``2 * nq * head_dim * nbits / 8`` of codes, ``2 * (nq / group_size) * head_dim`` key scales and
+        zero points, ``2 * nq * head_dim / value_group`` value ones (``scale_dtype``), ``2 * residual * head_dim`` in
+        ``dtype``, with ``nq, residual = split(tokens)``.
+        """
+        nq, residual = self.split(tokens)
+        scale = self.scale_dtype.itemsize
+        value_group = min(self.group_size, head_dim)
+        rows = batch * kv_heads
+        codes = 2 * nq * packed_size(head_dim, self.nbits)
+        scales = 2 * (nq // self.group_size) * head_dim * scale + 2 * nq * (head_dim // value_group) * scale
+        exact = 2 * residual * head_dim * dtype.itemsize
+        return rows * (codes + scales + exact)
+
     # ------------------------------------------------------------ append/get
     def update(self, keys, values):
         """Append, returning the held tokens reconstructed and the new ones exactly as given."""

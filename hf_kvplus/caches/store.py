@@ -75,6 +75,10 @@ class KVStore:
         """Every tensor the store holds (for memory accounting)."""
         raise NotImplementedError
 
+    def predict_nbytes(self, batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int | None:
+        """Bytes :meth:`tensors` will hold after ``tokens`` tokens were appended (no eviction); ``None``: unknown."""
+        return None
+
     @property
     def length(self) -> int:
         raise NotImplementedError
@@ -88,7 +92,7 @@ class DenseStore(KVStore):
     ```python
     >>> store = DenseStore()
     >>> store.append(keys, values)  # [batch, kv_heads, tokens, head_dim]
-    >>> store.keep(torch.tensor([0, 2]))  # keep tokens 0 and 2 (or [batch, kv_heads, n] per head)
+    >>> store.keep(torch.tensor([0, 2], device=keys.device))  # keep tokens 0 and 2 (or [batch, kv_heads, n] per head)
     >>> store.length
     2
     ```"""
@@ -125,6 +129,10 @@ class DenseStore(KVStore):
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.keys, self.values) if t is not None]
+
+    def predict_nbytes(self, batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Keys and values: ``2 * batch * kv_heads * tokens * head_dim * element_size``."""
+        return 2 * batch * kv_heads * tokens * head_dim * dtype.itemsize
 
     @property
     def length(self) -> int:

@@ -1,6 +1,7 @@
 """Evaluation: models and texts, perplexity protocols, memory and speed, recipes, reports, Hub upload."""
 
 from .data import DataSpec, cache_dir, load_text, load_token_ids
+from .generation_cost import forward_flops, generation_cost, generation_flops
 from .grid import Point, expand_grid
 from .hub import push_run, stage_run
 from .models import (
@@ -15,16 +16,19 @@ from .models import (
 from .passkey import load_metric, passkey_retrieval
 from .perplexity import MIB, compression_perplexity, decode_speed, streaming_perplexity, window_starts
 from .plot import pareto_plot
+from .prompt_order import prompt_order
 from .protocols import PROTOCOLS
 from .recipe import Experiment, Recipe, load_recipe, packaged_recipes, parse_recipe
 from .report import markdown_table, summary_markdown
 from .results import RunFolder
 from .runner import run_point, run_recipe
+from .studies import STUDIES, run_study
 
 __all__ = [
     "DEFAULT_MODEL",
     "MIB",
     "PROTOCOLS",
+    "STUDIES",
     "DataSpec",
     "Experiment",
     "Point",
@@ -35,6 +39,9 @@ __all__ = [
     "decode_speed",
     "default_model_file",
     "expand_grid",
+    "forward_flops",
+    "generation_cost",
+    "generation_flops",
     "load_default_model",
     "load_default_text",
     "load_default_tokenizer",
@@ -49,9 +56,11 @@ __all__ = [
     "parse_dtype",
     "parse_recipe",
     "passkey_retrieval",
+    "prompt_order",
     "push_run",
     "run_point",
     "run_recipe",
+    "run_study",
     "stage_run",
     "streaming_perplexity",
     "summary_markdown",
