@@ -29,6 +29,8 @@ def load(path: Path):
 peers = load(BENCHMARKS / "peers.py")
 scaling = load(BENCHMARKS / "scaling.py")
 protocol = load(BENCHMARKS / "peers" / "kvpress_protocol.py")
+sys.path.insert(0, str(BENCHMARKS))
+render_docs = load(BENCHMARKS / "render_docs.py")
 
 
 def test_scaling_measure_bounded_caches_stay_flat_while_dense_grows(tmp_path):
@@ -124,3 +126,24 @@ def test_kvpress_protocol_press_names_are_checked_without_kvpress():
     with pytest.raises(ValueError, match="keep must be in"):
         protocol.make_press("SnapKVPress", 1.5)
     assert set(protocol.PRESSES) == set(peers.KVPRESS)
+
+
+def test_docs_page_says_plainly_where_a_peer_beats_us():
+    rows = peers.summarize({
+        "dense@1": {"key": "dense@1", "strategy": "dense", "library": "transformers", "keep": 1.0, "ppl": 10.0},
+        "h2o@0.5": {"key": "h2o@0.5", "strategy": "h2o", "library": "hf_kvplus", "keep": 0.5, "ppl": 10.4},
+        "tova@0.5": {"key": "tova@0.5", "strategy": "tova", "library": "hf_kvplus", "keep": 0.5, "ppl": 11.0},
+        "TOVAPress@0.5": {"key": "TOVAPress@0.5", "strategy": "TOVAPress", "library": "kvpress", "keep": 0.5,
+                          "ppl": 10.6},
+    })
+    meta = {"command": "python benchmarks/peers.py", "versions": {"torch": "2.13.0"}}
+    quantized_rows = [
+        {"cache": "hf_kvplus int4", "nbits": 4, "ppl": 10.85, "cache_bytes": 200, "step_ms": 60.0},
+        {"cache": "transformers QuantizedCache quanto int4", "nbits": 4, "ppl": 10.9, "cache_bytes": 150,
+         "step_ms": 70.0},
+    ]
+    text = render_docs.page({"meta": meta, "rows": rows}, {"command": "q", "rows": quantized_rows}, None)
+    assert "kvpress `TOVAPress` (10.600) beats our `tova` (11.000) by 3.8% perplexity" in text
+    assert "our `h2o`" not in text  # h2o beats every peer at 0.5
+    assert "beats `hf_kvplus int4` on cache bytes" in text and "on perplexity" not in text
+    assert "Not run yet: `benchmarks/scaling.py`" in text and "python benchmarks/peers.py" in text
