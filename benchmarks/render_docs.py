@@ -71,12 +71,13 @@ def page(peer_report: dict | None, quantized_report: dict | None, scaling_report
     out = ["# Benchmarks against the peers", "",
            "Every figure on this page comes from a script under `benchmarks/` whose command is given with its "
            "table; the page itself is rendered by `PYTHONPATH=. python benchmarks/render_docs.py`. Model: the "
-           "embedded SmolLM2-135M-Instruct (GGUF, float32), on CPU. To reproduce everything on a fresh machine:",
-           "", "```bash", "make venv",
-           "PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/peers.py      # builds .venv-kvpress on first use",
-           "PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/quantized.py",
-           "PYTHONPATH=. HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/scaling.py",
-           "PYTHONPATH=. .venv/bin/python benchmarks/render_docs.py", "```", ""]
+           "embedded SmolLM2-135M-Instruct (GGUF, float32), on CPU. To reproduce the peer table, the scaling "
+           "plot and this page on a fresh machine, one command (it builds `.venv`, then `.venv-kvpress` for kvpress "
+           "on first use; about 45 minutes on 2 CPU cores):",
+           "", "```bash", "make benchmarks", "```", "",
+           "It runs `benchmarks/peers.py`, `benchmarks/scaling.py` and `benchmarks/render_docs.py`; each script "
+           "takes subsets (`--ratios`, `--strategies`, `--lengths`) and `peers.py` resumes from its saved rows. "
+           "The quantized table comes from `benchmarks/quantized.py` (about 25 minutes).", ""]
     out += ["## Context compression: hf_kvplus, kvpress and transformers", "",
             "Prefill 2,048 tokens, keep a share of them, score the next 256 teacher-forced; 3 consecutive "
             "windows of the embedded text; `ppl` is the mean of the window perplexities. All rows use the same "
