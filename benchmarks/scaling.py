@@ -93,6 +93,8 @@ def measure(model, ids: torch.Tensor, strategies, lengths, budget: int = 1024, m
             rows.append({"key": f"{label}@{length}", "strategy": label, "context": length,
                          "cache_bytes": states[label]["bytes"],
                          "step_ms": 1000 * statistics.median(states[label]["times"])})
+            if length == lengths_for(label, lengths, max_growing)[-1]:
+                states[label]["cache"] = None  # done with it: free the memory
     return ratios(rows)
 
 
