@@ -14,8 +14,10 @@ pytestmark = pytest.mark.integration
 @torch.no_grad()
 def test_int4_keeps_dense_perplexity_in_a_fifth_of_the_memory(default_model):
     model, _, ids = default_model
-    dense = compression_perplexity(model, lambda: hf_kvplus.make_cache("dynamic", model), ids, windows=1)
-    int4 = compression_perplexity(model, lambda: hf_kvplus.make_cache("int4", model), ids, windows=1)
+    # The protocol: mean of 3 windows (benchmarks/quantized.py measures +0.14%). A single window
+    # is noisier: the first one alone is +1.1% (9.10 against 9.01).
+    dense = compression_perplexity(model, lambda: hf_kvplus.make_cache("dynamic", model), ids, windows=3)
+    int4 = compression_perplexity(model, lambda: hf_kvplus.make_cache("int4", model), ids, windows=3)
     assert int4["ppl"] < 1.01 * dense["ppl"]
     # 1920 tokens at 4.5 bits and 128 fp32 residual tokens, against 2048 fp32 tokens: 0.2 of the bytes.
     assert int4["cache_bytes"] < 0.21 * dense["cache_bytes"]
