@@ -4,11 +4,15 @@ Every cache is a real ``transformers.Cache`` built from per-layer ``CacheLayerMi
 
     import hf_kvplus
     cache = hf_kvplus.make_cache("sink", model, budget=256)
-    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=256)
+    out = model.generate(**inputs, cache=cache, max_new_tokens=256)  # past_key_values=cache before 5.24
     hf_kvplus.cache_nbytes(cache)  # bytes really held
 """
 
 __version__ = "0.1.0"
+
+from ._compat import CACHE_KEYWORD, TESTED_TRANSFORMERS, check_transformers_version
+
+check_transformers_version()  # a UserWarning, once per process, outside the tested transformers range
 
 from .attention import ATTN_IMPLEMENTATION, attach, detach
 from .caches import (
@@ -25,8 +29,8 @@ from .caches import (
     PrefixStore,
     QuantizedKVCache,
     QuantizedStore,
-    SinkCache,
     ScoredCache,
+    SinkCache,
     SinkLayer,
     SnapKVCache,
     TovaCache,
@@ -43,6 +47,7 @@ from .prefill import prefill
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "CACHE_KEYWORD",
     "CacheContext",
     "CacheSpec",
     "DenseStore",
@@ -60,6 +65,7 @@ __all__ = [
     "SinkCache",
     "SinkLayer",
     "SnapKVCache",
+    "TESTED_TRANSFORMERS",
     "TovaCache",
     "__version__",
     "attach",

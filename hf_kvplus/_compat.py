@@ -1,26 +1,171 @@
-"""The one place where hf_kvplus touches transformers internals.
+"""The one place where hf_kvplus touches what differs between transformers versions, or is private.
 
 Everything else in the package uses the public API (``Cache``, ``CacheLayerMixin``,
-``AttentionInterface``, ``AttentionMaskInterface``, ``PreTrainedModel``). The names below are
-not part of transformers' documented API; they were checked against transformers 5.20 - 5.23.
-If one moves, this file is the only one to change.
+``AttentionInterface``, ``AttentionMaskInterface``, ``PreTrainedModel``) and the helpers below.
+Checked against transformers 5.20.0 and 5.24.0 (the ends of ``TESTED_TRANSFORMERS``, run by
+``make test-compat``); 5.21-5.23 behave as 5.20 for every name here.
+
+What moved in 5.24 (and where transformers keeps it):
+
+* the cache keyword of model forwards, decoder layers, attention modules, mask builders and
+  ``generate`` is ``cache``; ``past_key_values`` is a deprecated alias (``utils/deprecation.py``,
+  ``deprecate_kwarg``: forwards until 5.40, ``generate`` until 6.0) -> :data:`CACHE_KEYWORD`,
+  :func:`cache_kwargs`, :func:`cache_from_call`;
+* model outputs carry ``.cache`` (``.past_key_values`` warns, ``utils/generic.py``) -> :func:`output_cache`;
+* models call ``cache.update(key, value, layer_idx, kwargs=...)`` (``models/*/modeling_*.py``): our
+  ``update`` methods take ``*args, **kwargs`` on every version;
+* ``CacheLayerMixin`` no longer sets ``layer.dtype``; keys and values carry their own dtypes
+  (``cache_utils.py``) -> :func:`layer_dtypes`;
+* ``sdpa_attention_forward`` lost its paged ``cache`` parameter (``integrations/sdpa_attention.py``)
+  -> :func:`sdpa_attention` passes keywords only;
+* assisted decoding checks ``outputs.cache.is_croppable`` after its first forward, and
+  ``Cache.is_croppable`` is ``all(layer.is_croppable ...)`` (``generation/utils.py``,
+  ``cache_utils.py``) -> our layers answer ``is_croppable`` themselves (see ``EvictingLayer``).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import warnings
+
 import torch
 import transformers
-
-TESTED_TRANSFORMERS = (">=5.20", "<6")
+from packaging.version import Version
 
 # SDPA as transformers calls it (GQA handling, causal-skip rules): our attention function
 # delegates to it so that outputs are identical to `attn_implementation="sdpa"`.
-from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers.integrations.sdpa_attention import sdpa_attention_forward as _sdpa_attention_forward
 
 # The boolean mask builder registered for "sdpa"; we register the same builder for our name.
-from transformers.masking_utils import sdpa_mask  # noqa: E402
+from transformers.masking_utils import sdpa_mask
 
-__all__ = ["sdpa_attention_forward", "sdpa_mask", "rope_parameters", "quantized_layer_history", "TESTED_TRANSFORMERS"]
+__all__ = [
+    "CACHE_KEYWORD",
+    "TESTED_TRANSFORMERS",
+    "attn_implementation",
+    "cache_from_call",
+    "cache_kwargs",
+    "check_transformers_version",
+    "layer_dtypes",
+    "output_cache",
+    "quantized_layer_history",
+    "rope_parameters",
+    "sdpa_attention",
+    "sdpa_mask",
+    "transformers_version",
+]
+
+# Oldest release tested and the first release not tested (setup.cfg's `install_requires` says the same;
+# a test checks that they agree, and `make test-compat` runs the suite on both ends).
+TESTED_TRANSFORMERS = ("5.20.0", "5.25")
+
+_INSTALLED = Version(transformers.__version__)
+_RENAMED_IN = Version("5.24.0.dev0")  # first release whose forwards and generate take `cache=`
+
+#: The cache keyword the installed transformers documents for ``generate`` and model forwards.
+CACHE_KEYWORD = "cache" if _INSTALLED >= _RENAMED_IN else "past_key_values"
+_CACHE_NAMES = ("cache", "past_key_values")
+
+
+def transformers_version() -> str:
+    return transformers.__version__
+
+
+def check_transformers_version(version: str | None = None) -> bool:
+    """Warn (``UserWarning``, once per process) when transformers is outside the tested range.
+
+    Args:
+        version (`str`, *optional*): the version to check; the installed one by default.
+
+    Returns:
+        `bool`: whether the version lies in ``TESTED_TRANSFORMERS`` (``>=oldest, <next``).
+    """
+    installed = Version(version or transformers.__version__)
+    oldest, first_untested = (Version(v) for v in TESTED_TRANSFORMERS)
+    inside = oldest <= installed < first_untested
+    if not inside:
+        warnings.warn(
+            f"hf_kvplus was tested with transformers >={TESTED_TRANSFORMERS[0]},<{TESTED_TRANSFORMERS[1]}; "
+            f"transformers {installed} is installed. Caches may fail or misbehave: install a tested version "
+            f"(pip install 'transformers>={TESTED_TRANSFORMERS[0]},<{TESTED_TRANSFORMERS[1]}').",
+            UserWarning,
+            stacklevel=3,
+        )
+    return inside
+
+
+def cache_kwargs(cache, model=None) -> dict:
+    """``{keyword: cache}`` for ``model(...)`` or ``model.generate(...)`` under the installed transformers.
+
+    Args:
+        cache (`transformers.Cache` or `None`): the cache to pass.
+        model (`torch.nn.Module`, *optional*): for a forward, the model called; a model whose ``forward``
+            names only one of the two keywords (remote code, older classes) gets that one.
+    """
+    if model is not None:
+        names = _forward_parameters(model)
+        if CACHE_KEYWORD not in names:
+            for name in _CACHE_NAMES:
+                if name in names:
+                    return {name: cache}
+    return {CACHE_KEYWORD: cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _class_forward_parameters(model_class: type) -> frozenset:
+    try:
+        return frozenset(inspect.signature(model_class.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def _forward_parameters(model) -> frozenset:
+    return _class_forward_parameters(type(model))
+
+
+def cache_from_call(inputs: dict):
+    """The cache a forward was called with, under either keyword (``None`` when there is none)."""
+    for name in _CACHE_NAMES:
+        cache = inputs.get(name)
+        if cache is not None:
+            return cache
+    return None
+
+
+def output_cache(outputs):
+    """The cache held by a model or ``generate`` output (``.cache`` from 5.24, ``.past_key_values`` before)."""
+    for name in _CACHE_NAMES:
+        if name in outputs.keys():
+            return outputs[name]
+    return None
+
+
+def layer_dtypes(layer) -> tuple[torch.dtype | None, torch.dtype | None]:
+    """``(key dtype, value dtype)`` of a transformers cache layer; ``(None, None)`` before its first update.
+
+    5.24 dropped ``layer.dtype``; the tensors' own dtypes are read instead (identical on 5.20-5.23).
+    """
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor):
+        return keys.dtype, values.dtype
+    dtype = getattr(layer, "dtype", None)
+    return dtype, dtype
+
+
+def attn_implementation(model) -> str | None:
+    """The attention implementation a model runs with (its config's private ``_attn_implementation``, 5.20-5.24)."""
+    return getattr(model.config, "_attn_implementation", None)
+
+
+def sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' SDPA attention: ``(output [batch, q, q_heads, head_dim], None)``.
+
+    Everything after ``attention_mask`` goes by keyword: the positional parameters after it differ between
+    5.20-5.23 (``..., is_causal, cache=None``) and 5.24 (``..., is_causal, position_bias``).
+    """
+    kwargs.pop("cache", None)  # the paged-attention cache parameter of <= 5.23; ours never reaches here
+    return _sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 def rope_parameters(model_or_config) -> tuple[torch.Tensor, float] | None:
@@ -56,10 +201,6 @@ def rope_parameters(model_or_config) -> tuple[torch.Tensor, float] | None:
         return None
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
     return inv_freq.float(), float(scaling)
-
-
-def transformers_version() -> str:
-    return transformers.__version__
 
 
 def quantized_layer_history(layer) -> list[torch.Tensor]:

@@ -22,7 +22,7 @@ import threading
 import torch
 from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedModel
 
-from ._compat import sdpa_attention_forward, sdpa_mask
+from ._compat import attn_implementation, cache_from_call, sdpa_attention, sdpa_mask
 
 ATTN_IMPLEMENTATION = "kvplus"
 _HOOK_ATTR = "_hf_kvplus_input_hook"
@@ -113,7 +113,7 @@ def attention_mass(
 
 def kvplus_attention_forward(module, query, key, value, attention_mask, **kwargs):
     """SDPA attention that also reports attention mass to the cache layer that requested it."""
-    output, weights = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    output, weights = sdpa_attention(module, query, key, value, attention_mask, **kwargs)
     layer = _take_request(getattr(module, "layer_idx", None))
     if layer is not None:
         reduction = layer.requested_reduction()
@@ -153,7 +153,7 @@ def _bound_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
 
 def _observe_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     inputs = _bound_inputs(module, args, kwargs)
-    cache = inputs.get("past_key_values")
+    cache = cache_from_call(inputs)
     if cache is None or not hasattr(cache, "observe_inputs"):
         return None
     tokens = inputs.get("input_ids")
@@ -190,8 +190,8 @@ def attach(model: PreTrainedModel, attention_scores: bool = False) -> PreTrained
     if getattr(model, _HOOK_ATTR, None) is None:
         handle = model.register_forward_pre_hook(_observe_inputs, with_kwargs=True)
         setattr(model, _HOOK_ATTR, handle)
-    if attention_scores and model.config._attn_implementation != ATTN_IMPLEMENTATION:
-        current = model.config._attn_implementation
+    if attention_scores and attn_implementation(model) != ATTN_IMPLEMENTATION:
+        current = attn_implementation(model)
         if current not in (None, "sdpa", "eager"):
             raise ValueError(
                 f"attention scores need the 'kvplus' attention (SDPA-based); the model uses {current!r}. "
@@ -218,5 +218,5 @@ def detach(model: PreTrainedModel) -> None:
     if handle is not None:
         handle.remove()
         setattr(model, _HOOK_ATTR, None)
-    if model.config._attn_implementation == ATTN_IMPLEMENTATION:
+    if attn_implementation(model) == ATTN_IMPLEMENTATION:
         model.set_attn_implementation("sdpa")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ._compat import cache_kwargs
+
 
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, cache, chunk_size: int = 512, attention_mask: torch.Tensor | None = None):
@@ -53,5 +55,5 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk_size: int = 512, attent
         mask = None
         if attention_mask is not None:  # the mask of every column so far: [batch, past + stop]
             mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], past), attention_mask[:, :stop]], dim=-1)
-        output = model(input_ids[:, start:stop], attention_mask=mask, past_key_values=cache, use_cache=True)
+        output = model(input_ids[:, start:stop], attention_mask=mask, **cache_kwargs(cache, model), use_cache=True)
     return output

@@ -95,7 +95,7 @@ class CacheContext:
 
     ```python
     >>> cache = hf_kvplus.make_cache("sink", model, budget=256)
-    >>> model(input_ids, attention_mask=mask, past_key_values=cache)  # the hook fills cache.context
+    >>> model(input_ids, attention_mask=mask, cache=cache)  # the hook fills cache.context
     >>> cache.context.pad_len  # tensor of left-padding columns per row
     ```
     """
@@ -256,6 +256,12 @@ class EvictingLayer(CacheLayerMixin):
                 f"layer {self.layer_idx} holds [batch={expected[0]}, kv_heads={expected[1]}, head_dim={self.head_dim}] "
                 f"but received key states of shape {tuple(key_states.shape)}"
             )
+
+    @property
+    def is_croppable(self) -> bool:
+        """Whether :meth:`crop` can put this layer back as it was: always without a budget; with one, while
+        eviction is deferred (past recording, as assisted and speculative decoding turn on before cropping)."""
+        return self.budget is None or self.record_past
 
     # --------------------------------------------------------------- contract
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -667,6 +673,3 @@ class KVPlusCache(Cache):
         """Most tokens any layer held between forwards since the last reset."""
         return max((layer.max_held for layer in self.layers), default=0)
 
-    @property
-    def is_croppable(self) -> bool:
-        return not self.evicts

@@ -19,6 +19,7 @@ import time
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
+from .._compat import cache_kwargs
 from ..caches.base import text_config
 
 UNGATED_MLP = ("gpt_neox", "gpt2", "gptj", "opt", "bloom", "falcon", "phi", "gpt_bigcode")
@@ -96,7 +97,7 @@ class _StepClock(StoppingCriteria):
 def time_generation(model, prompt: torch.Tensor, new_tokens: int, cache=None, use_cache: bool = True) -> list[float]:
     """Seconds from the call to each generated token (``len == new_tokens``), greedy, EOS never stops it."""
     clock = _StepClock()
-    kwargs = {"past_key_values": cache} if cache is not None else {}
+    kwargs = cache_kwargs(cache) if cache is not None else {}
     started = time.perf_counter()
     model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache,
                    stopping_criteria=StoppingCriteriaList([clock]), pad_token_id=model.generation_config.pad_token_id

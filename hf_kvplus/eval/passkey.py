@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .._compat import cache_kwargs
 from ..memory import cache_nbytes
 from .perplexity import _flat_ids, _nll, _progress
 
@@ -87,10 +88,10 @@ def passkey_retrieval(model, tokenizer, token_ids, make_cache, context_length: i
         cut = int(depth * filler)
         prompt = torch.cat([text[:cut], needle, text[cut:], question]).to(model.device)  # [context_length]
         cache = make_cache()
-        logits = model(prompt[None], past_key_values=cache, use_cache=True).logits[0, -1:]
+        logits = model(prompt[None], **cache_kwargs(cache, model), use_cache=True).logits[0, -1:]
         held.append(cache_nbytes(cache))
         answer = answer.to(model.device)
-        rest = model(answer[None, :-1], past_key_values=cache, use_cache=True).logits[0]
+        rest = model(answer[None, :-1], **cache_kwargs(cache, model), use_cache=True).logits[0]
         logits = torch.cat([logits, rest])  # [answer_len, vocab]: each predicts the next answer token
         peak = max(peak, held[-1], cache_nbytes(cache))
         nlls.append(_nll(logits, answer).cpu())

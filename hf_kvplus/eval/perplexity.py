@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from .._compat import cache_kwargs
 from ..memory import cache_nbytes, current_rss_bytes, device_peak_bytes, peak_rss_bytes
 
 MIB = 2**20
@@ -95,7 +96,7 @@ def streaming_perplexity(
     started = time.perf_counter()
     for start in _progress(range(0, total - 1, chunk_size), progress, "stream", math.ceil((total - 1) / chunk_size)):
         chunk = ids[start : min(start + chunk_size, total - 1)]
-        logits = model(chunk[None], past_key_values=cache, use_cache=True).logits[0]
+        logits = model(chunk[None], **cache_kwargs(cache, model), use_cache=True).logits[0]
         nll[start : start + chunk.numel()] = _nll(logits, ids[start + 1 : start + 1 + chunk.numel()]).cpu()
         held = cache_nbytes(cache)
         peak = max(peak, held)
@@ -194,11 +195,11 @@ def compression_perplexity(
         began = time.perf_counter()
         step = prefill_chunk_size or context_length
         for offset in range(0, context_length, step):
-            logits = model(context[None, offset : offset + step], past_key_values=cache, use_cache=True).logits
+            logits = model(context[None, offset : offset + step], **cache_kwargs(cache, model), use_cache=True).logits
         prefill_seconds += time.perf_counter() - began
         held.append(cache_nbytes(cache))
         first = _nll(logits[0, -1:], target[:1])
-        rest = model(target[None, :-1], past_key_values=cache, use_cache=True).logits[0]
+        rest = model(target[None, :-1], **cache_kwargs(cache, model), use_cache=True).logits[0]
         nll = torch.cat([first, _nll(rest, target[1:])]).cpu()
         peak = max(peak, held[-1], cache_nbytes(cache))
         nlls.append(nll)
@@ -207,7 +208,7 @@ def compression_perplexity(
     if decode_tokens > 0:
         token, began = rest[-1:].argmax(-1)[None], time.perf_counter()  # [1, 1]
         for _ in range(decode_tokens):
-            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = model(token, **cache_kwargs(cache, model), use_cache=True).logits[:, -1:].argmax(-1)
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)
         speed = decode_tokens / (time.perf_counter() - began)
@@ -259,12 +260,12 @@ def decode_speed(model, cache, prompt_ids, new_tokens: int = 64, prefill_chunk_s
     ids = _flat_ids(prompt_ids).to(model.device)[None]
     step = prefill_chunk_size or ids.shape[1]
     for offset in range(0, ids.shape[1], step):
-        logits = model(ids[:, offset : offset + step], past_key_values=cache, use_cache=True).logits
+        logits = model(ids[:, offset : offset + step], **cache_kwargs(cache, model), use_cache=True).logits
     token = logits[:, -1:].argmax(-1)
     times = []
     for _ in range(new_tokens):
         began = time.perf_counter()
-        logits = model(token, past_key_values=cache, use_cache=True).logits
+        logits = model(token, **cache_kwargs(cache, model), use_cache=True).logits
         token = logits[:, -1:].argmax(-1)
         if model.device.type == "cuda":
             torch.cuda.synchronize(model.device)

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from .._compat import cache_kwargs
 from ..caches.prefix_store import PrefixStore
 
 ORDERINGS = ("stable_first", "variable_first")
@@ -127,7 +128,7 @@ def prompt_order(model, tokenizer, turns: int = 8, orderings=ORDERINGS, block_si
             started = time.perf_counter()
             cache = store.cache_for(model, ids)
             reused = cache.get_seq_length()
-            model.generate(ids, past_key_values=cache, max_new_tokens=1, do_sample=False,
+            model.generate(ids, **cache_kwargs(cache), max_new_tokens=1, do_sample=False,
                            pad_token_id=model.generation_config.pad_token_id or 0)
             ttft = time.perf_counter() - started
             cache.release()
