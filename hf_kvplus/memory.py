@@ -82,7 +82,7 @@ def cache_nbytes(*caches) -> int:
 
     ```python
     >>> cache = hf_kvplus.make_cache("sink", model, budget=256)
-    >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    >>> model.generate(**inputs, cache=cache, max_new_tokens=64)
     >>> hf_kvplus.cache_nbytes(cache) / 2**20  # MiB
     ```
     """

@@ -13,7 +13,6 @@ choice, storage keywords); a scorer is one layer class with a ``score`` method (
 
 from __future__ import annotations
 
-
 import torch
 from transformers import PreTrainedConfig
 
@@ -149,7 +148,7 @@ class HeavyHitterCache(ScoredCache):
     ```python
     >>> import hf_kvplus
     >>> cache = hf_kvplus.make_cache("h2o", model, budget=256)
-    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=500, prefill_chunk_size=256)
+    >>> out = model.generate(**inputs, cache=cache, max_new_tokens=500, prefill_chunk_size=256)
     >>> cache.max_held  # never more than 256 tokens per layer between forwards
     256
     ```

@@ -35,7 +35,7 @@ class KeyNormCache(ScoredCache):
 
     ```python
     >>> cache = hf_kvplus.make_cache("keynorm", model, budget=256)
-    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=200)
+    >>> out = model.generate(**inputs, cache=cache, max_new_tokens=200)
     ```
     """
 

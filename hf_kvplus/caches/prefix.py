@@ -61,7 +61,7 @@ class PrefixSharedCache(KVPlusCache):
     ```python
     >>> store = hf_kvplus.PrefixStore(max_bytes=2**30)
     >>> cache = store.cache_for(model, input_ids)
-    >>> out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+    >>> out = model.generate(input_ids, cache=cache, max_new_tokens=32)
     >>> cache.shared_length  # tokens read from the store (prefix, then this request's published blocks)
     ```
     """

@@ -55,7 +55,7 @@ class PrefixStore:
     ```python
     >>> store = hf_kvplus.PrefixStore(max_bytes=2**30)
     >>> cache = store.cache_for(model, input_ids)  # already holds the longest cached prefix of input_ids
-    >>> out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+    >>> out = model.generate(input_ids, cache=cache, max_new_tokens=32)
     >>> store.stats()["tokens_reused"]
     ```
     """
@@ -212,7 +212,7 @@ class PrefixStore:
         ```python
         >>> cache = store.cache_for(model, inputs.input_ids)
         >>> cache.get_seq_length()  # tokens generate will not prefill
-        >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        >>> out = model.generate(**inputs, cache=cache, max_new_tokens=64)
         ```
         """
         from .prefix import cache_for

@@ -69,7 +69,7 @@ class QuantizedKVCache(KVPlusCache):
     ```python
     >>> import hf_kvplus
     >>> cache = hf_kvplus.make_cache("int4", model)  # or QuantizedKVCache(model.config, nbits=4)
-    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=256)
+    >>> out = model.generate(**inputs, cache=cache, max_new_tokens=256)
     >>> hf_kvplus.cache_nbytes(cache)  # about 30% of a bf16 DynamicCache at 2k tokens
     ```
     """

@@ -179,7 +179,7 @@ def _require_budget(spec: CacheSpec, kwargs: dict) -> None:
 
 
 def make_cache(name: str, model_or_config, **kwargs) -> Cache:
-    """Build a ready cache to pass as ``model.generate(..., past_key_values=cache)``.
+    """Build a ready cache to pass as ``model.generate(..., cache=cache)`` (``past_key_values=cache`` before transformers 5.24).
 
     Args:
         name (`str`): a registered strategy (``list_caches()``) or preset (``list_presets()``).
@@ -197,7 +197,7 @@ def make_cache(name: str, model_or_config, **kwargs) -> Cache:
     ```python
     >>> import hf_kvplus
     >>> cache = hf_kvplus.make_cache("sink", model, budget=256)
-    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=128)
+    >>> out = model.generate(**inputs, cache=cache, max_new_tokens=128)
     ```
     """
     spec, kwargs = resolve(name, **kwargs)

@@ -64,7 +64,7 @@ class SinkCache(KVPlusCache):
     >>> from hf_kvplus import SinkCache, attach
     >>> attach(model)  # lets the cache see padding of batched prompts
     >>> cache = SinkCache(model.config, budget=256, num_sink_tokens=4)
-    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=500)
+    >>> out = model.generate(**inputs, cache=cache, max_new_tokens=500)
     >>> cache.max_held  # never more than 256 tokens per layer between steps
     256
     ```

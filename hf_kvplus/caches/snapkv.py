@@ -62,7 +62,7 @@ class SnapKVCache(ScoredCache):
 
     ```python
     >>> cache = hf_kvplus.make_cache("snapkv", model, budget=512)
-    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=200)
+    >>> out = model.generate(**inputs, cache=cache, max_new_tokens=200)
     ```
     """
 
