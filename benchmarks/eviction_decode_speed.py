@@ -23,6 +23,7 @@ import torch
 from eviction_common import STRATEGIES, build, load, save, unavailable
 
 import hf_kvplus
+from hf_kvplus._compat import cache_kwargs
 
 STEM = "eviction_decode_speed"
 
@@ -33,7 +34,7 @@ def decode_steps(model, state: dict, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
         began = time.perf_counter()
-        logits = model(state["token"], past_key_values=state["cache"], use_cache=True).logits
+        logits = model(state["token"], **cache_kwargs(state["cache"]), use_cache=True).logits
         state["token"] = logits[:, -1:].argmax(-1)
         times.append(time.perf_counter() - began)
     return times

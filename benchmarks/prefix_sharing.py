@@ -35,6 +35,7 @@ import transformers
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import hf_kvplus
+from hf_kvplus._compat import cache_kwargs
 from hf_kvplus.eval import load_default_model, load_default_text, load_default_tokenizer
 from hf_kvplus.eval.report import markdown_table, write_json
 from hf_kvplus.memory import kv_bytes_per_token
@@ -77,7 +78,7 @@ def interleaved_decode(model, caches: dict, steps: int = 20) -> dict:
     for _ in range(steps):
         for name, cache in caches.items():
             began = time.perf_counter()
-            model(token, past_key_values=cache, use_cache=True)
+            model(token, **cache_kwargs(cache), use_cache=True)
             times[name].append(1000 * (time.perf_counter() - began))
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -89,7 +90,7 @@ def interleaved_ttft(model, store, fresh) -> dict:
     for ids in fresh:
         for name, make in (("cold", lambda: DynamicCache(config=model.config)), ("hit", lambda ids=ids: store.cache_for(model, ids))):
             probe, began = FirstToken(), time.perf_counter()
-            model.generate(ids, past_key_values=make(), max_new_tokens=1, do_sample=False,
+            model.generate(ids, **cache_kwargs(make()), max_new_tokens=1, do_sample=False,
                            logits_processor=LogitsProcessorList([probe]))
             times[name].append(probe.at - began)
     return {name: statistics.median(values) for name, values in times.items()}
@@ -111,7 +112,7 @@ def serve(model, requests, new_tokens, make_cache):
         probe = FirstToken()
         began = time.perf_counter()
         cache = make_cache(ids)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False,
+        out = model.generate(ids, **cache_kwargs(cache), max_new_tokens=new_tokens, do_sample=False,
                              logits_processor=LogitsProcessorList([probe]))
         ttft.append(probe.at - began)
         decode.append((time.perf_counter() - probe.at) / (new_tokens - 1))
@@ -167,7 +168,7 @@ def main(argv=None) -> int:
     counter.lengths.clear()
     with torch.no_grad():
         shared = DynamicCache(config=config)
-        model(prefix, past_key_values=shared, use_cache=True)
+        model(prefix, **cache_kwargs(shared), use_cache=True)
     caches, outputs, ttft, decode = serve(model, requests, args.new_tokens, lambda ids: copy.deepcopy(shared))
     record("deepcopy", caches, outputs, ttft, decode, hf_kvplus.cache_nbytes(shared, *caches), counter.prefill_tokens(),
            len({layer0_storage(c) for c in [shared, *caches]}), range(len(caches)))
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
     stats = store.stats()
     with torch.no_grad():  # the same context (request 2, 1,071 tokens) in a DynamicCache and in its prefix cache
         dense = DynamicCache(config=config)
-        model(torch.cat([requests[1], outputs[1][None, :-1]], dim=1), past_key_values=dense, use_cache=True)
+        model(torch.cat([requests[1], outputs[1][None, :-1]], dim=1), **cache_kwargs(dense), use_cache=True)
     step_ms = interleaved_decode(model, {"dynamic": dense, "prefix": caches[1]})
     fresh = [torch.cat([prefix, text[:, start - (i + 1) * args.suffix : start - i * args.suffix]], dim=1)
              for i in range(args.interleaved)]  # suffixes no request used

@@ -33,8 +33,13 @@ import transformers
 from transformers import DynamicCache, QuantizedCache
 
 import hf_kvplus
-from hf_kvplus._compat import quantized_layer_history
-from hf_kvplus.eval import compression_perplexity, load_default_model, load_default_text, load_default_tokenizer
+from hf_kvplus._compat import cache_kwargs, quantized_layer_history
+from hf_kvplus.eval import (
+    compression_perplexity,
+    load_default_model,
+    load_default_text,
+    load_default_tokenizer,
+)
 from hf_kvplus.eval.report import markdown_table, write_json
 from hf_kvplus.memory import cache_nbytes, held_tensors, kv_bytes_per_token
 
@@ -77,13 +82,13 @@ def decode_step_times(model, makers: dict, ids: torch.Tensor, context: int, roun
     caches, tokens, times = {}, {}, {label: [] for label in makers}
     for label, make in makers.items():
         caches[label] = make()
-        logits = model(ids[None, :context], past_key_values=caches[label], use_cache=True).logits
+        logits = model(ids[None, :context], **cache_kwargs(caches[label]), use_cache=True).logits
         tokens[label] = logits[:, -1:].argmax(-1)
     for _ in range(rounds):
         for label, cache in caches.items():
             for _ in range(steps):
                 began = time.perf_counter()
-                logits = model(tokens[label], past_key_values=cache, use_cache=True).logits
+                logits = model(tokens[label], **cache_kwargs(cache), use_cache=True).logits
                 times[label].append(time.perf_counter() - began)
                 tokens[label] = logits[:, -1:].argmax(-1)
     return {label: statistics.median(values) for label, values in times.items()}
@@ -100,7 +105,7 @@ def run(windows: int, context: int, target: int, rounds: int, steps: int) -> dic
     for label, (nbits, make) in makers.items():
         result = compression_perplexity(model, make, ids, context_length=context, target_length=target, windows=windows)
         cache = make()
-        model(ids[None, :context], past_key_values=cache, use_cache=True)
+        model(ids[None, :context], **cache_kwargs(cache), use_cache=True)
         rows.append({"cache": label, "nbits": nbits, "ppl": result["ppl"], "window_ppl": result["window_ppl"],
                      "effective_bits": history_bits(cache) or float(nbits),
                      "bytes_vs_bf16": cache_nbytes(cache) / bf16_bytes, "cache_bytes": cache_nbytes(cache),

@@ -34,6 +34,7 @@ import torch
 import transformers
 
 import hf_kvplus
+from hf_kvplus._compat import cache_kwargs
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -86,7 +87,7 @@ def measure(model, ids: torch.Tensor, strategies, lengths, budget: int = 1024, m
                 state = states[label]
                 for _ in range(steps):
                     began = time.perf_counter()
-                    logits = model(state["token"], past_key_values=state["cache"], use_cache=True).logits
+                    logits = model(state["token"], **cache_kwargs(state["cache"]), use_cache=True).logits
                     state["token"] = logits[:, -1:].argmax(-1)
                     state["times"].append(time.perf_counter() - began)
         for label in active:

@@ -26,6 +26,7 @@ from hf_kvplus import (
     TovaCache,
     make_cache,
 )
+from hf_kvplus._compat import cache_kwargs
 from hf_kvplus.eval import compression_perplexity, decode_speed, parse_recipe, streaming_perplexity
 
 MODEL = tiny_model("llama-gqa")
@@ -96,7 +97,7 @@ CASES = {
     "factory not callable": (lambda: make_cache("sink", MODEL, budget=8, store_factory=3), TypeError,
                              r"store_factory must be callable \(returning a KVStore\), got int"),
     "group not dividing head_dim": (
-        lambda: MODEL(IDS, past_key_values=make_cache("int4", MODEL, group_size=12, residual_length=0), use_cache=True),
+        lambda: MODEL(IDS, **cache_kwargs(make_cache("int4", MODEL, group_size=12, residual_length=0)), use_cache=True),
         ValueError, r"head_dim \(16\) must be a multiple of group_size \(12\)"),
     # -- score-based
     "h2o negative budget": (lambda: HeavyHitterCache(CONFIG, budget=-1), ValueError, "budget must be an integer >= 1, got -1"),
@@ -210,18 +211,18 @@ def test_the_dtype_table_covers_every_registered_cache():
 @torch.no_grad()
 def test_a_model_of_another_dtype_is_refused_naming_both(name):
     cache = make_cache(name, MODEL, **KV_CACHES[name])
-    MODEL(prompt(length=12), past_key_values=cache, use_cache=True)
+    MODEL(prompt(length=12), **cache_kwargs(cache), use_cache=True)
     half = tiny_model("llama-gqa").to(torch.bfloat16)
     hf_kvplus.attach(half, attention_scores=hf_kvplus.get_spec(name).attention_scores)
     with pytest.raises(ValueError, match=r"holds torch.float32 on cpu but received torch.bfloat16 on cpu"):
-        half(prompt(length=2), past_key_values=cache, use_cache=True)
+        half(prompt(length=2), **cache_kwargs(cache), use_cache=True)
 
 
 @pytest.mark.parametrize("name", list(KV_CACHES))
 @torch.no_grad()
 def test_keys_on_another_device_are_refused_naming_both(name):
     cache = make_cache(name, MODEL, **KV_CACHES[name])
-    MODEL(prompt(length=12), past_key_values=cache, use_cache=True)
+    MODEL(prompt(length=12), **cache_kwargs(cache), use_cache=True)
     keys = torch.empty(1, 2, 1, 16, device="meta")  # any device other than the one the cache was filled on
     with pytest.raises(ValueError, match=r"holds torch.float32 on cpu but received torch.float32 on meta"):
         cache.update(keys, keys, 0)
@@ -231,14 +232,14 @@ def test_an_empty_cache_takes_the_dtype_of_the_first_model_that_fills_it():
     cache = make_cache("sink", MODEL, budget=8)  # built from a float32 model
     half = hf_kvplus.attach(tiny_model("llama-gqa").to(torch.bfloat16))
     with torch.no_grad():
-        half(prompt(length=12), past_key_values=cache, use_cache=True)
+        half(prompt(length=12), **cache_kwargs(cache), use_cache=True)
     assert cache.layers[0].keys.dtype == torch.bfloat16
 
 
 def test_a_prefix_store_refuses_a_model_of_another_dtype():
     store = PrefixStore(block_size=4)
     with torch.no_grad():
-        MODEL.generate(IDS, max_new_tokens=2, past_key_values=store.cache_for(MODEL, IDS))
+        MODEL.generate(IDS, max_new_tokens=2, **cache_kwargs(store.cache_for(MODEL, IDS)))
     half = tiny_model("llama-gqa").to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"another model \(dtype: 'float32' vs 'bfloat16'"):
         store.cache_for(half, IDS)

@@ -15,6 +15,8 @@ import pytest
 import torch
 from conftest import prompt, tiny_model
 
+from hf_kvplus._compat import cache_kwargs
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -64,8 +66,8 @@ def test_sliding_window_peer_keeps_its_budget():
     model = tiny_model("llama-gqa")
     cache = peers.sliding_window_cache(model, 8)
     with torch.no_grad():
-        model(prompt(length=20), past_key_values=cache, use_cache=True)
-        model(prompt(length=5, seed=1), past_key_values=cache, use_cache=True)
+        model(prompt(length=20), **cache_kwargs(cache), use_cache=True)
+        model(prompt(length=5, seed=1), **cache_kwargs(cache), use_cache=True)
     assert cache.get_seq_length() == 25
     assert all(layer.keys.shape[-2] == 8 for layer in cache.layers)
     with pytest.raises(ValueError, match="budget must be >= 1"):

@@ -9,6 +9,7 @@ import torch
 from conftest import VOCAB, prompt, save_tiny, tiny_model
 
 import hf_kvplus
+from hf_kvplus._compat import cache_kwargs
 from hf_kvplus.cli import main
 from hf_kvplus.eval.generation_cost import forward_flops, generation_cost, generation_flops
 from hf_kvplus.planner import load_config, plan
@@ -28,7 +29,7 @@ def test_predicted_bytes_equal_cache_nbytes(arch, name, kwargs):
         kwargs = {**kwargs, "group_size": 16}  # head_dim 16: value groups of 16 channels
     cache = hf_kvplus.make_cache(name, model, **kwargs)
     ids = prompt(batch=2, length=150 - 7)
-    model.generate(ids, past_key_values=cache, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    model.generate(ids, **cache_kwargs(cache), max_new_tokens=8, min_new_tokens=8, do_sample=False)
     seen = cache.get_seq_length()
     assert seen == 150
     if name == "dynamic":
@@ -45,12 +46,12 @@ def test_prefix_prediction_matches_a_shared_batch():
     store = hf_kvplus.PrefixStore(max_bytes=None)
     shared = prompt(length=40, seed=1)
     first = store.cache_for(model, torch.cat([shared, prompt(length=8, seed=2)], dim=1))
-    model.generate(torch.cat([shared, prompt(length=8, seed=2)], dim=1), past_key_values=first, max_new_tokens=1)
+    model.generate(torch.cat([shared, prompt(length=8, seed=2)], dim=1), **cache_kwargs(first), max_new_tokens=1)
     first.release()
     batch = torch.cat([shared.expand(3, -1), prompt(batch=3, length=10, seed=3)], dim=1)  # [3, 50]
     cache = store.cache_for(model, batch)
     assert cache.shared_length == 32
-    model.generate(batch, past_key_values=cache, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    model.generate(batch, **cache_kwargs(cache), max_new_tokens=5, min_new_tokens=5, do_sample=False)
     predicted = cache.predict_nbytes(cache.get_seq_length(), batch=3, dtype=torch.float32, shared=40)
     measured = hf_kvplus.cache_nbytes(cache)
     # The shared 32 tokens are views of the first request's 48-token buffer, which cache_nbytes counts whole

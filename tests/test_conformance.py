@@ -20,6 +20,7 @@ from conftest import ARCHITECTURES, prompt, tiny_model
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import hf_kvplus
+from hf_kvplus._compat import cache_kwargs, output_cache
 
 NAMES = hf_kvplus.list_caches()
 EVICTING = [name for name in NAMES if hf_kvplus.get_spec(name).evicting]
@@ -59,12 +60,12 @@ def _steps(model, cache, ids, decode_steps=10, chunks=(16,)):
     for size in (*chunks, ids.shape[1]):
         if start >= ids.shape[1]:
             break
-        logits = model(ids[:, start : start + size], past_key_values=cache, use_cache=True).logits
+        logits = model(ids[:, start : start + size], **cache_kwargs(cache), use_cache=True).logits
         outputs.append(logits)
         start += size
     token = logits[:, -1:].argmax(-1)
     for _ in range(decode_steps):
-        logits = model(token, past_key_values=cache, use_cache=True).logits
+        logits = model(token, **cache_kwargs(cache), use_cache=True).logits
         outputs.append(logits)
         token = logits[:, -1:].argmax(-1)
     return outputs
@@ -80,8 +81,8 @@ def test_unlimited_budget_matches_dynamic_cache(name, model):
     atol = spec.parity_atol or 1e-5
     for expected, got in zip(reference, ours, strict=True):
         torch.testing.assert_close(got, expected, atol=atol, rtol=1e-4)
-    greedy_ref = model.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=DynamicCache(config=model.config))
-    greedy = model.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=build(name, model))
+    greedy_ref = model.generate(ids, max_new_tokens=20, do_sample=False, **cache_kwargs(DynamicCache(config=model.config)))
+    greedy = model.generate(ids, max_new_tokens=20, do_sample=False, **cache_kwargs(build(name, model)))
     assert torch.equal(greedy, greedy_ref)
 
 
@@ -103,7 +104,7 @@ def test_budget_is_never_exceeded(name, mode, model):
     ids = prompt(length=20)
     torch.manual_seed(0)
     out = model.generate(
-        ids, max_new_tokens=25, past_key_values=cache, logits_processor=LogitsProcessorList([probe]), **mode
+        ids, max_new_tokens=25, **cache_kwargs(cache), logits_processor=LogitsProcessorList([probe]), **mode
     )
     assert probe.calls == 25
     assert out.shape[1] == 45
@@ -119,11 +120,11 @@ def test_left_padded_rows_generate_as_alone(name, budget, model):
     mask = torch.ones_like(ids)
     ids[1, :7], mask[1, :7] = 0, 0
     batch = model.generate(
-        ids, attention_mask=mask, max_new_tokens=20, do_sample=False, past_key_values=build(name, model, budget)
+        ids, attention_mask=mask, max_new_tokens=20, do_sample=False, **cache_kwargs(build(name, model, budget))
     )
     for row, start in ((0, 0), (1, 7)):
         alone = model.generate(
-            ids[row : row + 1, start:], max_new_tokens=20, do_sample=False, past_key_values=build(name, model, budget)
+            ids[row : row + 1, start:], max_new_tokens=20, do_sample=False, **cache_kwargs(build(name, model, budget))
         )
         assert torch.equal(batch[row, 18:], alone[0, 18 - start :]), f"row {row} differs when padded"
 
@@ -132,12 +133,12 @@ def test_left_padded_rows_generate_as_alone(name, budget, model):
 @torch.no_grad()
 def test_continue_from_returned_cache(name, budget, model):
     ids = prompt(length=16, seed=5)
-    once = model.generate(ids, max_new_tokens=24, do_sample=False, past_key_values=build(name, model, budget))
+    once = model.generate(ids, max_new_tokens=24, do_sample=False, **cache_kwargs(build(name, model, budget)))
     first = model.generate(
-        ids, max_new_tokens=10, do_sample=False, past_key_values=build(name, model, budget), return_dict_in_generate=True
+        ids, max_new_tokens=10, do_sample=False, **cache_kwargs(build(name, model, budget)), return_dict_in_generate=True
     )
     second = model.generate(
-        first.sequences, max_new_tokens=14, do_sample=False, past_key_values=first.past_key_values
+        first.sequences, max_new_tokens=14, do_sample=False, **cache_kwargs(output_cache(first))
     )
     assert torch.equal(second, once)
 
@@ -162,7 +163,7 @@ def _reachable_tensor_bytes(cache) -> int:
 @torch.no_grad()
 def test_cache_nbytes_counts_every_tensor_held(name, budget, model):
     cache = build(name, model, budget)
-    model.generate(prompt(batch=2, length=20), max_new_tokens=9, do_sample=False, past_key_values=cache)
+    model.generate(prompt(batch=2, length=20), max_new_tokens=9, do_sample=False, **cache_kwargs(cache))
     held = hf_kvplus.cache_nbytes(cache)
     assert held > 0
     assert held == _reachable_tensor_bytes(cache)

@@ -9,6 +9,7 @@ from conftest import prompt, tiny_model
 from test_conformance import BUDGET, EVICTING, NAMES, build
 
 import hf_kvplus
+from hf_kvplus._compat import cache_kwargs
 from hf_kvplus.memory import held_tensors
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -36,7 +37,7 @@ def test_generate_in_every_dtype(name, storage, typed):
     dtype, model = typed
     budget = BUDGET if name in EVICTING else None
     cache = build(name, model, budget) if not storage else hf_kvplus.make_cache(name, model, budget=BUDGET, **storage)
-    out = model.generate(prompt(batch=2, length=20), max_new_tokens=6, do_sample=False, past_key_values=cache,
+    out = model.generate(prompt(batch=2, length=20), max_new_tokens=6, do_sample=False, **cache_kwargs(cache),
                          return_dict_in_generate=True, output_logits=True)
     assert out.sequences.shape == (2, 26)
     assert all(torch.isfinite(step).all() for step in out.logits)
@@ -63,6 +64,6 @@ def test_reduced_precision_tracks_float32(dtype):
         logits = []
         for model in (model32, model16):
             cache = build(name, model, BUDGET)
-            logits.append(model(ids, past_key_values=cache, use_cache=True).logits.float())
-            logits[-1] = torch.cat([logits[-1], model(ids[:, :3], past_key_values=cache, use_cache=True).logits.float()], 1)
+            logits.append(model(ids, **cache_kwargs(cache), use_cache=True).logits.float())
+            logits[-1] = torch.cat([logits[-1], model(ids[:, :3], **cache_kwargs(cache), use_cache=True).logits.float()], 1)
         torch.testing.assert_close(logits[1], logits[0], atol=0.05, rtol=0.05, msg=name)

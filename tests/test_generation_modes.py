@@ -16,6 +16,8 @@ from conftest import ARCHITECTURES, prompt, tiny_model
 from test_conformance import BUDGET, CASES, EVICTING, NAMES, build
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
+from hf_kvplus._compat import cache_kwargs, output_cache
+
 
 @pytest.fixture(scope="module")
 def llama():
@@ -32,7 +34,7 @@ def assistant():
 
 
 def _reference(model, ids, **kwargs):
-    return model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
+    return model.generate(ids, **cache_kwargs(DynamicCache(config=model.config)), **kwargs)
 
 
 def _check_budget(cache, budget, out):
@@ -47,7 +49,7 @@ def test_beam_search_returning_several_sequences(name, budget, llama):
     ids = prompt(length=16, seed=7)
     mode = dict(num_beams=3, num_return_sequences=2, do_sample=False, max_new_tokens=12)
     cache = build(name, llama, budget)
-    out = llama.generate(ids, past_key_values=cache, **mode)
+    out = llama.generate(ids, **cache_kwargs(cache), **mode)
     assert out.shape == (2, 28)
     assert not torch.equal(out[0], out[1])  # two different hypotheses, not one repeated
     if budget is None:
@@ -69,7 +71,7 @@ def test_assisted_decoding_crops_and_keeps_the_budget(name, budget, how, llama, 
     ids = prompt(length=20, seed=2).repeat(1, 2)  # repeated text gives prompt lookup something to find
     mode = dict(do_sample=False, max_new_tokens=16, **ASSISTED[how](assistant))
     cache = build(name, llama, budget)
-    out = llama.generate(ids, past_key_values=cache, **mode)
+    out = llama.generate(ids, **cache_kwargs(cache), **mode)
     assert out.shape == (1, 56)
     _check_budget(cache, budget, out)
     if budget is None:  # crops rolled back exactly the rejected tokens: the text is the dense cache's
@@ -94,10 +96,10 @@ def test_continuing_after_assisted_decoding_keeps_the_budget(name, llama):
     """Assisted decoding leaves eviction deferred in the cache it returns; the next forward without a crop ends that."""
     ids = prompt(length=20, seed=2).repeat(1, 2)
     cache = build(name, llama, BUDGET)
-    out = llama.generate(ids, past_key_values=cache, do_sample=False, max_new_tokens=8, prompt_lookup_num_tokens=3)
+    out = llama.generate(ids, **cache_kwargs(cache), do_sample=False, max_new_tokens=8, prompt_lookup_num_tokens=3)
     assert all(layer.record_past for layer in cache.layers)
     probe = HeldProbe(cache)
-    more = llama.generate(out, past_key_values=cache, do_sample=False, max_new_tokens=20,
+    more = llama.generate(out, **cache_kwargs(cache), do_sample=False, max_new_tokens=20,
                           logits_processor=LogitsProcessorList([probe]))
     assert more.shape[1] == out.shape[1] + 20 and len(probe.held) == 20
     # The first forward may still be recorded (nothing tells it apart from a verification step) ...
@@ -105,7 +107,7 @@ def test_continuing_after_assisted_decoding_keeps_the_budget(name, llama):
     assert probe.held[1:] == [BUDGET] * 19  # ... every later one evicts again
     assert not any(layer.record_past for layer in cache.layers)
     # ... and assisted decoding can start again from there (transformers then feeds the whole input again)
-    llama.generate(more, past_key_values=cache, do_sample=False, max_new_tokens=8, prompt_lookup_num_tokens=3)
+    llama.generate(more, **cache_kwargs(cache), do_sample=False, max_new_tokens=8, prompt_lookup_num_tokens=3)
     assert all(layer.record_past for layer in cache.layers)
     assert max(layer.kept for layer in cache.layers) == BUDGET
 
@@ -115,16 +117,16 @@ def test_continuing_after_assisted_decoding_keeps_the_budget(name, llama):
 def test_return_dict_in_generate_with_scores(name, budget, llama):
     ids = prompt(batch=2, length=14, seed=9)
     cache = build(name, llama, budget)
-    out = llama.generate(ids, past_key_values=cache, do_sample=False, max_new_tokens=10, return_dict_in_generate=True,
+    out = llama.generate(ids, **cache_kwargs(cache), do_sample=False, max_new_tokens=10, return_dict_in_generate=True,
                          output_scores=True, output_logits=True)
-    assert out.past_key_values is cache
+    assert output_cache(out) is cache
     assert out.sequences.shape == (2, 24)
     assert len(out.scores) == len(out.logits) == 10
     for step, (scores, logits) in enumerate(zip(out.scores, out.logits)):
         assert scores.shape == logits.shape == (2, llama.config.vocab_size)
         assert torch.isfinite(logits).all()
         assert torch.equal(scores.argmax(-1), out.sequences[:, 14 + step])  # greedy picked the best score
-    plain = llama.generate(ids, past_key_values=build(name, llama, budget), do_sample=False, max_new_tokens=10)
+    plain = llama.generate(ids, **cache_kwargs(build(name, llama, budget)), do_sample=False, max_new_tokens=10)
     assert torch.equal(out.sequences, plain)
     _check_budget(cache, budget, out.sequences)
 
@@ -146,7 +148,7 @@ def _newest_kept(cache) -> int:
 @torch.no_grad()
 def test_rolling_back_evicted_tokens_is_refused_and_changes_nothing(name, llama):
     cache = build(name, llama, BUDGET)
-    llama(prompt(length=30), past_key_values=cache, use_cache=True)  # no past recording: eviction is immediate
+    llama(prompt(length=30), **cache_kwargs(cache), use_cache=True)  # no past recording: eviction is immediate
     held = _newest_kept(cache)  # below BUDGET unless every kept token is among the newest (a pure window)
     before = [(layer.kept, layer.pos.clone()) for layer in cache.layers]
     with pytest.raises(ValueError, match=rf"crop\(-{held + 1}\).*already evicted.*budget {BUDGET}"):
@@ -169,13 +171,13 @@ def test_right_padding_is_refused(name, llama):
     mask = torch.ones_like(ids)
     mask[1, -4:] = 0
     with pytest.raises(ValueError, match="left padding only.*padding_side='left'"):
-        llama.generate(ids, attention_mask=mask, max_new_tokens=4, past_key_values=build(name, llama, BUDGET))
+        llama.generate(ids, attention_mask=mask, max_new_tokens=4, **cache_kwargs(build(name, llama, BUDGET)))
 
 
 @pytest.mark.parametrize("name", [name for name in NAMES if name != "dynamic"])  # DynamicCache is transformers'
 @torch.no_grad()
 def test_a_different_batch_size_is_refused(name, llama):
     cache = build(name, llama, BUDGET if name in EVICTING else None)
-    llama(prompt(batch=2, length=8), past_key_values=cache, use_cache=True)
+    llama(prompt(batch=2, length=8), **cache_kwargs(cache), use_cache=True)
     with pytest.raises(ValueError, match=r"holds \[batch=2.*but received .* of shape \(3, "):
-        llama(prompt(batch=3, length=1), past_key_values=cache, use_cache=True)
+        llama(prompt(batch=3, length=1), **cache_kwargs(cache), use_cache=True)

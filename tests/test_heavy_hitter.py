@@ -9,6 +9,7 @@ from transformers import DynamicCache
 
 import hf_kvplus
 from hf_kvplus import HeavyHitterCache
+from hf_kvplus._compat import cache_kwargs
 
 SCORERS = ["h2o", "tova", "keynorm", "snapkv"]
 
@@ -20,8 +21,8 @@ def test_h2o_mass_equals_eager_attention_summed_over_queries():
     eager.set_attn_implementation("eager")
     ids = prompt(length=20, seed=4)
     cache = hf_kvplus.make_cache("h2o", model, budget=1000, normalize=False)
-    model(ids[:, :16], past_key_values=cache, use_cache=True)
-    model(ids[:, 16:], past_key_values=cache, use_cache=True)
+    model(ids[:, :16], **cache_kwargs(cache), use_cache=True)
+    model(ids[:, 16:], **cache_kwargs(cache), use_cache=True)
     attentions = eager(ids, output_attentions=True).attentions  # per layer [1, q_heads, 20, 20]
     kv_heads = model.config.num_key_value_heads
     for layer, probs in zip(cache.layers, attentions, strict=True):
@@ -60,7 +61,7 @@ def test_kept_tokens_are_the_protected_and_highest_scored(name, per_head):
     ids = prompt(length=36, seed=6)
     steps = [(0, 14)] + [(t, t + 1) for t in range(14, 30)] + [(30, 36)]  # prefill, decoding, a chunk
     for start, stop in steps:
-        model(ids[:, start:stop], past_key_values=cache, use_cache=True)
+        model(ids[:, start:stop], **cache_kwargs(cache), use_cache=True)
         pos, scores = seen_calls[-1]
         for head in range(pos.shape[1]):
             expected = _reference_keep(pos[0, head].tolist(), scores[0, head].tolist(), budget, sinks, recent)
@@ -77,10 +78,10 @@ def test_scores_never_arriving_raise_instead_of_falling_back_to_recency(name):
     spec = hf_kvplus.get_spec(name)
     cache = spec.factory(model.config, budget=8)
     with pytest.raises(RuntimeError, match=r"attach\(model, attention_scores=True\)"):
-        model(prompt(length=12), past_key_values=cache, use_cache=True)
+        model(prompt(length=12), **cache_kwargs(cache), use_cache=True)
     hf_kvplus.attach(model, attention_scores=True)
     cache = spec.factory(model.config, budget=8)
-    model(prompt(length=12), past_key_values=cache, use_cache=True)
+    model(prompt(length=12), **cache_kwargs(cache), use_cache=True)
     assert cache.max_held == 8
 
 
@@ -88,7 +89,7 @@ def test_scores_never_arriving_raise_instead_of_falling_back_to_recency(name):
 def test_h2o_normalize_divides_by_the_queries_that_saw_each_token():
     model = tiny_model("llama-gqa")
     cache = hf_kvplus.make_cache("h2o", model, budget=1000, normalize=True)
-    model(prompt(length=12), past_key_values=cache, use_cache=True)
+    model(prompt(length=12), **cache_kwargs(cache), use_cache=True)
     layer = cache.layers[0]
     seen_by = torch.arange(12, 0, -1).float()  # the first token was seen by 12 queries, the last by 1
     torch.testing.assert_close(layer.score(), layer.token_state["mass"] / seen_by)
@@ -102,9 +103,9 @@ def test_rejected_candidates_attention_does_not_count():
     caches = []
     for fed, drop in ((ids[:, 20:26], 4), (ids[:, 20:22], 0)):  # 6 candidates of which 2 accepted / just the 2
         cache = hf_kvplus.make_cache("h2o", model, budget=12)
-        model(ids[:, :20], past_key_values=cache, use_cache=True)
+        model(ids[:, :20], **cache_kwargs(cache), use_cache=True)
         cache.activate_past_recording()
-        model(fed, past_key_values=cache, use_cache=True)
+        model(fed, **cache_kwargs(cache), use_cache=True)
         assert cache.layers[0].kept == 12 + fed.shape[1]  # eviction waits for the commit
         cache.crop(-drop)
         caches.append(cache)
@@ -119,9 +120,9 @@ def test_assisted_decoding_with_prompt_lookup(budget):
     model = tiny_model("llama-gqa")
     ids = prompt(length=24, seed=2).repeat(1, 2)
     kwargs = {"budget": budget or 10_000}
-    plain = model.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=hf_kvplus.make_cache("h2o", model, **kwargs))
+    plain = model.generate(ids, max_new_tokens=20, do_sample=False, **cache_kwargs(hf_kvplus.make_cache("h2o", model, **kwargs)))
     cache = hf_kvplus.make_cache("h2o", model, **kwargs)
-    assisted = model.generate(ids, max_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=4, past_key_values=cache)
+    assisted = model.generate(ids, max_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=4, **cache_kwargs(cache))
     assert cache.layers[0].record_past and cache.get_seq_length() == assisted.shape[1] - 1
     if budget is None:
         assert torch.equal(assisted, plain)
@@ -146,7 +147,7 @@ def test_chunked_prefill_holds_budget_plus_one_chunk_at_most():
     assert len(during) == 9 * len(cache.layers)
     again = hf_kvplus.make_cache("h2o", model, budget=budget)
     for start in range(0, 70, chunk):
-        expected = model(ids[:, start : start + chunk], past_key_values=again, use_cache=True).logits
+        expected = model(ids[:, start : start + chunk], **cache_kwargs(again), use_cache=True).logits
     torch.testing.assert_close(out.logits, expected)
 
 
@@ -219,11 +220,11 @@ def test_a_new_scorer_is_a_layer_with_a_score():
     model = tiny_model("llama-gqa")
     hf_kvplus.attach(model)
     cache = ValueNormCache(model.config, budget=8)
-    model(prompt(length=20), past_key_values=cache, use_cache=True)
+    model(prompt(length=20), **cache_kwargs(cache), use_cache=True)
     layer = cache.layers[0]
     assert cache.max_held == 8 and layer.pos[0, 0, -4:].tolist() == [16, 17, 18, 19]
     heavy = layer.token_state["value_norm"][..., :4]  # [1, kv_heads, 4]: the scored half
     reference = DynamicCache(config=model.config)
-    model(prompt(length=20), past_key_values=reference, use_cache=True)
+    model(prompt(length=20), **cache_kwargs(reference), use_cache=True)
     norms = reference.layers[0].values.norm(dim=-1)[..., :16]  # [1, kv_heads, 16] candidates
     torch.testing.assert_close(heavy.sort(dim=-1).values, norms.topk(4, dim=-1).values.sort(dim=-1).values)

@@ -13,6 +13,7 @@ from conftest import VOCAB, prompt
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_kvplus
+from hf_kvplus._compat import cache_kwargs
 from hf_kvplus.eval import streaming_perplexity
 from hf_kvplus.memory import current_rss_bytes
 
@@ -39,7 +40,7 @@ def test_streaming_ten_times_past_the_trained_positions(rerotate):
 
     kept = list(range(SINKS)) + list(range(TOTAL - 2 - WINDOW, TOTAL - 2))
     assert cache.layers[0].pos.tolist() == kept
-    got = model(ids[:, -2:-1], past_key_values=cache, use_cache=True).logits[0, -1]
+    got = model(ids[:, -2:-1], **cache_kwargs(cache), use_cache=True).logits[0, -1]
     tokens = ids[:, kept + [TOTAL - 2]]
     inside = model(tokens, position_ids=torch.arange(len(kept) + 1)[None]).logits[0, -1]
     if rerotate:  # exactly the model on a short sequence, within its trained positions

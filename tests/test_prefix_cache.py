@@ -11,13 +11,14 @@ from transformers import DynamicCache
 
 import hf_kvplus
 from hf_kvplus import PrefixStore
+from hf_kvplus._compat import cache_kwargs
 
 NEW = 12
 
 
 def dense(model, ids, **kwargs):
     kwargs = {"max_new_tokens": NEW, "do_sample": False, **kwargs}
-    return model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
+    return model.generate(ids, **cache_kwargs(DynamicCache(config=model.config)), **kwargs)
 
 
 def shared_storages(cache) -> set[int]:
@@ -36,7 +37,7 @@ class PrefillCounter:
 def prefill(model, store, ids):
     """One forward over what the store does not hold yet."""
     cache = store.cache_for(model, ids)
-    model(ids[:, cache.get_seq_length() :], past_key_values=cache, use_cache=True)
+    model(ids[:, cache.get_seq_length() :], **cache_kwargs(cache), use_cache=True)
     return cache
 
 
@@ -52,7 +53,7 @@ def test_requests_share_the_prefix_storage_and_prefill_only_the_suffix(model):
     caches, outputs = [], []
     for ids in requests():
         cache = store.cache_for(model, ids)
-        outputs.append(model.generate(ids, max_new_tokens=NEW, do_sample=False, past_key_values=cache))
+        outputs.append(model.generate(ids, max_new_tokens=NEW, do_sample=False, **cache_kwargs(cache)))
         caches.append(cache)
     assert [caches[i].shared_length > 0 for i in range(3)] == [True] * 3  # all re-read from the store after publishing
     first_forwards = counter.tokens[:: NEW]
@@ -72,14 +73,14 @@ def test_requests_share_the_prefix_storage_and_prefill_only_the_suffix(model):
 def test_a_batch_holds_the_shared_prefix_once():
     model = tiny_model("llama-gqa")
     store = PrefixStore(block_size=4)
-    model.generate(requests()[0], max_new_tokens=2, past_key_values=store.cache_for(model, requests()[0]))
+    model.generate(requests()[0], max_new_tokens=2, **cache_kwargs(store.cache_for(model, requests()[0])))
     batch = torch.cat(requests(count=4, seed=0), dim=0)  # 4 rows: same 20-token prefix, different suffixes
     cache = store.cache_for(model, batch)
     assert cache.shared_length == 20
     layer = cache.layers[0]
     for payload, _, _ in layer.store.segments:
         assert payload[0].get()[0].shape[0] == 1  # one row, expanded on the fly to the batch
-    out = model.generate(batch, max_new_tokens=NEW, do_sample=False, past_key_values=cache)
+    out = model.generate(batch, max_new_tokens=NEW, do_sample=False, **cache_kwargs(cache))
     for row in range(4):
         assert torch.equal(out[row : row + 1], dense(model, batch[row : row + 1]))
     per_token = 2 * 2 * 16 * 4  # k and v, 2 kv heads, head_dim 16, fp32: one token of one layer
@@ -97,17 +98,17 @@ def test_rows_share_only_their_common_prefix_and_padded_rows_share_nothing():
     store = PrefixStore(block_size=4)
     ids = prompt(batch=2, length=18, seed=4)
     ids[1, :9] = ids[0, :9]
-    model.generate(ids[:1], max_new_tokens=1, past_key_values=store.cache_for(model, ids[:1]))
+    model.generate(ids[:1], max_new_tokens=1, **cache_kwargs(store.cache_for(model, ids[:1])))
     assert store.cache_for(model, ids).shared_length == 8
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     cache = store.cache_for(model, ids, attention_mask=mask)
     assert cache.shared_length == 0
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, past_key_values=cache)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, **cache_kwargs(cache))
     assert torch.equal(out[1:, 18:], dense(model, ids[1:, 3:])[:, 15:])
     same = ids[:1].repeat(2, 1)
     with pytest.raises(ValueError, match="left-pads"):
-        model.generate(same, attention_mask=mask, max_new_tokens=2, past_key_values=store.cache_for(model, same))
+        model.generate(same, attention_mask=mask, max_new_tokens=2, **cache_kwargs(store.cache_for(model, same)))
 
 
 @torch.no_grad()
@@ -118,7 +119,7 @@ def test_chat_turns_reuse_everything_computed_before():
     for turn in range(3):
         cache = store.cache_for(model, history)
         reused = cache.shared_length
-        out = model.generate(history, max_new_tokens=NEW, do_sample=False, past_key_values=cache)
+        out = model.generate(history, max_new_tokens=NEW, do_sample=False, **cache_kwargs(cache))
         assert torch.equal(out, dense(model, history))
         if previous is not None:
             assert reused == (previous - 1) // 4 * 4  # every whole block of the last turn, answer included
@@ -131,16 +132,16 @@ def test_crop_into_the_prefix_narrows_views_and_never_writes_shared_tensors():
     model = tiny_model("llama-gqa")
     store = PrefixStore(block_size=4)
     ids = requests()[0]
-    model.generate(ids, max_new_tokens=2, past_key_values=store.cache_for(model, ids))
+    model.generate(ids, max_new_tokens=2, **cache_kwargs(store.cache_for(model, ids)))
     snapshot = [t.clone() for t in store.tensors()]
     cache = store.cache_for(model, ids)
-    model(ids[:, 24:], past_key_values=cache, use_cache=True)
+    model(ids[:, 24:], **cache_kwargs(cache), use_cache=True)
     cache.crop(-7)  # 26 -> 19 tokens: 2 private ones, then 5 shared ones (a partial block is copied out)
     assert (cache.get_seq_length(), cache.shared_length, cache.layers[0].store.private.length) == (19, 16, 3)
     reference = DynamicCache(config=model.config)
-    model(ids[:, :19], past_key_values=reference, use_cache=True)
-    got = model(ids[:, 19:], past_key_values=cache, use_cache=True).logits
-    torch.testing.assert_close(got, model(ids[:, 19:], past_key_values=reference, use_cache=True).logits)
+    model(ids[:, :19], **cache_kwargs(reference), use_cache=True)
+    got = model(ids[:, 19:], **cache_kwargs(cache), use_cache=True).logits
+    torch.testing.assert_close(got, model(ids[:, 19:], **cache_kwargs(reference), use_cache=True).logits)
     assert all(torch.equal(a, b) for a, b in zip(snapshot, store.tensors(), strict=True))
     assert store.stats()["referenced_nodes"] > 0
 
@@ -155,12 +156,12 @@ def test_generation_modes_from_a_shared_prefix_match_a_dynamic_cache(mode):
     model = tiny_model("llama-gqa")
     store = PrefixStore(block_size=4)
     ids = requests()[1].repeat(1, 2)
-    model.generate(ids, max_new_tokens=1, past_key_values=store.cache_for(model, ids))
+    model.generate(ids, max_new_tokens=1, **cache_kwargs(store.cache_for(model, ids)))
     cache = store.cache_for(model, ids)
     assert cache.shared_length == 48
     mode = {"max_new_tokens": NEW, "do_sample": False, "return_dict_in_generate": True, "output_scores": True, **mode}
     torch.manual_seed(0)
-    ours = model.generate(ids, past_key_values=cache, **mode)
+    ours = model.generate(ids, **cache_kwargs(cache), **mode)
     torch.manual_seed(0)
     reference = dense(model, ids, **mode)
     assert torch.equal(ours.sequences, reference.sequences)
@@ -181,7 +182,7 @@ def test_assisted_decoding_crops_published_speculative_blocks():
     expected = dense(model, ids, prompt_lookup_num_tokens=3)
     for _ in range(2):  # the second run reads blocks the first one published
         cache = hf_kvplus.PrefixSharedCache(model.config, store=store)
-        out = model.generate(ids, max_new_tokens=NEW, do_sample=False, prompt_lookup_num_tokens=3, past_key_values=cache)
+        out = model.generate(ids, max_new_tokens=NEW, do_sample=False, prompt_lookup_num_tokens=3, **cache_kwargs(cache))
         assert torch.equal(out, expected)
         assert cache.shared_length == cache.get_seq_length() // 2 * 2
 
@@ -193,8 +194,8 @@ def test_references_live_with_the_cache_and_end_with_it():
     store = PrefixStore(block_size=4, max_bytes=26 * bytes_per_token)
     first, second, third = requests(prefix_len=20, suffix_len=4, count=3)
     cache = store.cache_for(model, first)
-    model(first[:, :20], past_key_values=cache, use_cache=True)  # two forwards: two nodes with their own storage
-    model(first[:, 20:], past_key_values=cache, use_cache=True)
+    model(first[:, :20], **cache_kwargs(cache), use_cache=True)  # two forwards: two nodes with their own storage
+    model(first[:, 20:], **cache_kwargs(cache), use_cache=True)
     assert (store.stats()["tokens_held"], store.stats()["nodes"]) == (24, 2)
     prefill(model, store, second)
     stats = store.stats()  # publishing the second suffix needs room the live first request holds
@@ -215,8 +216,8 @@ def test_deepcopy_and_reset_give_references_back_and_copies_are_independent():
     cache = store.cache_for(model, ids)
     twin = copy.deepcopy(cache)
     assert not shared_storages(twin) & shared_storages(cache)
-    a = model.generate(ids, max_new_tokens=NEW, do_sample=False, past_key_values=cache)
-    assert torch.equal(model.generate(ids, max_new_tokens=NEW, do_sample=False, past_key_values=twin), a)
+    a = model.generate(ids, max_new_tokens=NEW, do_sample=False, **cache_kwargs(cache))
+    assert torch.equal(model.generate(ids, max_new_tokens=NEW, do_sample=False, **cache_kwargs(twin)), a)
     cache.release()
     del twin
     assert cache.get_seq_length() == 0 and store.stats()["referenced_nodes"] == 0
@@ -227,11 +228,11 @@ def test_without_a_store_or_token_ids_it_is_a_plain_cache():
     model = tiny_model("llama-gqa")
     ids = prompt(length=20)
     cache = hf_kvplus.PrefixSharedCache(model.config)
-    assert torch.equal(model.generate(ids, max_new_tokens=NEW, do_sample=False, past_key_values=cache), dense(model, ids))
+    assert torch.equal(model.generate(ids, max_new_tokens=NEW, do_sample=False, **cache_kwargs(cache)), dense(model, ids))
     store = PrefixStore(block_size=4)
     cache = store.cache_for(model, ids)
     embeds = model.get_input_embeddings()(ids)
-    model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+    model(inputs_embeds=embeds, **cache_kwargs(cache), use_cache=True)
     assert store.stats()["nodes"] == 0 and cache.get_seq_length() == 20  # ids unknown: nothing published
     with pytest.raises(TypeError, match="PrefixStore"):
         hf_kvplus.PrefixSharedCache(model.config, store="shared")

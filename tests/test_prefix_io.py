@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 import hf_kvplus
 from hf_kvplus import PrefixStore
+from hf_kvplus._compat import cache_kwargs
 from hf_kvplus.caches.prefix_io import _checksum
 
 
@@ -24,7 +25,7 @@ def saved(tmp_path_factory):
     reqs = [torch.cat([prefix, prompt(length=9, seed=s)], dim=1) for s in (2, 3)]
     with torch.no_grad():
         for ids in reqs:
-            model.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=store.cache_for(model, ids))
+            model.generate(ids, max_new_tokens=4, do_sample=False, **cache_kwargs(store.cache_for(model, ids)))
     path = tmp_path_factory.mktemp("prefix") / "store.safetensors"
     store.save(path)
     return model, store, path, reqs
@@ -50,7 +51,7 @@ def test_round_trip_restores_every_prefix_and_the_same_outputs(saved):
         with torch.no_grad():
             cache = loaded.cache_for(model, ids)
             assert cache.shared_length == 24
-            out = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache)
+            out = model.generate(ids, max_new_tokens=6, do_sample=False, **cache_kwargs(cache))
             assert torch.equal(out, model.generate(ids, max_new_tokens=6, do_sample=False))
 
 

@@ -12,6 +12,7 @@ from conftest import prompt, tiny_model
 
 import hf_kvplus
 from hf_kvplus import KVStore, PrefixStore
+from hf_kvplus._compat import cache_kwargs
 
 
 class HalfStore(KVStore):
@@ -52,7 +53,7 @@ def test_a_prefix_held_in_another_format_is_shared_and_counted_at_its_size(tmp_p
     first, second = (torch.cat([prefix, prompt(length=6, seed=s)], dim=1) for s in (2, 3))
     dense, half = PrefixStore(block_size=4), PrefixStore(block_size=4, store_factory=HalfStore)
     for store in (dense, half):
-        model(first, past_key_values=store.cache_for(model, first), use_cache=True)
+        model(first, **cache_kwargs(store.cache_for(model, first)), use_cache=True)
     per_token = 2 * 2 * 2 * 16 * 4  # layers x (k, v) x kv heads x head_dim x fp32
     assert dense.nbytes == 26 * per_token  # views of the 26-token prefill (24 published + a 2-token partial block)
     assert half.nbytes == 24 * per_token // 2  # re-encoded: exactly the 24 published tokens, at 2 bytes each
@@ -60,7 +61,7 @@ def test_a_prefix_held_in_another_format_is_shared_and_counted_at_its_size(tmp_p
     ptrs = [{t.untyped_storage().data_ptr() for p, _, _ in c.layers[0].store.segments for t in p[0].tensors()} for c in caches]
     assert ptrs[0] == ptrs[1] and all(t.dtype == torch.float16 for p, _, _ in caches[0].layers[0].store.segments
                                       for t in p[0].tensors())
-    logits = model(second[:, 20:], past_key_values=caches[0], use_cache=True).logits
+    logits = model(second[:, 20:], **cache_kwargs(caches[0]), use_cache=True).logits
     reference = model(second).logits[:, 20:]
     torch.testing.assert_close(logits, reference, atol=5e-3, rtol=0)  # float16 prefix: close, not equal
     assert not torch.equal(logits, reference)
@@ -76,13 +77,13 @@ def test_a_prefix_in_packed_int4_is_shared_counted_and_close():
     first, second = (torch.cat([prefix, prompt(length=6, seed=s)], dim=1) for s in (2, 3))
     dense, packed = PrefixStore(block_size=4), PrefixStore(block_size=4, nbits=4)
     for store in (dense, packed):
-        model(first, past_key_values=store.cache_for(model, first), use_cache=True)
+        model(first, **cache_kwargs(store.cache_for(model, first)), use_cache=True)
     caches = [packed.cache_for(model, second) for _ in range(2)]
     tensors = [[t for p, _, _ in c.layers[0].store.segments for t in p[0].tensors()] for c in caches]
     assert {t.untyped_storage().data_ptr() for t in tensors[0]} == {t.untyped_storage().data_ptr() for t in tensors[1]}
     assert any(t.dtype == torch.uint8 for t in tensors[0])  # packed codes, not a float copy
     assert packed.nbytes < dense.nbytes / 2
     assert packed.nbytes == hf_kvplus.cache_nbytes(packed)
-    logits = model(second[:, 20:], past_key_values=caches[0], use_cache=True).logits
+    logits = model(second[:, 20:], **cache_kwargs(caches[0]), use_cache=True).logits
     reference = model(second).logits[:, 20:]
     torch.testing.assert_close(logits, reference, atol=0.1, rtol=0)

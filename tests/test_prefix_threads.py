@@ -11,6 +11,7 @@ from conftest import prompt, tiny_model
 
 import hf_kvplus
 from hf_kvplus import PrefixStore
+from hf_kvplus._compat import cache_kwargs
 
 THREADS, REQUESTS, NEW = 3, 12, 4
 BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4  # tiny llama: layers x (k, v) x kv heads x head_dim x fp32
@@ -37,7 +38,7 @@ def test_concurrent_requests_keep_the_budget_and_reference_counts_consistent():
         try:
             for i in range(first, REQUESTS, THREADS):
                 cache = store.cache_for(model, jobs[i])
-                results[i] = model.generate(jobs[i], max_new_tokens=NEW, do_sample=False, past_key_values=cache)
+                results[i] = model.generate(jobs[i], max_new_tokens=NEW, do_sample=False, **cache_kwargs(cache))
         except Exception as error:  # reported below: a thread's exception would otherwise be lost
             errors.append(error)
 

@@ -13,6 +13,7 @@ from test_conformance import BUDGET, EVICTING, BudgetProbe, _reachable_tensor_by
 from transformers import DynamicCache, LogitsProcessorList
 
 import hf_kvplus
+from hf_kvplus._compat import cache_kwargs, output_cache
 from hf_kvplus.caches.quantized_store import QuantizedStore
 
 STORAGE = dict(group_size=4, residual_length=4)
@@ -37,7 +38,7 @@ def test_budget_holds_and_memory_is_packed(name, nbits, mode, model):
     cache = build(name, model, nbits, budget=budget)
     probe = BudgetProbe(cache, budget)
     torch.manual_seed(0)
-    out = model.generate(prompt(length=20), max_new_tokens=25, past_key_values=cache,
+    out = model.generate(prompt(length=20), max_new_tokens=25, **cache_kwargs(cache),
                          logits_processor=LogitsProcessorList([probe]), **mode)
     assert out.shape[1] == 45 and cache.max_held <= budget
     stores = [layer.store for layer in cache.layers]
@@ -56,17 +57,17 @@ def test_padded_rows_and_continuation_at_int8(name, model):
     mask = torch.ones_like(ids)
     ids[1, :7], mask[1, :7] = 0, 0
     batch = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False,
-                           past_key_values=build(name, model, 8))
-    alone = model.generate(ids[1:, 7:], max_new_tokens=20, do_sample=False, past_key_values=build(name, model, 8))
+                           **cache_kwargs(build(name, model, 8)))
+    alone = model.generate(ids[1:, 7:], max_new_tokens=20, do_sample=False, **cache_kwargs(build(name, model, 8)))
     # Key groups span tokens, so the padded row's first group holds padding: int8 codes differ slightly
     # from the unpadded run's. Position-based choices cannot flip; a score-based one may flip on a near
     # tie (tova on llama-gqa does at step 12), so those are held to the first 10 tokens.
     same = 20 if hf_kvplus.get_spec(name).factory is hf_kvplus.SinkCache else 10
     assert torch.equal(batch[1, 18 : 18 + same], alone[0, 11 : 11 + same])
-    once = model.generate(ids[:1], max_new_tokens=24, do_sample=False, past_key_values=build(name, model, 4))
-    first = model.generate(ids[:1], max_new_tokens=10, do_sample=False, past_key_values=build(name, model, 4),
+    once = model.generate(ids[:1], max_new_tokens=24, do_sample=False, **cache_kwargs(build(name, model, 4)))
+    first = model.generate(ids[:1], max_new_tokens=10, do_sample=False, **cache_kwargs(build(name, model, 4)),
                            return_dict_in_generate=True)
-    second = model.generate(first.sequences, max_new_tokens=14, do_sample=False, past_key_values=first.past_key_values)
+    second = model.generate(first.sequences, max_new_tokens=14, do_sample=False, **cache_kwargs(output_cache(first)))
     assert torch.equal(second, once)
 
 
@@ -76,9 +77,9 @@ def test_beam_search_at_int8_matches_dynamic_cache():
     model = tiny_model("llama-gqa")
     ids = prompt(batch=2, length=16, seed=4)
     kwargs = dict(max_new_tokens=16, num_beams=3, num_return_sequences=3, do_sample=False)
-    expected = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
+    expected = model.generate(ids, **cache_kwargs(DynamicCache(config=model.config)), **kwargs)
     cache = hf_kvplus.make_cache("quantized", model, nbits=8, **STORAGE)
-    assert torch.equal(model.generate(ids, past_key_values=cache, **kwargs), expected)
+    assert torch.equal(model.generate(ids, **cache_kwargs(cache), **kwargs), expected)
     assert cache.layers[0].store.quantized_length > 0
 
 

@@ -10,6 +10,7 @@ from conftest import prompt, tiny_model
 
 import hf_kvplus
 import hf_kvplus.quant.quanto as quanto_kernels
+from hf_kvplus._compat import cache_kwargs
 from hf_kvplus.caches.quantized_store import QuantizedStore
 from hf_kvplus.quant import pack, unpack
 
@@ -40,7 +41,7 @@ def test_quanto_backend_generates_like_the_torch_backend():
     ids = prompt(batch=2, length=20, seed=2)
     outputs = [
         model.generate(ids, max_new_tokens=12, do_sample=False, num_beams=2,
-                       past_key_values=hf_kvplus.make_cache("int4", model, group_size=4, residual_length=4, backend=b))
+                       **cache_kwargs(hf_kvplus.make_cache("int4", model, group_size=4, residual_length=4, backend=b)))
         for b in ("torch", "quanto")
     ]
     assert torch.equal(*outputs)

@@ -9,6 +9,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaFo
 
 import hf_kvplus
 from hf_kvplus import SinkCache
+from hf_kvplus._compat import cache_kwargs
 
 
 def one_layer(arch: str):
@@ -40,10 +41,10 @@ def test_sink_cache_equals_attention_over_the_kept_tokens(arch, rerotate):
     ids = prompt(length=total, seed=7)
     cache = hf_kvplus.make_cache("sink", model, budget=sinks + window, num_sink_tokens=sinks, rerotate_keys=rerotate)
     for t in range(total - 1):
-        model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+        model(ids[:, t : t + 1], **cache_kwargs(cache), use_cache=True)
     kept = list(range(sinks)) + list(range(total - 1 - window, total - 1))
     assert cache.layers[0].pos.tolist() == kept
-    got = model(ids[:, -1:], past_key_values=cache, use_cache=True).logits[0, -1]
+    got = model(ids[:, -1:], **cache_kwargs(cache), use_cache=True).logits[0, -1]
 
     tokens = ids[:, kept + [total - 1]]
     if rerotate:  # contiguous positions ending at the present
@@ -59,7 +60,7 @@ def test_sliding_window_preset_keeps_only_recent_tokens():
     model = one_layer("llama")
     cache = hf_kvplus.make_cache("window", model, budget=8)
     assert cache.num_sink_tokens == 0 and not cache.rerotate_keys
-    model(prompt(length=30), past_key_values=cache, use_cache=True)
+    model(prompt(length=30), **cache_kwargs(cache), use_cache=True)
     assert cache.layers[0].pos.tolist() == list(range(22, 30))
     assert cache.get_seq_length() == 30
 
@@ -101,7 +102,7 @@ def test_rerotation_needs_rope_parameters():
 def test_crop_rolls_back_recent_tokens_and_refuses_evicted_ones():
     model = one_layer("llama")
     cache = hf_kvplus.make_cache("sink", model, budget=10, num_sink_tokens=2)
-    model(prompt(length=30), past_key_values=cache, use_cache=True)
+    model(prompt(length=30), **cache_kwargs(cache), use_cache=True)
     cache.crop(-3)
     assert cache.get_seq_length() == 27
     assert cache.layers[0].pos.tolist() == [0, 1] + list(range(22, 27))
@@ -117,9 +118,9 @@ def test_assisted_decoding_defers_eviction_until_commit(budget):
     model = one_layer("llama")
     ids = prompt(length=24, seed=2).repeat(1, 2)  # repeated text gives prompt lookup something to find
     kwargs = {"budget": budget} if budget else {"budget": 10_000}
-    plain = model.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=hf_kvplus.make_cache("sink", model, **kwargs))
+    plain = model.generate(ids, max_new_tokens=20, do_sample=False, **cache_kwargs(hf_kvplus.make_cache("sink", model, **kwargs)))
     cache = hf_kvplus.make_cache("sink", model, **kwargs)
-    assisted = model.generate(ids, max_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=4, past_key_values=cache)
+    assisted = model.generate(ids, max_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=4, **cache_kwargs(cache))
     assert cache.layers[0].record_past
     assert cache.get_seq_length() == assisted.shape[1] - 1
     if budget is None:
@@ -133,10 +134,10 @@ def test_evicting_a_batch_without_padding_information_is_refused():
     model = one_layer("llama")
     cache = SinkCache(model.config, budget=8)  # built from the config: no hook sees the padding
     with pytest.raises(ValueError, match="without knowing their padding"):
-        model(prompt(batch=2, length=12), past_key_values=cache, use_cache=True)
+        model(prompt(batch=2, length=12), **cache_kwargs(cache), use_cache=True)
     hf_kvplus.attach(model)
     cache = SinkCache(model.config, budget=8)
-    model(prompt(batch=2, length=12), past_key_values=cache, use_cache=True)
+    model(prompt(batch=2, length=12), **cache_kwargs(cache), use_cache=True)
     assert cache.max_held == 8
 
 
@@ -147,4 +148,4 @@ def test_right_padding_is_refused_once_tokens_are_evicted():
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0
     with pytest.raises(ValueError, match="left padding only"):
-        model(ids, attention_mask=mask, past_key_values=hf_kvplus.make_cache("sink", model, budget=8), use_cache=True)
+        model(ids, attention_mask=mask, **cache_kwargs(hf_kvplus.make_cache("sink", model, budget=8)), use_cache=True)

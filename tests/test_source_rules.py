@@ -81,3 +81,26 @@ def test_cache_code_creates_tensors_on_the_device_of_its_inputs():
     created = lines(CACHE_CODE, r"torch\.(arange|zeros|ones|empty|full|tensor|randn|rand|eye|linspace)\(")
     missing = [hit for hit in created if "device=" not in hit[2]]
     assert [hit[0] for hit in missing] == ["caches/prefix_io.py", "caches/prefix_io.py"]  # the file's index tensors
+
+
+# What differs between transformers versions, or is private to transformers, is named in _compat.py only.
+VERSION_DEPENDENT = [
+    r"past_key_values\s*=",  # the cache keyword (renamed to `cache` in 5.24): use _compat.cache_kwargs
+    r"[\"']past_key_values[\"']",
+    r"\.past_key_values\b",  # output field (`.cache` from 5.24): use _compat.output_cache
+    r"\._attn_implementation\b",
+    r"\bfrom\s+transformers\.(integrations|masking_utils|modeling_rope_utils|utils)\b",
+    r"\bsdpa_attention_forward\b",
+    r"\blayer\.dtype\b",  # dropped from CacheLayerMixin in 5.24: use _compat.layer_dtypes
+]
+
+
+@pytest.mark.parametrize("pattern", VERSION_DEPENDENT)
+def test_version_dependent_names_live_in_compat_only(pattern):
+    outside = [path for path in SOURCES if path.name != "_compat.py"]
+    docstring_free = []
+    for path, number, line in lines(outside, pattern):
+        if line.startswith(("``", "(``", "*")) or "``" in line:  # prose in docstrings, not code
+            continue
+        docstring_free.append((path, number, line))
+    assert docstring_free == []
