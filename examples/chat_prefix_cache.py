@@ -42,7 +42,7 @@ def chat(model, tokenizer, store, questions=QUESTIONS, max_new_tokens=40) -> lis
         began = time.perf_counter()
         cache = store.cache_for(model, ids)
         reused = cache.get_seq_length()
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=max_new_tokens, do_sample=False)
+        out = model.generate(ids, cache=cache, max_new_tokens=max_new_tokens, do_sample=False)  # past_key_values= before transformers 5.24
         answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
         messages.append({"role": "assistant", "content": answer})
         rows.append({"turn": turn, "prompt_tokens": ids.shape[1], "reused": reused,
