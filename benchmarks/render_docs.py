@@ -1,8 +1,9 @@
 """Render ``docs/benchmarks.md`` from the saved benchmark results (never typed by hand).
 
 Reads ``benchmarks/results/peers.json`` (``benchmarks/peers.py``), ``quantized.json``
-(``benchmarks/quantized.py``) and ``scaling.json`` (``benchmarks/scaling.py``, whose plot is
-``docs/images/scaling.png``), and states plainly every row where a peer beats us.
+(``benchmarks/quantized.py``), ``scaling.json`` (``benchmarks/scaling.py``, whose plot is
+``docs/images/scaling.png``) and ``decode_step.json`` (``benchmarks/decode_step.py``), and states plainly
+every row where a peer beats us.
 
 Run from the repository root::
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import decode_step  # noqa: E402
 import peers  # noqa: E402
 import quantized  # noqa: E402
 import scaling  # noqa: E402
@@ -66,8 +68,9 @@ def _meta_lines(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def page(peer_report: dict | None, quantized_report: dict | None, scaling_report: dict | None) -> str:
-    """The Markdown of ``docs/benchmarks.md`` from the three reports (any may be missing)."""
+def page(peer_report: dict | None, quantized_report: dict | None, scaling_report: dict | None,
+         decode_report: dict | None = None) -> str:
+    """The Markdown of ``docs/benchmarks.md`` from the four reports (any may be missing)."""
     out = ["# Benchmarks against the peers", "",
            "Every figure on this page comes from a script under `benchmarks/` whose command is given with its "
            "table; the page itself is rendered by `PYTHONPATH=. python benchmarks/render_docs.py`. Model: the "
@@ -122,7 +125,35 @@ def page(peer_report: dict | None, quantized_report: dict | None, scaling_report
                 scaling.render(scaling_report), "", _meta_lines(scaling_report["meta"]), ""]
     else:
         out += ["*Not run yet: `benchmarks/scaling.py`.*", ""]
+    out += decode_section(decode_report)
     return "\n".join(out)
+
+
+def decode_section(report: dict | None) -> list[str]:
+    """The decode step section: every strategy against transformers' dense, window and quanto caches."""
+    from hf_kvplus.bench import render_markdown, slower_sentences
+
+    out = ["## Decode step and prefill time: every strategy against transformers' caches", "",
+           "Each strategy gets a fresh cache per (context, batch), is prefilled in chunks of 512 tokens "
+           "(`hf_kvplus.prefill`, the same for `dense`), then greedy single-token steps are timed in interleaved "
+           "rounds, so that load from other processes affects all alike; `step_ms` is the median. `dense` is "
+           "`DynamicCache`; `tf-window` is transformers' `DynamicSlidingWindowLayer` at the same budget (no sinks); "
+           "`tf-quanto-int4` is transformers' `QuantizedCache` with optimum-quanto. Ratios come from the same run. "
+           "`cache_mib` is `hf_kvplus.cache_nbytes` right after prefill (for `tf-window`, the kept slice is a view "
+           "of the last chunk's concatenation, so it pins budget + 512 tokens until the next forward); `peak_mib` "
+           "is the peak during prefill minus what was resident before (CPU RSS: a rough figure, since freed memory "
+           "is reused). `library` says whose cache it is. Re-run (then re-render this page):", "",
+           "```bash", "make bench-decode", "```", ""]
+    if not report:
+        return out + ["*Not run yet: `benchmarks/decode_step.py`.*", ""]
+    out += [render_markdown(report["rows"]), "", _meta_lines(report["meta"]), ""]
+    skipped = report["meta"].get("skipped") or {}
+    if skipped:
+        out += ["Left out: " + "; ".join(f"`{k}` ({v})" for k, v in skipped.items()) + ".", ""]
+    slower = slower_sentences(report["rows"])
+    out += ["**Where our decode step is slower than transformers' dense or window cache** (more than 5%):", ""]
+    out += [f"* {s}" for s in slower] if slower else ["* Nowhere in this table."]
+    return out + [""]
 
 
 def _load(name: str) -> dict | None:
@@ -131,7 +162,7 @@ def _load(name: str) -> dict | None:
 
 
 def main() -> None:
-    PAGE.write_text(page(_load("peers"), _load("quantized"), _load("scaling")))
+    PAGE.write_text(page(_load("peers"), _load("quantized"), _load("scaling"), _load(decode_step.STEM)))
     print(f"wrote {PAGE}")
 
 

@@ -149,3 +149,39 @@ def test_docs_page_says_plainly_where_a_peer_beats_us():
     assert "our `h2o`" not in text  # h2o beats every peer at 0.5
     assert "beats `hf_kvplus int4` on cache bytes" in text and "on perplexity" not in text
     assert "Not run yet: `benchmarks/scaling.py`" in text and "python benchmarks/peers.py" in text
+    assert "Not run yet: `benchmarks/decode_step.py`" in text
+
+
+def test_decode_benchmark_rows_on_a_tiny_model():
+    from hf_kvplus.bench import decode_benchmark, plan_strategies, render_markdown, slower_sentences
+
+    model = tiny_model("llama-gqa")
+    rows = decode_benchmark(model, ["dense", "window"], contexts=(32, 64), batch_sizes=(1, 2), budget=16, steps=2,
+                            rounds=1, input_ids=prompt(length=128)[0], chunk_size=16, max_batch_tokens=64)
+    assert [row["key"] for row in rows] == ["dense@32x1", "window@32x1", "dense@32x2", "window@32x2",
+                                            "dense@64x1", "window@64x1"]  # 64x2 is over max_batch_tokens
+    schema = {"key", "strategy", "library", "context", "batch", "budget", "prefill_s", "step_ms", "steps_timed",
+              "cache_bytes", "peak_bytes", "peak_delta_bytes", "memory", "step_vs_dense", "prefill_vs_dense",
+              "bytes_vs_dense"}
+    for row in rows:
+        assert set(row) == schema, set(row) ^ schema
+        assert row["cache_bytes"] > 0 and row["peak_bytes"] > 0 and row["step_ms"] > 0 and row["prefill_s"] > 0
+        assert row["steps_timed"] == 2 and row["memory"] == "cpu peak rss"
+    by_key = {row["key"]: row for row in rows}
+    assert by_key["window@32x1"]["cache_bytes"] == by_key["window@64x1"]["cache_bytes"]  # flat at the budget
+    assert by_key["dense@64x1"]["cache_bytes"] > by_key["dense@32x1"]["cache_bytes"]
+    assert by_key["window@32x1"]["budget"] == 16 and by_key["dense@32x1"]["budget"] is None
+    assert by_key["dense@32x2"]["step_vs_dense"] == 1.0 and by_key["window@32x1"]["library"] == "hf_kvplus"
+    assert "| window | hf_kvplus | 64 | 1 |" in render_markdown(rows)
+    slow = {**by_key["window@64x1"], "step_ms": 9.0, "step_vs_dense": 1.5, "step_vs_tf_window": 1.02,
+            "prefill_s": 2.0, "prefill_vs_dense": 1.0, "prefill_vs_tf_window": 1.25}
+    assert slower_sentences([slow]) == ["`window` at 64 tokens x batch 1: decode 9.0 ms/step = 1.50x dense; "
+                                        "prefill 2.0 s = 1.25x tf-window."]
+    section = "\n".join(render_docs.decode_section({"meta": {"command": "python benchmarks/decode_step.py"},
+                                                     "rows": [*rows, slow]}))
+    assert "decode 9.0 ms/step = 1.50x dense" in section and "make bench-decode" in section
+    runnable, skipped = plan_strategies()
+    assert runnable[:2] == ["dense", "tf-window"] and "int4" in runnable and "prefix" in runnable
+    assert skipped.get("quantized") == "same configuration as int4"
+    with pytest.raises(ValueError, match="unknown strategy 'lru'"):
+        plan_strategies(["lru"])

@@ -8,11 +8,12 @@ import inspect
 import pytest
 
 import hf_kvplus
+import hf_kvplus.bench
 import hf_kvplus.eval
 
 
 def public_names():
-    for module in (hf_kvplus, hf_kvplus.eval):
+    for module in (hf_kvplus, hf_kvplus.eval, hf_kvplus.bench):
         for name in module.__all__:
             obj = getattr(module, name)
             if inspect.isclass(obj) or inspect.isfunction(obj):

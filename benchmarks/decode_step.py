@@ -1,0 +1,151 @@
+"""Decode ms/step and prefill seconds of every strategy, side by side with transformers' dense, window and quanto caches.
+
+A thin command line over :func:`hf_kvplus.bench.decode_benchmark`: for each (context, batch), every
+strategy gets a fresh cache, is prefilled in chunks of 512 (``hf_kvplus.prefill``, timed), then greedy
+single-token steps are timed in interleaved rounds (round r: ``--steps`` steps of each strategy in turn)
+so that load from other processes affects all alike. Step time is the median; ratios are against
+``dense`` (``DynamicCache``) and ``tf-window`` (transformers' ``DynamicSlidingWindowLayer`` at the same
+budget) from the same run. Row ``b`` of a batch is the next ``context`` tokens of the text.
+
+Run from the repository root (default: the embedded SmolLM2-135M, fp32, CPU; contexts 2048 and 8192 at
+batch 1, 2048 at batch 4; budget 512; about 20 minutes on 2 CPU cores, nearly all of it prefill)::
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/decode_step.py --threads 1
+    PYTHONPATH=. python benchmarks/decode_step.py --contexts 1024 --batch-sizes 1 --strategies dense tf-window sink
+    PYTHONPATH=. python benchmarks/decode_step.py --render          # re-render the table from the saved JSON
+    python benchmarks/decode_step.py --device cuda --dtype bf16 --random-weights llama-3.1-8b   # GPU only
+
+Writes ``benchmarks/results/decode_step.{json,md}`` (``--out`` elsewhere); ``benchmarks/render_docs.py``
+puts the table on ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from hf_kvplus.bench import decode_benchmark, plan_strategies, render_markdown, slower_sentences
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+STEM = "decode_step"
+# name -> LlamaConfig keywords of a random-init model (no download); llama-tiny checks the path on CPU
+RANDOM_CONFIGS = {
+    "llama-3.1-8b": dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+                         head_dim=128, intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072,
+                         rope_theta=500000.0),
+    "llama-tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, intermediate_size=128, vocab_size=96, max_position_embeddings=65536),
+}
+
+
+def random_model(name: str, dtype: torch.dtype, device: str):
+    """A random-init Llama of ``RANDOM_CONFIGS[name]`` built directly on ``device`` in ``dtype``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if name not in RANDOM_CONFIGS:
+        raise ValueError(f"unknown --random-weights {name!r}; choose from {sorted(RANDOM_CONFIGS)}")
+    if name == "llama-3.1-8b" and device != "cuda":
+        raise ValueError("--random-weights llama-3.1-8b is for --device cuda only (32 GB of fp32 weights)")
+    torch.manual_seed(0)
+    config = LlamaConfig(**RANDOM_CONFIGS[name])
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def environment(device: str) -> dict:
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
+    if device == "cuda":
+        machine += f", {torch.cuda.get_device_name()}"
+    return {"machine": machine, "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                                             "transformers": transformers.__version__}}
+
+
+def write(report: dict, out: Path) -> str:
+    table = render_markdown(report["rows"])
+    meta = report["meta"]
+    slower = slower_sentences(report["rows"])
+    text = ["# Decode step and prefill time per strategy\n", table,
+            f"Command: `{meta['command']}`", f"Model: {meta['model']}", f"Machine: {meta['machine']}",
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+            f"Protocol: {meta['protocol']}", ""]
+    text += [f"Skipped: `{k}`: {v}" for k, v in meta.get("skipped", {}).items()]
+    text += ["", "Slower than dense or tf-window (decode step):", ""] + [f"* {s}" for s in slower]
+    (out / f"{STEM}.md").write_text("\n".join(text) + "\n")
+    return table
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--contexts", nargs="+", type=int, default=[2048, 8192])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 4])
+    parser.add_argument("--max-batch-tokens", type=int, default=8192,
+                        help="skip (context, batch) pairs above this many prompt tokens (default: 2048x4 but not 8192x4)")
+    parser.add_argument("--budget", type=int, default=512)
+    parser.add_argument("--strategies", nargs="+", default=None,
+                        help="labels: dense tf-window tf-quanto-int4 and registered hf_kvplus names (default: all)")
+    parser.add_argument("--steps", type=int, default=8, help="decode steps per strategy per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--random-weights", choices=sorted(RANDOM_CONFIGS), default=None,
+                        help="a random-init model instead of the embedded one (llama-3.1-8b: GPU only)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--render", action="store_true", help="only re-render the Markdown from the saved JSON")
+    args = parser.parse_args(argv)
+    path = args.out / f"{STEM}.json"
+    if args.render:
+        print(write(json.loads(path.read_text()), args.out))
+        return
+    from hf_kvplus.eval import load_default_model, load_default_text, load_default_tokenizer, parse_dtype
+    from hf_kvplus.eval.report import write_json
+
+    torch.set_num_threads(args.threads)
+    dtype = parse_dtype(args.dtype)
+    runnable, skipped = plan_strategies(args.strategies)
+    for label, reason in skipped.items():
+        print(f"skipping {label}: {reason}", flush=True)
+    if args.random_weights:
+        model, ids, what = random_model(args.random_weights, dtype, args.device), None, f"random-init {args.random_weights}"
+    else:
+        model = load_default_model(dtype=dtype, device=args.device)
+        ids = load_default_tokenizer()(load_default_text(), return_tensors="pt").input_ids[0]
+        what = "SmolLM2-135M-Instruct (embedded GGUF)"
+    began = time.perf_counter()
+    rows = decode_benchmark(model, runnable, args.contexts, args.batch_sizes, args.budget, args.steps, args.rounds,
+                            args.device, input_ids=ids, max_batch_tokens=args.max_batch_tokens,
+                            log=lambda line: print(line, flush=True))
+    report = {"meta": {
+        "command": "PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/decode_step.py "
+                   + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "model": f"{what}, {str(dtype).removeprefix('torch.')}, {args.device}",
+        "protocol": f"fresh cache per strategy and (context, batch); prefill in chunks of 512 (timed); one untimed "
+                    f"step; then {args.steps} greedy steps x {args.rounds} interleaved rounds, median ms/step; budget "
+                    f"{args.budget} for tf-window and evicting strategies; peak_mib: memory peak during prefill minus "
+                    f"what was {'allocated' if args.device == 'cuda' else 'resident'} before it",
+        "seconds": round(time.perf_counter() - began), "skipped": skipped, **environment(args.device)},
+        "rows": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(path, report)
+    print(write(report, args.out))
+    print("\n".join(slower_sentences(rows)))
+
+
+if __name__ == "__main__":
+    main()
