@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -76,16 +77,26 @@ def environment(device: str) -> dict:
                                              "transformers": transformers.__version__}}
 
 
+def revision() -> str | None:
+    """The code measured: ``git describe --always --dirty`` of this checkout (``None`` outside git)."""
+    try:
+        found = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return None
+    return found.stdout.strip() or None
+
+
 def write(report: dict, out: Path) -> str:
     table = render_markdown(report["rows"])
     meta = report["meta"]
     slower = slower_sentences(report["rows"])
     text = ["# Decode step and prefill time per strategy\n", table,
-            f"Command: `{meta['command']}`", f"Model: {meta['model']}", f"Machine: {meta['machine']}",
+            f"Command: `{meta['command']}` (code at `{meta.get('revision')}`)", f"Model: {meta['model']}",
+            f"Machine: {meta['machine']}", f"Wall time: {meta.get('seconds')} s",
             "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
             f"Protocol: {meta['protocol']}", ""]
     text += [f"Skipped: `{k}`: {v}" for k, v in meta.get("skipped", {}).items()]
-    text += ["", "Slower than dense or tf-window (decode step):", ""] + [f"* {s}" for s in slower]
+    text += ["", "Slower than dense or tf-window (decode step or prefill, by more than 5%):", ""] + [f"* {s}" for s in slower]
     (out / f"{STEM}.md").write_text("\n".join(text) + "\n")
     return table
 
@@ -139,7 +150,8 @@ def main(argv=None) -> None:
                     f"step; then {args.steps} greedy steps x {args.rounds} interleaved rounds, median ms/step; budget "
                     f"{args.budget} for tf-window and evicting strategies; peak_mib: memory peak during prefill minus "
                     f"what was {'allocated' if args.device == 'cuda' else 'resident'} before it",
-        "seconds": round(time.perf_counter() - began), "skipped": skipped, **environment(args.device)},
+        "seconds": round(time.perf_counter() - began), "skipped": skipped, "revision": revision(),
+        **environment(args.device)},
         "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(path, report)

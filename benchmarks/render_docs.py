@@ -146,7 +146,10 @@ def decode_section(report: dict | None) -> list[str]:
            "```bash", "make bench-decode", "```", ""]
     if not report:
         return out + ["*Not run yet: `benchmarks/decode_step.py`.*", ""]
-    out += [render_markdown(report["rows"]), "", _meta_lines(report["meta"]), ""]
+    meta = report["meta"]
+    out += [render_markdown(report["rows"]), "", _meta_lines(meta)]
+    out += [f"* Code: `{meta['revision']}`, {meta.get('seconds')} s wall"] if meta.get("revision") else []
+    out += [""]
     skipped = report["meta"].get("skipped") or {}
     if skipped:
         out += ["Left out: " + "; ".join(f"`{k}` ({v})" for k, v in skipped.items()) + ".", ""]
