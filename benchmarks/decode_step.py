@@ -56,7 +56,7 @@ def random_model(name: str, dtype: torch.dtype, device: str):
     if name not in RANDOM_CONFIGS:
         raise ValueError(f"unknown --random-weights {name!r}; choose from {sorted(RANDOM_CONFIGS)}")
     if name == "llama-3.1-8b" and device != "cuda":
-        raise ValueError("--random-weights llama-3.1-8b is for --device cuda only (32 GB of fp32 weights)")
+        raise ValueError("--random-weights llama-3.1-8b is for --device cuda only (8B parameters: 16 GB in bf16)")
     torch.manual_seed(0)
     config = LlamaConfig(**RANDOM_CONFIGS[name])
     previous = torch.get_default_dtype()
@@ -149,7 +149,8 @@ def main(argv=None) -> None:
         "protocol": f"fresh cache per strategy and (context, batch); prefill in chunks of 512 (timed); one untimed "
                     f"step; then {args.steps} greedy steps x {args.rounds} interleaved rounds, median ms/step; budget "
                     f"{args.budget} for tf-window and evicting strategies; peak_mib: memory peak during prefill minus "
-                    f"what was {'allocated' if args.device == 'cuda' else 'resident'} before it",
+                    + ("what was allocated before it" if args.device == "cuda" else
+                       "what was resident before it, freed heap handed back to the OS first (malloc_trim)"),
         "seconds": round(time.perf_counter() - began), "skipped": skipped, "revision": revision(),
         **environment(args.device)},
         "rows": rows}

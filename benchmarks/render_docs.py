@@ -141,8 +141,10 @@ def decode_section(report: dict | None) -> list[str]:
            "`tf-quanto-int4` is transformers' `QuantizedCache` with optimum-quanto. Ratios come from the same run. "
            "`cache_mib` is `hf_kvplus.cache_nbytes` right after prefill (for `tf-window`, the kept slice is a view "
            "of the last chunk's concatenation, so it pins budget + 512 tokens until the next forward); `peak_mib` "
-           "is the peak during prefill minus what was resident before (CPU RSS: a rough figure, since freed memory "
-           "is reused). `library` says whose cache it is. Re-run (then re-render this page):", "",
+           "is the peak during prefill minus what was resident before (CPU RSS, after handing freed heap back to the "
+           "OS: a rough figure, activations included). `library` says whose cache it is. Strategies with a budget "
+           "are judged against `tf-window` and `dense`; those that keep every token (`int*`, `prefix`) against "
+           "`dense` only. Re-run (then re-render this page):", "",
            "```bash", "make bench-decode", "```", ""]
     if not report:
         return out + ["*Not run yet: `benchmarks/decode_step.py`.*", ""]

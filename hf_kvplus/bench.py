@@ -1,21 +1,21 @@
-"""Decode step time, prefill time and memory of every strategy side by side, in one process.
+"""Decode step time, prefill time and memory of every strategy side by side, in one process (nothing runs at import).
 
-:func:`decode_benchmark` measures, for each ``(context, batch)`` configuration, a fresh cache of every
-strategy: ``dense`` (transformers ``DynamicCache``), ``tf-window`` (transformers'
-``DynamicSlidingWindowLayer`` at the same budget), ``tf-quanto-int4`` (transformers ``QuantizedCache``
-with optimum-quanto, when installed) and every registered hf_kvplus strategy and preset. Each cache is
-prefilled in chunks (:func:`hf_kvplus.prefill`, timed), then greedy single-token decode steps are timed in
-interleaved rounds (round r: ``steps`` steps of each strategy in turn), so load from other processes
-affects every strategy alike. Ratios are against ``dense`` and ``tf-window`` from the same run.
-:func:`render_markdown` and :func:`slower_sentences` turn the rows into a table and plain sentences.
-Nothing runs at import.
+:func:`decode_benchmark` gives each ``(context, batch)`` a fresh cache of ``dense`` (``DynamicCache``),
+``tf-window`` (transformers' ``DynamicSlidingWindowLayer`` at the same budget), ``tf-quanto-int4``
+(``QuantizedCache`` with optimum-quanto) and every registered hf_kvplus strategy and preset, prefills it in
+chunks (timed), then times greedy single-token steps in interleaved rounds so that load from other processes
+affects all alike. :func:`render_markdown` and :func:`slower_sentences` turn the rows into a table and sentences.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import importlib.util
 import inspect
 import statistics
+import sys
 import time
 
 import torch
@@ -108,19 +108,23 @@ def _prepare(model, label: str) -> None:
         attach(model, attention_scores=get_spec(label).attention_scores)
 
 
-def _library(label: str) -> str:
-    return "transformers" if label in PEERS else "hf_kvplus"
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def _memory(device: torch.device, reset: bool) -> int:
-    """Reset the peak and return what is allocated (CUDA) or resident (CPU) now; or return the peak since."""
+    """Reset the peak and return what is allocated (CUDA) or resident (CPU) now; or return the peak since.
+
+    On CPU, memory freed by earlier caches is first handed back to the OS (glibc ``malloc_trim``): otherwise a
+    cache reuses their heap pages and its RSS delta reads 0."""
     cuda = device.type == "cuda"
     if reset:
+        if not cuda and sys.platform.startswith("linux") and ctypes.util.find_library("c"):
+            try:
+                ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+            except (OSError, AttributeError):  # not glibc
+                pass
         reset_peak_memory(device)
         return torch.cuda.memory_allocated(device) if cuda else current_rss_bytes()
     return peak_memory(device)["device_peak_bytes" if cuda else "peak_rss_bytes"]
@@ -195,7 +199,7 @@ def decode_benchmark(model, strategies=None, contexts=(2048, 8192), batch_sizes=
         ``batch``, ``budget``, ``prefill_s``, ``step_ms`` (median), ``steps_timed``, ``cache_bytes``
         (:func:`hf_kvplus.cache_nbytes` after prefill), ``peak_bytes`` (during prefill: CUDA
         ``max_memory_allocated``, or the CPU process's peak RSS) and ``peak_delta_bytes`` (that peak minus
-        what was allocated or resident before), ``memory``, and ratios ``*_vs_dense``, ``*_vs_tf_window``
+        what was allocated or resident before; on CPU, freed heap is handed back to the OS first), ``memory``, and ratios ``*_vs_dense``, ``*_vs_tf_window``
         of ``step``, ``prefill`` and ``bytes``. A strategy that fails has ``error`` instead of numbers.
         Transformers' caches run on the plain model (SDPA, no hook), ours as ``make_cache`` sets the model up;
         the model is left plain (:func:`hf_kvplus.detach`) afterwards.
@@ -238,7 +242,7 @@ def decode_benchmark(model, strategies=None, contexts=(2048, 8192), batch_sizes=
                         state.update(error=f"{type(error).__name__} while decoding: {error}", cache=None)
         found = []
         for label, state in states.items():
-            row = {"key": f"{label}@{context}x{batch}", "strategy": label, "library": _library(label),
+            row = {"key": f"{label}@{context}x{batch}", "strategy": label, "library": "transformers" if label in PEERS else "hf_kvplus",
                    "context": context, "batch": batch,
                    "budget": budget if label == "tf-window" or (label not in PEERS and get_spec(label).evicting) else None}
             if state["error"]:
@@ -250,6 +254,7 @@ def decode_benchmark(model, strategies=None, contexts=(2048, 8192), batch_sizes=
                            memory="cuda max_memory_allocated" if device.type == "cuda" else "cpu peak rss")
             found.append(row)
             state["cache"] = None  # free before the next configuration
+        gc.collect()
         _ratios(found)
         rows += found
         if log:
@@ -291,6 +296,9 @@ def render_markdown(rows: list[dict]) -> str:
 def slower_sentences(rows: list[dict], tolerance: float = 0.05) -> list[str]:
     """One sentence per hf_kvplus row whose decode step or prefill is slower than ``dense`` or ``tf-window``.
 
+    Strategies with a budget are compared with both; those that keep every token (quantized, prefix) with
+    ``dense`` only, since a window doing less work is no like-for-like baseline for them.
+
     Args:
         rows (`list[dict]`): rows from :func:`decode_benchmark` (ratios from the same run).
         tolerance (`float`, *optional*, defaults to 0.05): ratios up to ``1 + tolerance`` count as a tie.
@@ -306,11 +314,12 @@ def slower_sentences(rows: list[dict], tolerance: float = 0.05) -> list[str]:
         if row["library"] != "hf_kvplus" or "error" in row:
             continue
         parts = []
+        # a cache that keeps every token is compared with dense only; one with a budget with tf-window too
+        bases = (("dense", "dense"), ("tf_window", "tf-window")) if row.get("budget") else (("dense", "dense"),)
         for what, shown in (("step", f"decode {row['step_ms']:.1f} ms/step"),
                             ("prefill", f"prefill {row['prefill_s']:.1f} s")):
-            behind = [f"{row[key]:.2f}x {name}" for key, name in ((f"{what}_vs_dense", "dense"),
-                                                                   (f"{what}_vs_tf_window", "tf-window"))
-                      if row.get(key) is not None and row[key] > 1 + tolerance]
+            behind = [f"{row[f'{what}_vs_{key}']:.2f}x {name}" for key, name in bases
+                      if row.get(f"{what}_vs_{key}") is not None and row[f"{what}_vs_{key}"] > 1 + tolerance]
             if behind:
                 parts.append(f"{shown} = " + " and ".join(behind))
         if parts:
