@@ -26,6 +26,7 @@ import torch
 from transformers import Cache, CacheLayerMixin, PreTrainedConfig
 
 from ..attention import request_attention
+from .ring import RingStore, RopeAngles
 from .rope import shift_keys
 from .store import STORAGE_KEYWORDS, DenseStore, KVStore, gather_tokens, make_store_factory
 
@@ -102,17 +103,27 @@ class CacheContext:
 
     def __init__(self) -> None:
         self.pad_len: torch.Tensor | None = None  # [batch] long
+        self.padded = False  # host copy of `pad_len.any()`, set with it (once per prefill, never per step)
+        self.mask_length: int | None = None  # columns of the last 2-D mask read (a decode step adds one real column)
         self.observed = False
         self.awaiting: EvictingLayer | None = None  # the layer whose attention scores are due
+        self.rope_memo = None  # RopeAngles: cos and sin of the sinks' shift, shared by the layers of one step
+
+    def set_padding(self, pad_len: torch.Tensor | None) -> None:
+        """Record each row's left padding (``[batch]`` long); reads it on the host once, outside decoding steps."""
+        self.pad_len = pad_len
+        self.padded = pad_len is not None and bool(pad_len.any())
 
     def select_batch(self, index: torch.Tensor) -> None:
         if self.pad_len is not None:
-            self.pad_len = self.pad_len.index_select(0, index.to(self.pad_len.device))
+            self.set_padding(self.pad_len.index_select(0, index.to(self.pad_len.device)))
 
     def reset(self) -> None:
-        self.pad_len = None
+        self.set_padding(None)
+        self.mask_length = None
         self.observed = False
         self.awaiting = None
+        self.rope_memo = None
 
 
 class EvictingLayer(CacheLayerMixin):
@@ -141,6 +152,7 @@ class EvictingLayer(CacheLayerMixin):
     is_compileable = False
     needs_attention = False  # True: `score` needs the attention mass from the "kvplus" attention
     per_head = True  # False: scores are averaged over the KV heads, so every head keeps the same tokens
+    implicit_positions = False  # True: a layer that never evicts derives positions (0..seen-1) instead of storing them
 
     def __init__(
         self,
@@ -167,17 +179,29 @@ class EvictingLayer(CacheLayerMixin):
     def _clear(self) -> None:
         self.store: KVStore | None = None
         self.seen = 0  # logical length: tokens ever appended (minus crops)
-        self.pos: torch.Tensor | None = None  # [n] shared, or [batch, kv_heads, n]: absolute column of each kept token
+        self._pos: torch.Tensor | None = None  # [n] shared, or [batch, kv_heads, n]: absolute column of each kept token
         self.token_state: dict[str, torch.Tensor] = {}  # per-token strategy state, [batch, kv_heads, n]
         self.max_held = 0  # most tokens held between forwards
         self._awaiting_attention = False
         self._pending_rows: list[torch.Tensor] = []
         self.uncommitted = False  # a forward ran while eviction was deferred and no crop has committed it yet
+        self.sinks_displaced = False  # a recency eviction moved the sinks away from the window (1-D positions)
         self.is_initialized = False
 
     @property
     def kept(self) -> int:
         return 0 if self.store is None else self.store.length
+
+    @property
+    def pos(self) -> torch.Tensor | None:
+        """Original position of each kept token: ``[kept]`` shared by every row and head, or ``[batch, kv_heads, kept]``."""
+        if isinstance(self.store, RingStore):
+            return self.store.positions(self.seen, self.device)
+        return self._pos
+
+    @pos.setter
+    def pos(self, value) -> None:
+        self._pos = value
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -200,8 +224,10 @@ class EvictingLayer(CacheLayerMixin):
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer holds (what :func:`hf_kvplus.cache_nbytes` counts)."""
         held = [] if self.store is None else list(self.store.tensors())
-        if self.pos is not None:
-            held.append(self.pos)
+        if self._pos is not None and not isinstance(self.store, RingStore):
+            held.append(self._pos)
+        if isinstance(self.store, RingStore) and self.store.sink_keys is not None and self.context.rope_memo:
+            held.extend(self.context.rope_memo.tensors())  # cos, sin of the current shift, shared by every layer
         held.extend(self.token_state.values())
         if self.rope is not None:
             held.append(self.rope[0])  # inv_freq, shared by all layers (counted once)
@@ -224,9 +250,17 @@ class EvictingLayer(CacheLayerMixin):
         if held is None:
             return None
         scored = type(self).score is not EvictingLayer.score
-        position_rows = batch * kv_heads if scored and evicted else 1
         meta = torch.empty(batch, kv_heads, kept, head_dim, dtype=dtype, device="meta")  # [b, h, kept, d]
-        state = sum(t.numel() * t.element_size() for t in self.initial_state(meta, meta).values())
+        initial = self.initial_state(meta, meta)
+        if evicted and not scored and not self.needs_attention and not initial:
+            # Slot storage (RingStore): budget + 1 slots, no position table, the sinks' first keys (float32,
+            # and their rotate_half) when keys are re-rotated.
+            sinks = min(self.num_sink_tokens, self.budget) if self.rope is not None else 0
+            slots = kept + 1
+            sink_keys = 2 * 4 * batch * kv_heads * sinks * head_dim  # float32 first keys and their rotate_half
+            return store.predict_nbytes(batch, kv_heads, slots, head_dim, dtype) + 8 * slots + sink_keys
+        position_rows = batch * kv_heads if scored and evicted else 1
+        state = sum(t.numel() * t.element_size() for t in initial.values())
         return held + 8 * position_rows * kept + state
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -273,11 +307,16 @@ class EvictingLayer(CacheLayerMixin):
             self.context.awaiting._check_attention_arrived()
         self._check_attention_arrived()
         new = key_states.shape[-2]
-        new_pos = torch.arange(self.seen, self.seen + new, device=self.device)
-        if self.pos.dim() == 1:
-            self.pos = torch.cat([self.pos, new_pos])
-        else:
-            self.pos = torch.cat([self.pos, new_pos.expand(*self.pos.shape[:2], new)], dim=-1)
+        if isinstance(self.store, RingStore):
+            if new == 1 and not self.record_past:
+                return self._ring_step(key_states, value_states)
+            self._leave_ring()
+        if not self.implicit_positions:
+            new_pos = torch.arange(self.seen, self.seen + new, device=self.device)
+            if self._pos.dim() == 1:
+                self.pos = torch.cat([self._pos, new_pos])
+            else:
+                self.pos = torch.cat([self._pos, new_pos.expand(*self._pos.shape[:2], new)], dim=-1)
         keys, values = self.store.update(key_states, value_states)
         self.seen += new
         self._extend_state(key_states, value_states)
@@ -292,6 +331,60 @@ class EvictingLayer(CacheLayerMixin):
         elif not self.record_past:
             self._evict()
         return keys, values
+
+    # ------------------------------------------------------------ slot storage
+    def _ring_eligible(self) -> bool:
+        """A full recency layer over dense storage, unpadded, evicting after every forward: slot storage fits."""
+        return (
+            self.budget is not None
+            and self.kept == self.budget < self.seen  # full, and evicting from now on
+            and type(self.store) is DenseStore
+            and type(self).score is EvictingLayer.score
+            and not self.needs_attention
+            and not self.token_state
+            and not self.record_past
+            and self._pos.dim() == 1
+            and not self.context.padded
+        )
+
+    def _enter_ring(self) -> None:
+        keys, values = self.store.get()  # [batch, kv_heads, budget, head_dim], position order
+        sinks = min(self.num_sink_tokens, self.budget)
+        rotary_dim = None if self.rope is None else 2 * self.rope[0].shape[-1]
+        self.store = RingStore(keys, values, sinks, rotary_dim)
+        self._pos = None
+        if self.store.sink_keys is not None:
+            self._rope_angles(self.seen + 1 - self.store.capacity)  # the next step's angles: always held in slot mode
+
+    def _leave_ring(self) -> None:
+        """Back to a dense store in position order (before anything but a one-token step)."""
+        ring = self.store
+        self.context.rope_memo = None
+        self._pos = ring.positions(self.seen, self.device)
+        keys, values = ring.get()
+        self.store = self.store_factory()
+        self.store.append(keys, values)
+        self.sinks_displaced = ring.sinks > 0 and self.seen > ring.length
+
+    def _ring_step(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """A decoding step in slot storage: write, re-rotate the sinks if they moved, return the buffers, evict."""
+        ring = self.store
+        self.seen += 1
+        ring.write(key_states, value_states)
+        if ring.sink_keys is not None:
+            shift = self.seen - ring.capacity  # the sinks sit just before the window, which ends at the present
+            if shift != ring.shift:
+                ring.shift_sinks(*self._rope_angles(shift), shift)
+        keys, values = ring.keys, ring.values  # [batch, kv_heads, budget + 1, head_dim]
+        ring.evict_oldest()
+        self.max_held = max(self.max_held, self.kept)
+        return keys, values
+
+    def _rope_angles(self, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+        angles = self.context.rope_memo
+        if angles is None or angles.device != self.device:
+            angles = self.context.rope_memo = RopeAngles(self.rope[0], self.head_dim, self.device)
+        return angles.at(shift)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         self._check_attention_arrived()
@@ -325,8 +418,8 @@ class EvictingLayer(CacheLayerMixin):
             return
         index = index.to(self.device)
         self.store.select_batch(index)
-        if self.pos.dim() == 3:
-            self.pos = self.pos.index_select(0, index)
+        if self._pos is not None and self._pos.dim() == 3:
+            self.pos = self._pos.index_select(0, index)
         self.token_state = {k: v.index_select(0, index) for k, v in self.token_state.items()}
         self._pending_rows = [rows.index_select(0, index) for rows in self._pending_rows]
         self.batch_size = index.shape[0]
@@ -335,6 +428,8 @@ class EvictingLayer(CacheLayerMixin):
         """Defer eviction until ``crop`` commits the tokens (assisted and speculative decoding)."""
         if self.uncommitted:  # a new recording starts: what an earlier one left pending is committed first
             self._commit(0)
+        if isinstance(self.store, RingStore):
+            self._leave_ring()
         self.record_past = True
 
     def end_past_recording(self) -> None:
@@ -371,6 +466,8 @@ class EvictingLayer(CacheLayerMixin):
         """
         self.check_crop(tokens_to_remove)
         drop = -tokens_to_remove
+        if drop and isinstance(self.store, RingStore):
+            self._leave_ring()
         if drop and self.is_initialized:
             self.store.truncate(drop)
             self.pos = self.pos[..., :-drop].clone()
@@ -461,8 +558,11 @@ class EvictingLayer(CacheLayerMixin):
                 self.pos = gather_tokens(self.pos.expand(self.batch_size, self.num_heads, kept), index)
             else:
                 self.pos = self.pos.index_select(-1, index)
+                self.sinks_displaced = self.num_sink_tokens > 0
             self.token_state = {k: gather_tokens(v, index) for k, v in self.token_state.items()}
         self.max_held = max(self.max_held, self.kept)
+        if self._ring_eligible():
+            self._enter_ring()
 
     def _require_known_padding(self) -> None:
         if self.batch_size > 1 and not self.context.observed:
@@ -477,7 +577,7 @@ class EvictingLayer(CacheLayerMixin):
         budget = self.budget
         scores = self.score()
         pad_len = self.context.pad_len
-        padded = pad_len is not None and bool(pad_len.any())
+        padded = self.context.padded
         if scores is None and not padded and self.pos.dim() == 1:
             sinks = min(self.num_sink_tokens, budget)
             return torch.cat(
@@ -529,16 +629,22 @@ class EvictingLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------- positions
     def _shift_to_slots(self, keys: torch.Tensor) -> torch.Tensor:
-        """Rotate keys whose slot position differs from their original one (the sinks, usually)."""
+        """Rotate keys whose slot position differs from their original one (the sinks, usually).
+
+        Kept keys are treated as contiguous positions ending at the present. With shared (1-D) positions
+        only the sinks can be displaced, all by the same host-known shift; with per-row positions
+        (padding) every key is rotated by its own shift, zero for most (a rotation by zero is exact).
+        """
         length = keys.shape[-2]
+        if self.pos.dim() == 1:
+            sinks = min(self.num_sink_tokens, self.budget or length, length)
+            if not self.sinks_displaced or not sinks:
+                return keys
+            shift = torch.full((sinks,), self.seen - length, device=self.device)  # [sinks]; pos of sink i is i
+            shifted = shift_keys(keys[:, :, :sinks], shift, self.rope[0])
+            return torch.cat([shifted, keys[:, :, sinks:]], dim=-2)
         slots = torch.arange(self.seen - length, self.seen, device=self.device)
-        delta = slots - self.pos  # [n] or [batch, kv_heads, n]
-        moved = (delta != 0).reshape(-1, length).any(dim=0)
-        if not bool(moved.any()):
-            return keys
-        last = int(moved.nonzero().max()) + 1  # kept tokens beyond this slot are already in place
-        shifted = shift_keys(keys[:, :, :last], delta[..., :last], self.rope[0])
-        return torch.cat([shifted, keys[:, :, last:]], dim=-2)
+        return shift_keys(keys, slots - self.pos, self.rope[0])  # [batch, kv_heads, n] shifts
 
 
 class KVPlusCache(Cache):
@@ -588,7 +694,13 @@ class KVPlusCache(Cache):
             return None
         tables = {id(layer.rope[0]): layer.rope[0].untyped_storage().nbytes() for layer in self.layers
                   if layer.rope is not None and tokens}
-        return sum(per_layer) + sum(tables.values())
+        slots_with_sinks = any(
+            layer.budget is not None and tokens > layer.budget and layer.rope is not None and layer.num_sink_tokens
+            and type(layer).score is EvictingLayer.score and not layer.needs_attention
+            and type(layer.store_factory()) is DenseStore for layer in self.layers
+        )
+        angles = RopeAngles.predict_nbytes(self.head_dim) if slots_with_sinks else 0  # the sinks' shift, shared
+        return sum(per_layer) + sum(tables.values()) + angles
 
     @property
     def evicts(self) -> bool:
@@ -622,6 +734,12 @@ class KVPlusCache(Cache):
         if attention_mask is None or attention_mask.dim() != 2:
             return
         seen = self.get_seq_length()
+        context = self.context
+        if query_length == 1 and context.mask_length == seen and attention_mask.shape[-1] == seen + 1:
+            # A decoding step: generate appends one real column to the mask whose padding was read at prefill.
+            # Nothing is read back from the device here (no host sync per step).
+            context.mask_length = seen + 1
+            return
         mask = attention_mask.to(torch.bool)
         if mask.shape[-1] == query_length and seen > 0:
             if bool(mask.all()):
@@ -640,7 +758,8 @@ class KVPlusCache(Cache):
                     "(tokenizer.padding_side='left') and pass the full mask."
                 )
             return
-        self.context.pad_len = (~history).sum(dim=-1)
+        context.set_padding((~history).sum(dim=-1))
+        context.mask_length = history.shape[-1]
 
     def crop(self, tokens_to_remove: int) -> None:
         """Roll back the newest ``-tokens_to_remove`` tokens in every layer, or in none (``ValueError``)."""
@@ -662,7 +781,7 @@ class KVPlusCache(Cache):
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.context.pad_len is not None:
-            self.context.pad_len = self.context.pad_len.repeat_interleave(repeats)
+            self.context.set_padding(self.context.pad_len.repeat_interleave(repeats))
 
     def reset(self) -> None:
         super().reset()

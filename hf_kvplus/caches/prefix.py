@@ -116,8 +116,7 @@ class PrefixSharedCache(KVPlusCache):
     def observe_inputs(self, attention_mask, query_length: int, input_ids: torch.Tensor | None = None) -> None:
         """Padding (see the base) and the token ids about to be appended (from :func:`hf_kvplus.attach`)."""
         super().observe_inputs(attention_mask, query_length)
-        pad = self.context.pad_len
-        if self.shared_length and pad is not None and bool(pad.any()):
+        if self.shared_length and self.context.padded:
             raise ValueError(
                 f"this cache holds a shared prefix of {self.shared_length} tokens, but the attention mask left-pads "
                 "some rows: build it with store.cache_for(model, input_ids, attention_mask=mask) so padded rows share nothing"

@@ -53,6 +53,8 @@ class PrefixContext(CacheContext):
 class PrefixLayer(EvictingLayer):
     """A layer that never evicts, over a :class:`SharedPrefixStore`. Positions are implicit (``0..seen-1``)."""
 
+    implicit_positions = True
+
     @property
     def pos(self) -> torch.Tensor | None:
         return None if self.store is None else torch.arange(self.seen, device=self.device)

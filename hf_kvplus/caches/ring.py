@@ -1,0 +1,172 @@
+"""Slot storage for a full recency layer (sinks and a sliding window): one write per decoding step.
+
+Once a sink or window layer holds its budget, a decoding step needs no copy of what it keeps: the
+new token goes into the slot of the token evicted at the previous step, as in transformers'
+``StaticSlidingWindowLayer`` and gpt-fast's ``KVCache``. :class:`RingStore` holds
+``[batch, kv_heads, budget + 1, head_dim]`` buffers: ``sinks`` fixed slots first, then a ring of
+window slots, one of which is free between forwards. A step writes the new token into the free
+slot, attention reads the whole buffer, and the oldest window slot becomes the free one: slot
+numbers are host integers, so the step makes no host sync and allocates nothing.
+
+Attention over one query with no padding does not depend on the order of the keys, which is why
+the buffer is handed to attention as it is; :meth:`RingStore.get` gives the kept tokens in
+position order (sinks, then the window oldest first) for everything else.
+
+With key re-rotation (StreamingLLM's position shift), the sink slots hold the sinks rotated to sit
+just before the window; :meth:`RingStore.shift_sinks` rewrites them from the keys as first cached
+(``sink_keys``, float32, with their ``rotate_half`` precomputed), so nothing drifts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .rope import rotate_half
+from .store import KVStore
+
+
+class RingStore(KVStore):
+    """Fixed slots for a recency layer holding its budget (see the module docstring).
+
+    Args:
+        keys (`torch.Tensor`): ``[batch, kv_heads, budget, head_dim]`` kept keys in position order,
+            the ``sinks`` first (as the model rotated them at their positions).
+        values (`torch.Tensor`): ``[batch, kv_heads, budget, head_dim]``.
+        sinks (`int`): leading tokens never evicted.
+        rotary_dim (`int`, *optional*): channels RoPE rotates (``2 * len(inv_freq)``); given when sink
+            keys are re-rotated, ``None`` otherwise.
+
+    Example:
+
+    ```python
+    >>> ring = RingStore(keys, values, sinks=4)  # [1, 2, 8, 16] each: budget 8
+    >>> ring.write(new_key, new_value)            # [1, 2, 1, 16]: goes into the free slot
+    >>> ring.evict_oldest()                       # the oldest window token's slot is free again
+    >>> ring.get()[0].shape                       # position order, budget tokens
+    torch.Size([1, 2, 8, 16])
+    ```
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, sinks: int, rotary_dim: int | None = None):
+        batch, heads, budget, head_dim = keys.shape
+        self.capacity = budget + 1
+        self.keys = keys.new_empty(batch, heads, self.capacity, head_dim)  # [batch, kv_heads, budget + 1, head_dim]
+        self.values = values.new_empty(batch, heads, self.capacity, values.shape[-1])
+        self.keys[:, :, :budget].copy_(keys)
+        self.values[:, :, :budget].copy_(values)
+        # Views made once, so a step costs one kernel per tensor written: the index of each slot, the sink slots.
+        self.slot_index = torch.arange(self.capacity, device=keys.device).split(1)  # capacity x [1]
+        self.sink_slots = self.keys[:, :, :sinks]  # [batch, kv_heads, sinks, head_dim] view
+        self.sinks = sinks
+        self.free = budget  # the slot the next token is written to
+        self.head = sinks  # the slot of the oldest window token
+        self.full = False  # True between a write and the eviction that follows it
+        self.shift = 0  # positions the sink slots are currently rotated by
+        self.sink_keys = self.sink_half = None
+        if rotary_dim is not None and sinks:
+            sink = keys[:, :, :sinks].to(torch.float32, copy=True)  # [batch, kv_heads, sinks, head_dim], owned
+            half = torch.zeros_like(sink)
+            half[..., :rotary_dim] = rotate_half(sink[..., :rotary_dim])
+            self.sink_keys, self.sink_half = sink, half
+
+    # ----------------------------------------------------------------- the step
+    def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put one new token (``[batch, kv_heads, 1, head_dim]``) into the free slot."""
+        slot = self.slot_index[self.free]
+        self.keys.index_copy_(2, slot, keys)
+        self.values.index_copy_(2, slot, values)
+        self.full = True
+
+    def evict_oldest(self) -> None:
+        """Free the oldest window slot (its data stays until the next write)."""
+        self.free = self.head
+        self.head = self.head + 1 if self.head + 1 < self.capacity else self.sinks
+        self.full = False
+
+    def shift_sinks(self, cos: torch.Tensor, sin: torch.Tensor, shift: int) -> None:
+        """Rotate the sink slots by ``shift`` positions from their first keys; ``cos``/``sin``: ``[head_dim]`` float32."""
+        slots = self.sink_slots  # [batch, kv_heads, sinks, head_dim]
+        if slots.dtype == torch.float32:
+            torch.mul(self.sink_keys, cos, out=slots)
+            slots.addcmul_(self.sink_half, sin)
+        else:
+            slots.copy_(torch.addcmul(self.sink_keys * cos, self.sink_half, sin))
+        self.shift = shift
+
+    # ------------------------------------------------------------- bookkeeping
+    def order(self) -> list[int]:
+        """Slots in position order: sinks, then window slots from the oldest (every slot while full)."""
+        window = self.capacity - self.sinks - (0 if self.full else 1)
+        ring = [self.sinks + (self.head - self.sinks + i) % (self.capacity - self.sinks) for i in range(window)]
+        return list(range(self.sinks)) + ring
+
+    def positions(self, seen: int, device) -> torch.Tensor:
+        """Original positions of the kept tokens in position order (``[kept]`` long)."""
+        window = self.length - self.sinks
+        return torch.cat([torch.arange(self.sinks, device=device), torch.arange(seen - window, seen, device=device)])
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept keys and values in position order, sinks as the model rotated them (a copy)."""
+        index = torch.tensor(self.order(), device=self.keys.device)
+        keys = self.keys.index_select(2, index)
+        if self.sink_keys is not None and self.shift:
+            keys[:, :, : self.sinks] = self.sink_keys.to(keys.dtype)
+        return keys, self.values.index_select(2, index)
+
+    def tensors(self) -> list[torch.Tensor]:
+        held = [self.keys, self.values, self.slot_index[0]]  # slot indices: views of one [capacity] tensor
+        return held + [t for t in (self.sink_keys, self.sink_half) if t is not None]
+
+    @property
+    def length(self) -> int:
+        return self.capacity - (0 if self.full else 1)
+
+    def append(self, keys, values):  # the layer leaves slot storage before anything but a one-token step
+        raise RuntimeError("RingStore takes one token per step through write(); convert it to a DenseStore first")
+
+    def keep(self, index):
+        raise RuntimeError("RingStore evicts through evict_oldest(); convert it to a DenseStore first")
+
+    def truncate(self, num_tokens):
+        raise RuntimeError("RingStore cannot truncate; convert it to a DenseStore first")
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep (and reorder) batch rows (beam search): every row uses the same slots, so only rows move."""
+        index = index.to(self.keys.device)
+        self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        self.sink_slots = self.keys[:, :, : self.sinks]
+        if self.sink_keys is not None:
+            self.sink_keys, self.sink_half = self.sink_keys.index_select(0, index), self.sink_half.index_select(0, index)
+
+
+class RopeAngles:
+    """``cos`` and ``sin`` (``[head_dim]`` float32) rotating keys by a shift, recomputed in place per step.
+
+    Angles are ``shift * inv_freq`` in float64 (as ``shift_keys`` computes them; float32 angles would be off
+    by milliradians after 100k positions), rounded to float32 once; channels past ``2 * len(inv_freq)``
+    (partial rotary) get ``cos = 1``, ``sin = 0``. Four small ops per step, shared by every layer of a cache.
+    """
+
+    def __init__(self, inv_freq: torch.Tensor, head_dim: int, device):
+        freq = torch.zeros(head_dim, dtype=torch.float32, device=device)  # [head_dim]: pass-through channels at 0
+        half = inv_freq.shape[-1]
+        freq[:half] = inv_freq
+        freq[half : 2 * half] = inv_freq
+        self.freq, self.device, self.shift = freq, device, None
+        self.cos = torch.ones(head_dim, dtype=torch.float32, device=device)
+        self.sin = torch.zeros(head_dim, dtype=torch.float32, device=device)
+
+    def at(self, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if shift != self.shift:
+            angles = self.freq.double() * shift  # [head_dim] float64
+            torch.cos(angles, out=self.cos)
+            torch.sin(angles, out=self.sin)
+            self.shift = shift
+        return self.cos, self.sin
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.freq, self.cos, self.sin]
+
+    @staticmethod
+    def predict_nbytes(head_dim: int) -> int:
+        return 3 * 4 * head_dim
