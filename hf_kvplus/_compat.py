@@ -112,7 +112,7 @@ def cache_kwargs(cache, model=None) -> dict:
     return {CACHE_KEYWORD: cache}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _class_forward_parameters(model_class: type) -> frozenset:
     try:
         return frozenset(inspect.signature(model_class.forward).parameters)

@@ -81,7 +81,7 @@ def _build(name: str, model):
     return hf_kvplus.make_cache(name, model, **CASES[name][0])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 @torch.no_grad()
 def _one_step(name: str, with_mask: bool) -> collections.Counter:
     """Ops of the 41st decoding step after a 64-token prompt (budget 32: eviction at every step)."""
