@@ -22,6 +22,10 @@ def test_default_model_is_smollm2_135m(default_model):
     assert tokenizer.decode(ids[:8]).strip()
 
 
+def cache_for_prediction(model, budget):
+    return hf_kvplus.make_cache("sink", model.config, budget=budget)
+
+
 def test_sink_streams_at_flat_memory_and_beats_a_sliding_window(default_model):
     model, _, ids = default_model
     budget, tokens = 128, 768
@@ -34,8 +38,10 @@ def test_sink_streams_at_flat_memory_and_beats_a_sliding_window(default_model):
     sink = results["sink"]
     held = sink["window_cache_bytes"]
     assert len(held) == 6 and len(set(held[1:])) == 1  # flat once the budget is reached
-    assert held[-1] >= budget * 46_080  # the KV itself, plus positions
-    assert held[-1] < budget * 46_080 * 1.01
+    assert held[-1] >= budget * 46_080  # the KV itself
+    # Slot storage: budget + 1 slots, and the 4 sinks' first keys (float32, with their rotate_half).
+    assert held[-1] == cache_for_prediction(model, budget).predict_nbytes(tokens - 1, dtype=torch.float32)
+    assert held[-1] < (budget + 1 + 4) * 46_080 * 1.01
     assert sink["ppl"] < 0.8 * results["window"]["ppl"]
 
 

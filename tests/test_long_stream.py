@@ -62,7 +62,9 @@ def test_the_embedded_model_streams_at_flat_memory_and_stable_perplexity(default
     assert cache.max_held <= budget + 32 and all(layer.kept == budget for layer in cache.layers)
     held = result["window_cache_bytes"]
     assert len(held) == tokens // every and len(set(held)) == 1  # flat: the budget is reached in the first window
-    assert held[0] < budget * 46_080 * 1.01  # 46,080 bytes per token in fp32, plus positions
+    # 46,080 bytes per token in fp32: budget + 1 slots, and the sinks' first keys (float32, with their rotate_half)
+    assert held[0] == hf_kvplus.make_cache("sink", model.config, budget=budget).predict_nbytes(tokens, dtype=torch.float32)
+    assert held[0] < (budget + 1 + 4) * 46_080 * 1.01
     rss = result["window_rss_bytes"]
     assert max(rss) - min(rss) < 64 * 2**20 and max(rss) - rss_before < 128 * 2**20
     ppl = sorted(result["window_ppl"])
