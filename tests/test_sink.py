@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import VOCAB, prompt
+from conftest import VOCAB, prompt, tiny_model
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import hf_kvplus
@@ -149,3 +149,23 @@ def test_right_padding_is_refused_once_tokens_are_evicted():
     mask[1, -3:] = 0
     with pytest.raises(ValueError, match="left padding only"):
         model(ids, attention_mask=mask, **cache_kwargs(hf_kvplus.make_cache("sink", model, budget=8)), use_cache=True)
+
+
+@pytest.mark.parametrize("name", ["sink", "window"])
+def test_slot_storage_under_no_grad_and_a_backward_through_the_cache_with_grad(name):
+    """Decoding (no grad) runs in slot storage; with autograd recording, layers keep the dense layout so a
+    backward through several cached steps works (in-place slot writes would break it)."""
+    from hf_kvplus.caches.ring import RingStore
+
+    model = tiny_model()
+    with torch.no_grad():
+        cache = hf_kvplus.make_cache(name, model, budget=8)
+        model(prompt(length=20), **cache_kwargs(cache, model), use_cache=True)
+        model(prompt(length=1, seed=1), **cache_kwargs(cache, model), use_cache=True)
+        assert all(isinstance(layer.store, RingStore) for layer in cache.layers)
+    cache = hf_kvplus.make_cache(name, model, budget=8)
+    loss = model(prompt(length=20), **cache_kwargs(cache, model), use_cache=True).logits.sum()
+    for step in range(3):
+        loss = loss + model(prompt(length=1, seed=step), **cache_kwargs(cache, model), use_cache=True).logits.sum()
+    loss.backward()
+    assert all(not isinstance(layer.store, RingStore) for layer in cache.layers) and cache.max_held == 8

@@ -308,7 +308,7 @@ class EvictingLayer(CacheLayerMixin):
         self._check_attention_arrived()
         new = key_states.shape[-2]
         if isinstance(self.store, RingStore):
-            if new == 1 and not self.record_past:
+            if new == 1 and not self.record_past and not self.context.padded and not torch.is_grad_enabled():
                 return self._ring_step(key_states, value_states)
             self._leave_ring()
         if not self.implicit_positions:
@@ -345,6 +345,7 @@ class EvictingLayer(CacheLayerMixin):
             and not self.record_past
             and self._pos.dim() == 1
             and not self.context.padded
+            and not torch.is_grad_enabled()  # in-place slot writes would break a backward through the cache
         )
 
     def _enter_ring(self) -> None:
@@ -767,6 +768,8 @@ class KVPlusCache(Cache):
             if isinstance(layer, EvictingLayer):
                 layer.check_crop(tokens_to_remove)
         super().crop(tokens_to_remove)
+        if tokens_to_remove:
+            self.context.mask_length = None  # the next mask is read again
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

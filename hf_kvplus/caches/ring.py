@@ -10,7 +10,10 @@ numbers are host integers, so the step makes no host sync and allocates nothing.
 
 Attention over one query with no padding does not depend on the order of the keys, which is why
 the buffer is handed to attention as it is; :meth:`RingStore.get` gives the kept tokens in
-position order (sinks, then the window oldest first) for everything else.
+position order (sinks, then the window oldest first) for everything else. Attention weights returned
+with ``output_attentions=True`` (eager attention) are in slot order during such steps. Layers stay in
+(or go back to) the dense layout with padding in the batch, for forwards of several tokens, while
+eviction is deferred (assisted decoding), and when autograd records the forward.
 
 With key re-rotation (StreamingLLM's position shift), the sink slots hold the sinks rotated to sit
 just before the window; :meth:`RingStore.shift_sinks` rewrites them from the keys as first cached
