@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from hf_kvplus.bench import sliding_window_cache  # transformers' window at a budget (also used by tests)
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PROTOCOL = ROOT / "benchmarks" / "peers" / "kvpress_protocol.py"
@@ -75,17 +77,6 @@ def library(label: str) -> str:
     if label in KVPRESS or label == "kvpress dense":
         return "kvpress"
     raise ValueError(f"unknown strategy {label!r}; choose from {list(ALL)}")
-
-
-def sliding_window_cache(model, budget: int):
-    """transformers' ``DynamicSlidingWindowLayer`` in every layer, holding ``budget`` tokens after each forward."""
-    from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
-
-    if budget < 1:
-        raise ValueError(f"budget must be >= 1, got {budget!r}")
-    # the layer keeps sliding_window - 1 tokens between forwards
-    return Cache(layers=[DynamicSlidingWindowLayer(sliding_window=budget + 1)
-                         for _ in range(model.config.num_hidden_layers)])
 
 
 def make_cache(model, label: str, budget: int):

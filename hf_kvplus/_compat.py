@@ -104,7 +104,7 @@ def cache_kwargs(cache, model=None) -> dict:
             names only one of the two keywords (remote code, older classes) gets that one.
     """
     if model is not None:
-        names = _forward_parameters(model)
+        names = _forward_parameters(type(model))
         if CACHE_KEYWORD not in names:
             for name in _CACHE_NAMES:
                 if name in names:
@@ -113,15 +113,11 @@ def cache_kwargs(cache, model=None) -> dict:
 
 
 @functools.cache
-def _class_forward_parameters(model_class: type) -> frozenset:
+def _forward_parameters(model_class: type) -> frozenset:
     try:
         return frozenset(inspect.signature(model_class.forward).parameters)
     except (TypeError, ValueError):
         return frozenset()
-
-
-def _forward_parameters(model) -> frozenset:
-    return _class_forward_parameters(type(model))
 
 
 def cache_from_call(inputs: dict):
@@ -164,7 +160,6 @@ def sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     Everything after ``attention_mask`` goes by keyword: the positional parameters after it differ between
     5.20-5.23 (``..., is_causal, cache=None``) and 5.24 (``..., is_causal, position_bias``).
     """
-    kwargs.pop("cache", None)  # the paged-attention cache parameter of <= 5.23; ours never reaches here
     return _sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -29,7 +29,7 @@ from .caches.registry import get_spec, list_caches, list_presets, make_cache, re
 from .memory import cache_nbytes, current_rss_bytes, peak_memory, reset_peak_memory
 from .prefill import prefill
 
-__all__ = ["decode_benchmark", "plan_strategies", "render_markdown", "slower_sentences"]
+__all__ = ["decode_benchmark", "plan_strategies", "render_markdown", "slower_sentences", "sliding_window_cache"]
 
 PEERS = ("dense", "tf-window", "tf-quanto-int4")
 COLUMNS = ["strategy", "library", "context", "batch", "prefill_s", "prefill_vs_dense", "step_ms", "step_vs_dense",
@@ -84,13 +84,34 @@ def plan_strategies(names=None) -> tuple[list[str], dict[str, str]]:
     return runnable, skipped
 
 
+def sliding_window_cache(model, budget: int) -> Cache:
+    """transformers' own sliding window at ``budget``: a ``DynamicSlidingWindowLayer`` in every layer.
+
+    Args:
+        model (`PreTrainedModel`): the model (its config gives the number of layers).
+        budget (`int`): tokens held after each forward (the layer keeps ``sliding_window - 1``).
+
+    Raises:
+        ValueError: ``budget`` below 1.
+
+    Example:
+
+    ```python
+    >>> cache = sliding_window_cache(model, 512)  # the peer our sink and window caches are timed against
+    ```
+    """
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget!r}")
+    return Cache(layers=[DynamicSlidingWindowLayer(sliding_window=budget + 1)
+                         for _ in range(model.config.num_hidden_layers)])
+
+
 def _build(model, label: str, budget: int, ids: torch.Tensor):
     """A fresh cache for ``label``; ``ids`` ([batch, context]) only matter to the prefix cache."""
     if label == "dense":
         return DynamicCache(config=model.config)
-    if label == "tf-window":  # the layer keeps sliding_window - 1 tokens between forwards
-        return Cache(layers=[DynamicSlidingWindowLayer(sliding_window=budget + 1)
-                             for _ in range(model.config.num_hidden_layers)])
+    if label == "tf-window":
+        return sliding_window_cache(model, budget)
     if label == "tf-quanto-int4":
         return QuantizedCache(backend="quanto", config=model.config, nbits=4)
     if get_spec(label).name == "prefix":

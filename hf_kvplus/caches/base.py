@@ -103,7 +103,8 @@ class CacheContext:
 
     def __init__(self) -> None:
         self.pad_len: torch.Tensor | None = None  # [batch] long
-        self.padded = False  # host copy of `pad_len.any()`, set with it (once per prefill, never per step)
+        self.pad_host: list[int] | None = None  # host copy of `pad_len`, read once with it (never per step)
+        self.padded = False  # any(pad_host)
         self.mask_length: int | None = None  # columns of the last 2-D mask read (a decode step adds one real column)
         self.observed = False
         self.awaiting: EvictingLayer | None = None  # the layer whose attention scores are due
@@ -112,7 +113,8 @@ class CacheContext:
     def set_padding(self, pad_len: torch.Tensor | None) -> None:
         """Record each row's left padding (``[batch]`` long); reads it on the host once, outside decoding steps."""
         self.pad_len = pad_len
-        self.padded = pad_len is not None and bool(pad_len.any())
+        self.pad_host = None if pad_len is None else pad_len.tolist()
+        self.padded = bool(self.pad_host) and any(self.pad_host)
 
     def select_batch(self, index: torch.Tensor) -> None:
         if self.pad_len is not None:
@@ -249,18 +251,17 @@ class EvictingLayer(CacheLayerMixin):
         held = store.predict_nbytes(batch, kv_heads, kept, head_dim, dtype)
         if held is None:
             return None
-        scored = type(self).score is not EvictingLayer.score
-        meta = torch.empty(batch, kv_heads, kept, head_dim, dtype=dtype, device="meta")  # [b, h, kept, d]
-        initial = self.initial_state(meta, meta)
-        if evicted and not scored and not self.needs_attention and not initial:
-            # Slot storage (RingStore): budget + 1 slots, no position table, the sinks' first keys (float32,
-            # and their rotate_half) when keys are re-rotated.
+        if evicted and self.uses_slots():
+            # Slot storage (RingStore): budget + 1 slots and their int64 indices, no position table, the sinks'
+            # first keys (float32, and their rotate_half) when keys are re-rotated.
             sinks = min(self.num_sink_tokens, self.budget) if self.rope is not None else 0
             slots = kept + 1
-            sink_keys = 2 * 4 * batch * kv_heads * sinks * head_dim  # float32 first keys and their rotate_half
+            sink_keys = 2 * 4 * batch * kv_heads * sinks * head_dim
             return store.predict_nbytes(batch, kv_heads, slots, head_dim, dtype) + 8 * slots + sink_keys
+        scored = type(self).score is not EvictingLayer.score
         position_rows = batch * kv_heads if scored and evicted else 1
-        state = sum(t.numel() * t.element_size() for t in initial.values())
+        meta = torch.empty(batch, kv_heads, kept, head_dim, dtype=dtype, device="meta")  # [b, h, kept, d]
+        state = sum(t.numel() * t.element_size() for t in self.initial_state(meta, meta).values())
         return held + 8 * position_rows * kept + state
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -333,15 +334,23 @@ class EvictingLayer(CacheLayerMixin):
         return keys, values
 
     # ------------------------------------------------------------ slot storage
-    def _ring_eligible(self) -> bool:
-        """A full recency layer over dense storage, unpadded, evicting after every forward: slot storage fits."""
+    def uses_slots(self) -> bool:
+        """Whether this layer decodes in slot storage once full: recency eviction (no scores, attention or
+        per-token state) over dense storage. ``predict_nbytes`` and the decoding path both ask this."""
         return (
             self.budget is not None
+            and type(self).score is EvictingLayer.score
+            and type(self).initial_state is EvictingLayer.initial_state
+            and not self.needs_attention
+            and self.store_factory is DenseStore
+        )
+
+    def _ring_eligible(self) -> bool:
+        """A full slot-storage layer, unpadded, evicting after every forward, autograd off: enter slot storage."""
+        return (
+            self.uses_slots()
             and self.kept == self.budget < self.seen  # full, and evicting from now on
             and type(self.store) is DenseStore
-            and type(self).score is EvictingLayer.score
-            and not self.needs_attention
-            and not self.token_state
             and not self.record_past
             and self._pos.dim() == 1
             and not self.context.padded
@@ -696,9 +705,8 @@ class KVPlusCache(Cache):
         tables = {id(layer.rope[0]): layer.rope[0].untyped_storage().nbytes() for layer in self.layers
                   if layer.rope is not None and tokens}
         slots_with_sinks = any(
-            layer.budget is not None and tokens > layer.budget and layer.rope is not None and layer.num_sink_tokens
-            and type(layer).score is EvictingLayer.score and not layer.needs_attention
-            and type(layer.store_factory()) is DenseStore for layer in self.layers
+            layer.uses_slots() and tokens > layer.budget and layer.rope is not None and layer.num_sink_tokens
+            for layer in self.layers
         )
         angles = RopeAngles.predict_nbytes(self.head_dim) if slots_with_sinks else 0  # the sinks' shift, shared
         return sum(per_layer) + sum(tables.values()) + angles

@@ -151,8 +151,7 @@ class PrefixSharedCache(KVPlusCache):
         if store is None or ids is None or ids.shape[1] != seen:
             return
         size, shared, batch = store.block_size, self.shared_length, ids.shape[0]
-        pad = self.context.pad_len
-        starts = [0] * batch if pad is None else pad.tolist()
+        starts = self.context.pad_host or [0] * batch
         if not any((seen - s) // size > (seen - new - s) // size for s in starts):
             return  # no block completed in this forward
         if not any(starts):
