@@ -24,9 +24,6 @@ from .caches import (
     KeyNormCache,
     KVPlusCache,
     KVStore,
-    LRUPolicy,
-    PrefixSharedCache,
-    PrefixStore,
     QuantizedKVCache,
     QuantizedStore,
     ScoredCache,
@@ -38,11 +35,11 @@ from .caches import (
     list_caches,
     list_presets,
     make_cache,
-    prefix_store,
     register_cache,
     register_preset,
 )
 from .memory import cache_nbytes
+from .prefix import LRUPolicy, PrefixSharedCache, PrefixStore, prefix_store  # registers "prefix" after the strategies
 from .prefill import prefill
 
 __all__ = [

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 import hf_kvplus
 from hf_kvplus import PrefixStore
 from hf_kvplus._compat import cache_kwargs
-from hf_kvplus.caches.prefix_io import _checksum
+from hf_kvplus.prefix.io import _checksum
 
 
 @pytest.fixture(scope="module")

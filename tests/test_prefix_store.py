@@ -1,4 +1,4 @@
-"""PrefixStore as a plain data structure (no model): tables of insert / match / evict cases.
+"""PrefixPool as a plain data structure (no model): tables of insert / match / evict cases.
 
 The KV given for a token is ``[token id, position]`` (in every head and layer), so a match can be
 checked for being exactly the right tokens at the right positions.
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hf_kvplus
-from hf_kvplus import PrefixStore
+from hf_kvplus.prefix import PrefixPool
 
 LAYERS, HEADS, BLOCK = 2, 2, 2
 NODE_BYTES_PER_TOKEN = LAYERS * 2 * HEADS * 2 * 4  # layers x (k, v) x heads x [id, pos] x fp32
@@ -61,7 +61,7 @@ MATCH_CASES = [
 
 @pytest.mark.parametrize(("inserted", "query", "limit", "expected"), MATCH_CASES)
 def test_match(inserted, query, limit, expected):
-    store = PrefixStore(block_size=BLOCK)
+    store = PrefixPool(block_size=BLOCK)
     for tokens in inserted:
         insert(store, tokens)
     found = store.match(query, limit=limit)
@@ -82,7 +82,7 @@ INSERT_CASES = [
 
 @pytest.mark.parametrize(("inserted", "nodes", "held", "given"), INSERT_CASES)
 def test_insert(inserted, nodes, held, given):
-    store = PrefixStore(block_size=BLOCK)
+    store = PrefixPool(block_size=BLOCK)
     asked = []
     for tokens in inserted:
         kv = kv_for(tokens)
@@ -93,7 +93,7 @@ def test_insert(inserted, nodes, held, given):
 
 
 def test_windows_are_views_of_the_inserted_tensors():
-    store = PrefixStore(block_size=BLOCK)
+    store = PrefixPool(block_size=BLOCK)
     given = kv_for([1, 2, 3, 4, 5, 6])(0, 6)
     store.insert([1, 2, 3, 4, 5, 6], lambda a, b: given)
     store.insert([1, 2, 3, 4, 7, 8], kv_for([1, 2, 3, 4, 7, 8]))  # splits the first node
@@ -119,7 +119,7 @@ EVICT_CASES = [
 
 @pytest.mark.parametrize(("budget", "inserted", "touched", "acquired", "new", "cached"), EVICT_CASES)
 def test_evict(budget, inserted, touched, acquired, new, cached):
-    store = PrefixStore(max_bytes=budget * NODE_BYTES_PER_TOKEN, block_size=BLOCK)
+    store = PrefixPool(max_bytes=budget * NODE_BYTES_PER_TOKEN, block_size=BLOCK)
     for tokens in inserted:
         insert(store, tokens)
     for tokens in touched:
@@ -135,7 +135,7 @@ def test_evict(budget, inserted, touched, acquired, new, cached):
 
 
 def test_split_halves_share_storage_so_evicting_one_frees_nothing():
-    store = PrefixStore(block_size=BLOCK)
+    store = PrefixPool(block_size=BLOCK)
     insert(store, [1, 2, 3, 4])
     insert(store, [1, 2, 5, 6])  # head [1, 2] and tail [3, 4] share the first insert's tensors
     before = store.nbytes
@@ -147,7 +147,7 @@ def test_split_halves_share_storage_so_evicting_one_frees_nothing():
 
 
 def test_references_follow_the_path_and_releases_are_applied_by_the_next_call():
-    store = PrefixStore(block_size=BLOCK)
+    store = PrefixPool(block_size=BLOCK)
     insert(store, [1, 2, 3, 4, 5, 6])
     found = store.acquire([1, 2, 3, 4, 5, 6])
     insert(store, [1, 2, 3, 4, 7, 8])  # split while referenced: the new head inherits the count
@@ -169,14 +169,14 @@ class NewestFirst:
 
 
 def test_eviction_policy_is_pluggable():
-    store = PrefixStore(max_bytes=4 * NODE_BYTES_PER_TOKEN, block_size=BLOCK, policy=NewestFirst())
+    store = PrefixPool(max_bytes=4 * NODE_BYTES_PER_TOKEN, block_size=BLOCK, policy=NewestFirst())
     for tokens in ([1, 2], [3, 4], [5, 6]):
         insert(store, tokens)
     assert [store.match(t).length for t in ([1, 2], [3, 4], [5, 6])] == [2, 0, 2]
 
 
 def test_hits_misses_and_tokens_reused():
-    store = PrefixStore(block_size=BLOCK)
+    store = PrefixPool(block_size=BLOCK)
     insert(store, [1, 2, 3, 4])
     store.acquire([1, 2, 3, 9], rows=3)
     store.acquire([7, 7, 7, 7])
@@ -198,11 +198,11 @@ def test_hits_misses_and_tokens_reused():
 )
 def test_bad_arguments_are_named(kwargs, error, message):
     with pytest.raises(error, match=message):
-        PrefixStore(**kwargs)
+        PrefixPool(**kwargs)
 
 
 def test_bad_kv_is_refused():
-    store = PrefixStore(block_size=BLOCK)
+    store = PrefixPool(block_size=BLOCK)
     with pytest.raises(ValueError, match=r"\[1, kv_heads, 2, head_dim\]"):
         store.insert([1, 2], lambda a, b: [(torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))])
     insert(store, [1, 2])
@@ -214,7 +214,7 @@ def test_bad_kv_is_refused():
 @given(st.lists(st.tuples(st.sampled_from("iam"), st.lists(st.integers(1, 3), min_size=0, max_size=9)), max_size=25))
 def test_random_operations_keep_every_invariant(operations):
     """Inserts, acquires and releases in any order: matches read the right tokens, budget and bytes hold."""
-    store = PrefixStore(max_bytes=10 * NODE_BYTES_PER_TOKEN, block_size=BLOCK)
+    store = PrefixPool(max_bytes=10 * NODE_BYTES_PER_TOKEN, block_size=BLOCK)
     held = []
     for op, tokens in operations:
         if op == "i":

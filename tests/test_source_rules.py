@@ -31,7 +31,7 @@ def lines(paths, pattern: str):
 
 def test_the_rules_see_the_whole_package():
     names = {str(p.relative_to(PACKAGE)) for p in SOURCES}
-    assert {"caches/base.py", "caches/prefix_io.py", "eval/recipe.py", "attention.py"} <= names
+    assert {"caches/base.py", "prefix/io.py", "eval/recipe.py", "attention.py"} <= names
 
 
 UNSAFE_LOADING = [
@@ -53,19 +53,20 @@ def test_nothing_in_the_package_unpickles_or_evaluates_data(pattern):
 
 
 def test_the_prefix_store_reads_and_writes_safetensors_only():
-    io = (PACKAGE / "caches" / "prefix_io.py").read_text()
+    io = (PACKAGE / "prefix" / "io.py").read_text()
     assert "from safetensors import safe_open" in io and "save_file(" in io
-    assert lines([PACKAGE / "caches" / "prefix_io.py"], r"(?<!safe_)open\(|read_bytes\(|read_text\(") == []
+    assert lines([PACKAGE / "prefix" / "io.py"], r"(?<!safe_)open\(|read_bytes\(|read_text\(") == []
 
 
 # ------------------------------------------------------------------ device-agnostic cache code
-CACHE_CODE = sorted((PACKAGE / "caches").glob("*.py")) + sorted((PACKAGE / "quant").glob("*.py")) + [
+CACHE_DIRS = ("caches", "eviction", "storage", "prefix", "quant")  # everything a cache runs
+CACHE_CODE = sorted(p for d in CACHE_DIRS for p in (PACKAGE / d).glob("**/*.py")) + [
     PACKAGE / "attention.py", PACKAGE / "prefill.py",
 ]
 HOST_ON_PURPOSE = {  # file -> why it names the CPU
-    "caches/prefix.py": "token ids are bookkeeping kept on the host (compared with Python lists)",
-    "caches/prefix_layer.py": "the same token ids, reordered on the host",
-    "caches/prefix_io.py": "files are written from and read into host memory, then moved to the model's device",
+    "prefix/cache.py": "token ids are bookkeeping kept on the host (compared with Python lists)",
+    "prefix/layer.py": "the same token ids, reordered on the host",
+    "prefix/io.py": "files are written from and read into host memory, then moved to the model's device",
 }
 
 
@@ -80,7 +81,7 @@ def test_cache_code_creates_tensors_on_the_device_of_its_inputs():
     """Every ``torch.arange/zeros/ones/empty/full/tensor/...`` call passes ``device=`` (``new_*``/``*_like`` inherit it)."""
     created = lines(CACHE_CODE, r"torch\.(arange|zeros|ones|empty|full|tensor|randn|rand|eye|linspace)\(")
     missing = [hit for hit in created if "device=" not in hit[2]]
-    assert [hit[0] for hit in missing] == ["caches/prefix_io.py", "caches/prefix_io.py"]  # the file's index tensors
+    assert [hit[0] for hit in missing] == ["prefix/io.py", "prefix/io.py"]  # the file's index tensors
 
 
 # What differs between transformers versions, or is private to transformers, is named in _compat.py only.

@@ -1,4 +1,4 @@
-"""Cache strategies: one file per strategy, all built on :mod:`hf_kvplus.caches.base`."""
+"""Cache strategies: one file per strategy, all built on :mod:`hf_kvplus.caches.base` (prefix sharing: :mod:`hf_kvplus.prefix`)."""
 
 from .base import CacheContext, EvictingLayer, KVPlusCache
 from .registry import CacheSpec, get_spec, list_caches, list_presets, make_cache, register_cache, register_preset
@@ -9,9 +9,6 @@ from .heavy_hitter import HeavyHitterCache, HeavyHitterLayer, ScoredCache
 from .tova import TovaCache, TovaLayer
 from .key_norm import KeyNormCache, KeyNormLayer
 from .snapkv import SnapKVCache, SnapKVLayer
-from .prefix import PrefixLayer, PrefixSharedCache, prefix_store  # registered after sink
-from .prefix_store import PrefixStore
-from .prefix_tree import LRUPolicy
 from .store import DenseStore, KVStore, make_store_factory
 
 __all__ = [
@@ -25,10 +22,6 @@ __all__ = [
     "KeyNormLayer",
     "KVPlusCache",
     "KVStore",
-    "LRUPolicy",
-    "PrefixLayer",
-    "PrefixSharedCache",
-    "PrefixStore",
     "QuantizedKVCache",
     "QuantizedStore",
     "ScoredCache",
@@ -43,7 +36,6 @@ __all__ = [
     "list_presets",
     "make_cache",
     "make_store_factory",
-    "prefix_store",
     "register_cache",
     "register_preset",
 ]

@@ -20,7 +20,7 @@ import time
 import torch
 
 from .._compat import cache_kwargs
-from ..caches.prefix_store import PrefixStore
+from ..prefix import PrefixStore
 
 ORDERINGS = ("stable_first", "variable_first")
 SYSTEM = (

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .store import DenseStore, KVStore
+from ..caches.store import DenseStore, KVStore
 
 
 class LRUPolicy:

@@ -1,7 +1,7 @@
 """The layer-level parts of the prefix-shared cache: token ids, references, and the layer itself.
 
 :class:`PrefixLayer` is an :class:`~hf_kvplus.caches.base.EvictingLayer` that never evicts (budget
-``None``) over a :class:`~hf_kvplus.caches.shared_store.SharedPrefixStore`, so beam reordering, batch
+``None``) over a :class:`~hf_kvplus.prefix.shared.SharedPrefixStore`, so beam reordering, batch
 selection and repetition, ``crop`` and memory accounting are the base's. A :class:`PrefixLease` holds
 the request's reference on the store's tree until it is released or garbage-collected.
 """
@@ -12,15 +12,15 @@ import weakref
 
 import torch
 
-from .base import CacheContext, EvictingLayer
-from .prefix_store import PrefixStore
-from .shared_store import SharedPrefixStore
+from ..caches.base import CacheContext, EvictingLayer
+from .pool import PrefixPool
+from .shared import SharedPrefixStore
 
 
 class PrefixLease:
     """One reference on a store node (and its ancestors), given back on ``release`` or garbage collection."""
 
-    def __init__(self, store: PrefixStore | None = None, node_id: int | None = None):
+    def __init__(self, store: PrefixPool | None = None, node_id: int | None = None):
         self.node_id = node_id
         self._finalizer = None if node_id is None else weakref.finalize(self, store.release, node_id)
 

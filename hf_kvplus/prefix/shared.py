@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .store import KVStore
+from ..caches.store import KVStore
 
 Segment = tuple  # (payload: list[KVStore], start: int, stop: int)
 

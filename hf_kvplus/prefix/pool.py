@@ -1,15 +1,18 @@
-"""PrefixStore: the cached KV of token-id prefixes, held once and shared by every request that starts with them.
+"""PrefixPool: the cached KV of token-id prefixes, held once and shared by every request that starts with them.
 
-The data structure is :class:`~hf_kvplus.caches.prefix_tree.PrefixTree` (a block radix tree with
-reference counts and a byte budget). This class adds what serving needs around it:
+Model-free: token ids in, per-layer ``(keys, values)`` tensors out. The data structure is
+:class:`~hf_kvplus.prefix.tree.PrefixTree` (a block radix tree with reference counts and a byte
+budget). This class adds what serving needs around it:
 
 * **Locking**: one re-entrant lock guards the tree, the counts and the statistics; every public
   method takes it, so requests in several threads may share a store. Reading cached tensors needs no
   lock: they are never written after insertion. A cache garbage-collected in any thread only queues
   its release (a ``deque``), applied under the lock by the next call, so a finalizer never runs in the
   middle of a tree operation.
-* the model-facing API: :meth:`cache_for` (a ``transformers.Cache`` already holding the longest
-  cached prefix), :meth:`save` / :meth:`load` (safetensors), :meth:`bind` (which model the KV belongs to).
+* token ids given as lists or tensors, matches at block granularity, statistics.
+
+The model-facing API (``cache_for``, ``save``, ``load``, ``bind``) is :class:`~hf_kvplus.PrefixStore`,
+a subclass in :mod:`hf_kvplus.prefix.store`.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import threading
 
 import torch
 
-from .prefix_tree import LRUPolicy, PrefixMatch, PrefixTree
-from .store import make_store_factory
+from ..caches.store import make_store_factory
+from .tree import LRUPolicy, PrefixMatch, PrefixTree
 
 
 def _token_tuple(tokens) -> tuple[int, ...]:
@@ -34,8 +37,8 @@ def _token_tuple(tokens) -> tuple[int, ...]:
     return tuple(int(t) for t in tokens)
 
 
-class PrefixStore:
-    """Cached KV of token-id prefixes, shared without copies by every request that starts with them.
+class PrefixPool:
+    """Cached KV of token-id prefixes, shared without copies by every request that starts with them (model-free).
 
     Args:
         max_bytes (`int`, *optional*, defaults to 1 GiB): bytes of KV the store may hold; ``None`` is unlimited.
@@ -53,10 +56,13 @@ class PrefixStore:
     Example:
 
     ```python
-    >>> store = hf_kvplus.PrefixStore(max_bytes=2**30)
-    >>> cache = store.cache_for(model, input_ids)  # already holds the longest cached prefix of input_ids
-    >>> out = model.generate(input_ids, cache=cache, max_new_tokens=32)
-    >>> store.stats()["tokens_reused"]
+    >>> pool = PrefixPool(max_bytes=2**20, block_size=4)
+    >>> kv = lambda start, stop: [(torch.zeros(1, 2, stop - start, 8), torch.zeros(1, 2, stop - start, 8))]
+    >>> pool.insert([5, 6, 7, 8, 9], kv).length  # whole blocks only
+    4
+    >>> found = pool.acquire([5, 6, 7, 8, 1, 2])  # referenced until pool.release(found.node_id)
+    >>> found.length, pool.stats()["tokens_reused"]
+    (4, 4)
     ```
     """
 
@@ -180,56 +186,3 @@ class PrefixStore:
             return {**{name: tree.counts[name] for name in names}, "bytes_held": tree.bytes,
                     "tokens_held": sum(len(n.tokens) for n in nodes), "nodes": len(tree.nodes),
                     "referenced_nodes": sum(n.refs > 0 for n in nodes), "max_bytes": tree.max_bytes}
-
-    # ------------------------------------------------------------ model-facing
-    def bind(self, model_or_config) -> None:
-        """Record (first call) or check (later calls) the model this store's KV belongs to."""
-        from .prefix_io import check_fingerprint, model_fingerprint
-
-        found = model_fingerprint(model_or_config)
-        with self._lock:
-            if self.fingerprint is None:
-                self.fingerprint = found
-            else:
-                self.fingerprint = check_fingerprint(self.fingerprint, found, "this PrefixStore")
-
-    def cache_for(self, model, input_ids, attention_mask=None, **storage):
-        """A cache already holding the longest cached prefix of ``input_ids``, for ``generate`` to continue.
-
-        Args:
-            model (`PreTrainedModel`): the model (bound to this store on first use; another model is refused).
-            input_ids (`torch.LongTensor`): ``[batch, length]`` (or ``[length]``); rows share the prefix
-                they have in common, read once (expanded over the batch).
-            attention_mask (`torch.Tensor`, *optional*): with left padding, nothing is shared.
-            **storage: how the request's own tokens are stored (``store_factory=``, ``nbits=``).
-
-        Returns:
-            `PrefixSharedCache`: holds whole blocks, never all of ``input_ids`` (one token at least is left to
-            prefill); it publishes what it computes, so later requests reuse it.
-
-        Example:
-
-        ```python
-        >>> cache = store.cache_for(model, inputs.input_ids)
-        >>> cache.get_seq_length()  # tokens generate will not prefill
-        >>> out = model.generate(**inputs, cache=cache, max_new_tokens=64)
-        ```
-        """
-        from .prefix import cache_for
-
-        return cache_for(self, model, input_ids, attention_mask=attention_mask, **storage)
-
-    def save(self, path) -> None:
-        """Write every cached prefix to one safetensors file (see :mod:`hf_kvplus.caches.prefix_io`)."""
-        from .prefix_io import save_store
-
-        with self._lock:
-            self._drain()
-            save_store(self, self._tree, path)
-
-    @classmethod
-    def load(cls, path, model_or_config, max_bytes: int | None = None, **kwargs) -> PrefixStore:
-        """Read a file written by :meth:`save`, checking it belongs to ``model_or_config``; clear errors otherwise."""
-        from .prefix_io import load_store
-
-        return load_store(cls, path, model_or_config, max_bytes=max_bytes, **kwargs)

@@ -15,33 +15,9 @@ import weakref
 import torch
 from transformers import PreTrainedConfig
 
-from ..attention import attach
-from .base import KVPlusCache, check_storage_keywords
-from .prefix_layer import PrefixContext, PrefixLayer, PrefixLease, trim_storage
-from .prefix_store import PrefixStore
-from .registry import CacheSpec, register_cache
-
-_DEFAULT_STORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def prefix_store(model) -> PrefixStore:
-    """The model's default :class:`PrefixStore` (1 GiB budget), shared by ``make_cache("prefix", model)`` caches.
-
-    Args:
-        model (`PreTrainedModel`): the model whose store is returned (created at the first call).
-
-    Example:
-
-    ```python
-    >>> cache = hf_kvplus.make_cache("prefix", model)
-    >>> hf_kvplus.prefix_store(model).stats()["tokens_reused"]
-    ```"""
-    if model not in _DEFAULT_STORES:
-        store = PrefixStore()
-        store.bind(model)
-        _DEFAULT_STORES[model] = store
-    return _DEFAULT_STORES[model]
-
+from ..caches.base import KVPlusCache, check_storage_keywords
+from .layer import PrefixContext, PrefixLayer, PrefixLease, trim_storage
+from .pool import PrefixPool
 
 class PrefixSharedCache(KVPlusCache):
     """A cache whose prompt prefix is read from a :class:`~hf_kvplus.PrefixStore`, shared without copies.
@@ -69,8 +45,8 @@ class PrefixSharedCache(KVPlusCache):
     layer_class = PrefixLayer
     observes_input_ids = True  # hf_kvplus.attach passes the token ids of each forward
 
-    def __init__(self, config: PreTrainedConfig, store: PrefixStore | None = None, **storage):
-        if store is not None and not isinstance(store, PrefixStore):
+    def __init__(self, config: PreTrainedConfig, store: PrefixPool | None = None, **storage):
+        if store is not None and not isinstance(store, PrefixPool):
             raise TypeError(f"store must be a hf_kvplus.PrefixStore or None, got {type(store).__name__}")
         check_storage_keywords("PrefixSharedCache", storage, ["store"])
         super().__init__(config, **storage)
@@ -81,7 +57,7 @@ class PrefixSharedCache(KVPlusCache):
         self._lease = PrefixLease()
 
     @property
-    def store(self) -> PrefixStore | None:
+    def store(self) -> PrefixPool | None:
         return None if self._store is None else self._store()
 
     @property
@@ -90,7 +66,7 @@ class PrefixSharedCache(KVPlusCache):
         layer = self.layers[0]
         return layer.store.shared_length if layer.is_initialized else 0
 
-    def adopt(self, found, token_ids: torch.Tensor, store: PrefixStore) -> None:
+    def adopt(self, found, token_ids: torch.Tensor, store: PrefixPool) -> None:
         """Start from a prefix ``found`` by ``store.acquire`` (whose reference this cache now owns)."""
         for layer in self.layers:
             layer.adopt(found.segments, token_ids.shape[0])
@@ -165,7 +141,7 @@ class PrefixSharedCache(KVPlusCache):
                 kv = self._row_kv(row, start, self.shared_length)
                 store.insert(ids[row, start:seen].tolist(), kv)
 
-    def _publish_common(self, store: PrefixStore, tokens: list[int], shared: int) -> None:
+    def _publish_common(self, store: PrefixPool, tokens: list[int], shared: int) -> None:
         def kv(start: int, stop: int):
             pairs = [layer.store.private_tokens(start - shared, stop - shared) for layer in self.layers]
             return [(trim_storage(k, store.block_size), trim_storage(v, store.block_size)) for k, v in pairs]
@@ -220,43 +196,3 @@ class PrefixSharedCache(KVPlusCache):
     def release(self) -> None:
         """Drop everything now and give the store its references back (also done when garbage-collected)."""
         self.reset()
-
-
-def cache_for(store: PrefixStore, model, input_ids, attention_mask=None, **storage) -> PrefixSharedCache:
-    """A :class:`PrefixSharedCache` holding the longest cached prefix of ``input_ids`` shared by every row.
-
-    Never the whole input: at least one token is left for ``generate`` to prefill. Rows that are
-    left-padded (per ``attention_mask``) share nothing. See :meth:`PrefixStore.cache_for`.
-    """
-    ids = torch.as_tensor(input_ids)
-    ids = ids[None] if ids.dim() == 1 else ids
-    if ids.dim() != 2 or ids.shape[1] == 0 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise ValueError(f"input_ids must be integer token ids of shape [batch, length >= 1], got {tuple(ids.shape)} {ids.dtype}")
-    if not isinstance(model, torch.nn.Module) or not isinstance(getattr(model, "config", None), PreTrainedConfig):
-        raise TypeError(f"cache_for needs a transformers model, got {type(model).__name__}")
-    attach(model)
-    store.bind(model)
-    limit = ids.shape[1] - 1
-    if attention_mask is not None:
-        mask = torch.as_tensor(attention_mask)
-        if tuple(mask.shape) != tuple(ids.shape):
-            raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, input_ids {tuple(ids.shape)}")
-        limit = limit if bool(mask.bool().all()) else 0
-    differs = (ids != ids[:1]).any(dim=0).nonzero()
-    limit = min(limit, int(differs[0])) if len(differs) else limit
-    found = store.acquire(ids[0].tolist(), limit=limit, rows=ids.shape[0])
-    cache = PrefixSharedCache(model.config, store=store, **storage)
-    if found.length:
-        cache.adopt(found, ids[:, : found.length], store)
-    return cache
-
-
-register_cache(
-    CacheSpec(
-        name="prefix",
-        factory=PrefixSharedCache,
-        description="shared prompt prefixes: held once, reused without copies (RadixAttention / vLLM APC)",
-        paper="arXiv:2312.07104",
-        from_model=lambda model: {"store": prefix_store(model)},
-    )
-)
