@@ -151,7 +151,6 @@ class EvictingLayer(CacheLayerMixin):
     """
 
     is_sliding = False
-    is_compileable = False
     needs_attention = False  # True: `score` needs the attention mass from the "kvplus" attention
     per_head = True  # False: scores are averaged over the KV heads, so every head keeps the same tokens
     implicit_positions = False  # True: a layer that never evicts derives positions (0..seen-1) instead of storing them
@@ -252,12 +251,13 @@ class EvictingLayer(CacheLayerMixin):
         if held is None:
             return None
         if evicted and self.uses_slots():
-            # Slot storage (RingStore): budget + 1 slots and their int64 indices, no position table, the sinks'
+            # Slot storage (RingStore): budget + 1 slots and their int64 cursor, no position table, the sinks'
             # first keys (float32, and their rotate_half) when keys are re-rotated.
             sinks = min(self.num_sink_tokens, self.budget) if self.rope is not None else 0
             slots = kept + 1
             sink_keys = 2 * 4 * batch * kv_heads * sinks * head_dim
-            return store.predict_nbytes(batch, kv_heads, slots, head_dim, dtype) + 8 * slots + sink_keys
+            cursor = 8 * 2 * (slots + 1)  # int64: the (free, head) cursor and the [slots, 2] successor table
+            return store.predict_nbytes(batch, kv_heads, slots, head_dim, dtype) + cursor + sink_keys
         scored = type(self).score is not EvictingLayer.score
         position_rows = batch * kv_heads if scored and evicted else 1
         meta = torch.empty(batch, kv_heads, kept, head_dim, dtype=dtype, device="meta")  # [b, h, kept, d]
@@ -291,6 +291,18 @@ class EvictingLayer(CacheLayerMixin):
                 f"layer {self.layer_idx} holds [batch={expected[0]}, kv_heads={expected[1]}, head_dim={self.head_dim}] "
                 f"but received key states of shape {tuple(key_states.shape)}"
             )
+
+    @property
+    def is_compileable(self) -> bool:
+        """True inside a compiled region while the layer is in slot storage: its budget full, shapes fixed,
+        slot numbers and RoPE shifts device tensors or integers dynamo treats as symbols, so a compiled
+        decoding step replays without recompiling (``torch.compile(model.forward)``; tested on CPU).
+
+        Outside compilation it is False on purpose: transformers never skips the mask of a compileable
+        cache, and an eager one-token step over every kept key needs none (an explicit mask costs four
+        ops per layer in SDPA). So ``generate`` does not compile by itself; compile the forward instead.
+        """
+        return isinstance(self.store, RingStore) and torch.compiler.is_compiling()
 
     @property
     def is_croppable(self) -> bool:
@@ -740,9 +752,13 @@ class KVPlusCache(Cache):
         """Learn each row's left padding from the call's 2-D attention mask (done by the model hook)."""
         self.end_stale_recording()
         self.context.observed = True
+        seen = self.get_seq_length()
+        if isinstance(attention_mask, dict):  # one mask per attention type: padding shows in the full one
+            attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
+        if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4:
+            attention_mask = self._padding_from_4d(attention_mask, seen, query_length)
         if attention_mask is None or attention_mask.dim() != 2:
             return
-        seen = self.get_seq_length()
         context = self.context
         if query_length == 1 and context.mask_length == seen and attention_mask.shape[-1] == seen + 1:
             # A decoding step: generate appends one real column to the mask whose padding was read at prefill.
@@ -769,6 +785,17 @@ class KVPlusCache(Cache):
             return
         context.set_padding((~history).sum(dim=-1))
         context.mask_length = history.shape[-1]
+
+    @staticmethod
+    def _padding_from_4d(mask: torch.Tensor, seen: int, query_length: int) -> torch.Tensor | None:
+        """The 2-D padding mask behind a 4-D one (``[batch, 1, query, kv]``), which ``generate`` builds itself
+        for a compileable cache: when the columns are every position so far (nothing evicted yet), the last
+        query, which sees every earlier position, attends exactly the real tokens. ``None`` for a one-token
+        step (its padding was read at prefill) or when the columns are not every position."""
+        if query_length == 1 or mask.shape[-1] != seen + query_length:
+            return None
+        last = mask[:, 0, -1]  # [batch, seen + query]: bool (True attends) or additive float (0 attends)
+        return last if last.dtype == torch.bool else last == 0
 
     def crop(self, tokens_to_remove: int) -> None:
         """Roll back the newest ``-tokens_to_remove`` tokens in every layer, or in none (``ValueError``)."""

@@ -5,8 +5,10 @@ new token goes into the slot of the token evicted at the previous step, as in tr
 ``StaticSlidingWindowLayer`` and gpt-fast's ``KVCache``. :class:`RingStore` holds
 ``[batch, kv_heads, budget + 1, head_dim]`` buffers: ``sinks`` fixed slots first, then a ring of
 window slots, one of which is free between forwards. A step writes the new token into the free
-slot, attention reads the whole buffer, and the oldest window slot becomes the free one: slot
-numbers are host integers, so the step makes no host sync and allocates nothing.
+slot, attention reads the whole buffer, and the oldest window slot becomes the free one. The slot
+numbers are kept twice: host integers for bookkeeping, and a device ``cursor`` the step indexes with
+and advances itself through a successor table, so the step makes no host sync, allocates nothing,
+and, compiled, takes no Python integer that changes from step to step.
 
 Attention over one query with no padding does not depend on the order of the keys, which is why
 the buffer is handed to attention as it is; :meth:`RingStore.get` gives the kept tokens in
@@ -57,12 +59,17 @@ class RingStore(KVStore):
         self.values = values.new_empty(batch, heads, self.capacity, values.shape[-1])
         self.keys[:, :, :budget].copy_(keys)
         self.values[:, :, :budget].copy_(values)
-        # Views made once, so a step costs one kernel per tensor written: the index of each slot, the sink slots.
-        self.slot_index = torch.arange(self.capacity, device=keys.device).split(1)  # capacity x [1]
         self.sink_slots = self.keys[:, :, :sinks]  # [batch, kv_heads, sinks, head_dim] view
         self.sinks = sinks
         self.free = budget  # the slot the next token is written to
         self.head = sinks  # the slot of the oldest window token
+        # The same two slot numbers on the device, so a step indexes with a tensor (no host value enters the
+        # graph when compiled): `cursor[0] = (free, head)`, and `successor[h] = (h, next window slot after h)`.
+        ring = torch.arange(sinks, self.capacity, device=keys.device)  # [capacity - sinks]
+        self.successor = torch.stack([torch.arange(self.capacity, device=keys.device),
+                                      torch.cat([ring[:1].expand(sinks), ring.roll(-1)])], dim=1)  # [capacity, 2]
+        self.cursor = torch.tensor([[budget, sinks]], device=keys.device)  # [1, 2] long: (free slot, head slot)
+        self.free_slot, self.head_slot = self.cursor[0, :1], self.cursor[0, 1:]  # [1] views
         self.full = False  # True between a write and the eviction that follows it
         self.shift = 0  # positions the sink slots are currently rotated by
         self.sink_keys = self.sink_half = None
@@ -75,13 +82,13 @@ class RingStore(KVStore):
     # ----------------------------------------------------------------- the step
     def write(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Put one new token (``[batch, kv_heads, 1, head_dim]``) into the free slot."""
-        slot = self.slot_index[self.free]
-        self.keys.index_copy_(2, slot, keys)
-        self.values.index_copy_(2, slot, values)
+        self.keys.index_copy_(2, self.free_slot, keys)
+        self.values.index_copy_(2, self.free_slot, values)
         self.full = True
 
     def evict_oldest(self) -> None:
-        """Free the oldest window slot (its data stays until the next write)."""
+        """Free the oldest window slot (its data stays until the next write): two ops on the device cursor."""
+        self.cursor.copy_(self.successor.index_select(0, self.head_slot))  # (free, head) <- (head, next(head))
         self.free = self.head
         self.head = self.head + 1 if self.head + 1 < self.capacity else self.sinks
         self.full = False
@@ -89,7 +96,7 @@ class RingStore(KVStore):
     def shift_sinks(self, cos: torch.Tensor, sin: torch.Tensor, shift: int) -> None:
         """Rotate the sink slots by ``shift`` positions from their first keys; ``cos``/``sin``: ``[head_dim]`` float32."""
         slots = self.sink_slots  # [batch, kv_heads, sinks, head_dim]
-        if slots.dtype == torch.float32:
+        if slots.dtype == torch.float32 and not torch.compiler.is_compiling():  # dynamo refuses a strided out=
             torch.mul(self.sink_keys, cos, out=slots)
             slots.addcmul_(self.sink_half, sin)
         else:
@@ -117,7 +124,7 @@ class RingStore(KVStore):
         return keys, self.values.index_select(2, index)
 
     def tensors(self) -> list[torch.Tensor]:
-        held = [self.keys, self.values, self.slot_index[0]]  # slot indices: views of one [capacity] tensor
+        held = [self.keys, self.values, self.cursor, self.successor]
         return held + [t for t in (self.sink_keys, self.sink_half) if t is not None]
 
     @property
