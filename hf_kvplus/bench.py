@@ -28,6 +28,7 @@ from .prefix import PrefixStore
 from .caches.registry import get_spec, list_caches, list_presets, make_cache, resolve
 from .memory import cache_nbytes, current_rss_bytes, peak_memory, reset_peak_memory
 from .prefill import prefill
+from .validate import check_int
 
 __all__ = ["decode_benchmark", "plan_strategies", "render_markdown", "slower_sentences", "sliding_window_cache"]
 
@@ -234,8 +235,7 @@ def decode_benchmark(model, strategies=None, contexts=(2048, 8192), batch_sizes=
     ```
     """
     for name, value in (("budget", budget), ("steps", steps), ("rounds", rounds), ("chunk_size", chunk_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        check_int(name, value)
     labels = plan_strategies(strategies)[0]
     device = torch.device(device) if device is not None else next(model.parameters()).device
     pairs = [(c, b) for c in contexts for b in batch_sizes if max_batch_tokens is None or c * b <= max_batch_tokens]

@@ -20,6 +20,7 @@ from .caches.base import kv_geometry, text_config
 from .caches.registry import get_spec, list_caches, make_cache
 from .caches.store import DenseStore
 from .eval.models import parse_dtype
+from .validate import check_int
 
 
 def load_config(model: str | None = None) -> PreTrainedConfig:
@@ -50,9 +51,7 @@ def load_config(model: str | None = None) -> PreTrainedConfig:
 
 
 def _check(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return check_int(name, value, minimum)
 
 
 def plan(config: PreTrainedConfig, context: int, batch: int = 1, dtype="bf16", budget: int = 1024,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._compat import cache_kwargs
+from .validate import check_int
 
 
 @torch.no_grad()
@@ -39,8 +40,7 @@ def prefill(model, input_ids: torch.Tensor, cache, chunk_size: int = 512, attent
     512
     ```
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    check_int("chunk_size", chunk_size)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got {shape}")

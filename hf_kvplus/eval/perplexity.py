@@ -19,6 +19,7 @@ import torch
 
 from .._compat import cache_kwargs
 from ..memory import cache_nbytes, current_rss_bytes, device_peak_bytes, peak_rss_bytes
+from ..validate import check_int
 
 MIB = 2**20
 
@@ -251,12 +252,8 @@ def decode_speed(model, cache, prompt_ids, new_tokens: int = 64, prefill_chunk_s
     >>> decode_speed(model, cache, ids[None, :1024], new_tokens=16)["tokens_per_second"]
     ```
     """
-    if isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1:
-        raise ValueError(f"new_tokens must be an integer >= 1, got {new_tokens!r}")
-    if prefill_chunk_size is not None and (
-        isinstance(prefill_chunk_size, bool) or not isinstance(prefill_chunk_size, int) or prefill_chunk_size < 1
-    ):
-        raise ValueError(f"prefill_chunk_size must be an integer >= 1 or None, got {prefill_chunk_size!r}")
+    check_int("new_tokens", new_tokens)
+    check_int("prefill_chunk_size", prefill_chunk_size, allow_none=True)
     ids = _flat_ids(prompt_ids).to(model.device)[None]
     step = prefill_chunk_size or ids.shape[1]
     for offset in range(0, ids.shape[1], step):

@@ -21,6 +21,7 @@ import torch
 
 from .._compat import cache_kwargs
 from ..prefix import PrefixStore
+from ..validate import check_int
 
 ORDERINGS = ("stable_first", "variable_first")
 SYSTEM = (
@@ -71,8 +72,7 @@ def agent_segments(turns: int = 8, ordering: str = "stable_first") -> list[list[
     """
     if ordering not in ORDERINGS:
         raise ValueError(f"ordering must be one of {list(ORDERINGS)}, got {ordering!r}")
-    if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
-        raise ValueError(f"turns must be an integer >= 1, got {turns!r}")
+    check_int("turns", turns)
     tools = "Tools:\n" + "".join(f"- {name}: {what} Arguments: {args}.\n" for name, what, args in TOOLS) + "\n"
     history, prompts = [], []
     for turn in range(1, turns + 1):

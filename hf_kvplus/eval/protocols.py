@@ -16,22 +16,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .perplexity import compression_perplexity, streaming_perplexity
+from ..validate import check_int, check_ratio
 
 
 def _positive(name: str, value, where: str, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"bad value {value!r} for {where}.{name}: allowed values are integers >= 1"
-                         + (" or null" if allow_none else ""))
-    return value
+    return check_int(name, value, allow_none=allow_none, where=where)
 
 
 def _ratios(name: str, value, where: str) -> list[float]:
     values = value if isinstance(value, list) else [value]
     for item in values:
-        if isinstance(item, bool) or not isinstance(item, (int, float)) or not 0 <= item <= 1:
-            raise ValueError(f"bad value {item!r} for {where}.{name}: allowed values are numbers in [0, 1]")
+        check_ratio(name, item, where=where)
     return [float(v) for v in values]
 
 

@@ -26,6 +26,7 @@ import yaml
 
 from .data import DataSpec
 from .protocols import PROTOCOLS
+from ..validate import check_int
 
 PACKAGED = Path(__file__).resolve().parent.parent / "recipes"
 RECIPE_FIELDS = ("name", "description", "model", "data", "experiments")
@@ -125,8 +126,7 @@ def parse_model(value) -> dict:
 
     parse_dtype(model["dtype"])
     threads = model.get("threads")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"bad value {threads!r} for model.threads: allowed values are integers >= 1 (CPU threads)")
+    check_int("threads", threads, allow_none=True, where="model")
     return model
 
 

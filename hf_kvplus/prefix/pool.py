@@ -24,6 +24,7 @@ import torch
 
 from ..caches.store import make_store_factory
 from .tree import LRUPolicy, PrefixMatch, PrefixTree
+from ..validate import check_int
 
 
 def _token_tuple(tokens) -> tuple[int, ...]:
@@ -69,10 +70,8 @@ class PrefixPool:
     def __init__(
         self, max_bytes: int | None = 2**30, block_size: int = 16, policy=None, store_factory=None, nbits=None, group_size=None
     ):
-        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
-            raise ValueError(f"max_bytes must be an integer >= 1 or None, got {max_bytes!r}")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+        check_int("max_bytes", max_bytes, allow_none=True)
+        check_int("block_size", block_size)
         if policy is not None and not callable(getattr(policy, "choose", None)):
             raise TypeError(f"policy must have a choose(candidates) method, got {type(policy).__name__}")
         if nbits is None:
