@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .perplexity import compression_perplexity, streaming_perplexity
 from ..validate import check_int, check_ratio
+from .perplexity import compression_perplexity, streaming_perplexity
 
 
 def _positive(name: str, value, where: str, allow_none: bool = False):

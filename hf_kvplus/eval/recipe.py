@@ -24,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
+from ..validate import check_int
 from .data import DataSpec
 from .protocols import PROTOCOLS
-from ..validate import check_int
 
 PACKAGED = Path(__file__).resolve().parent.parent / "recipes"
 RECIPE_FIELDS = ("name", "description", "model", "data", "experiments")

@@ -19,6 +19,7 @@ from ..caches.base import KVPlusCache, check_storage_keywords
 from .layer import PrefixContext, PrefixLayer, PrefixLease, trim_storage
 from .pool import PrefixPool
 
+
 class PrefixSharedCache(KVPlusCache):
     """A cache whose prompt prefix is read from a :class:`~hf_kvplus.PrefixStore`, shared without copies.
 

@@ -23,8 +23,8 @@ import threading
 import torch
 
 from ..caches.store import make_store_factory
-from .tree import LRUPolicy, PrefixMatch, PrefixTree
 from ..validate import check_int
+from .tree import LRUPolicy, PrefixMatch, PrefixTree
 
 
 def _token_tuple(tokens) -> tuple[int, ...]:
