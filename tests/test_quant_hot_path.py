@@ -39,7 +39,7 @@ def test_fast_steps_equal_the_eager_reference_across_flushes(nbits, head_dim, gr
 
 
 def test_capacity_doubles_and_keeps_contents():
-    store = QuantizedStore(4, 4, 4)
+    store = QuantizedStore(4, 4, 4, scratch=DequantScratch())  # hot-path stores grow by doubling
     x = torch.randn(1, 2, 8, 16)
     store.append(x, x)
     kept = [t.clone() for t in store.history_tensors()]

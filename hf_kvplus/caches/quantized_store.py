@@ -94,8 +94,6 @@ class QuantizedStore(KVStore):
 
     def tensors(self) -> list[torch.Tensor]:
         """History (views of buffers grown by doubling), residual buffer and the shared scratch (once per cache)."""
-        if self._res is None:
-            return []
         buffers = (self._codes, self._key_params, self._value_params, self.key_groups, self._res)
         return [t for t in buffers if t is not None] + ([] if self.scratch is None else self.scratch.tensors())
 
@@ -113,20 +111,20 @@ class QuantizedStore(KVStore):
         """Bytes of codes, scales, zero points and the residual after ``tokens`` appended tokens (no eviction).
 
         With ``nq, residual = split(tokens)`` and ``cap`` = ``nq`` rounded up to a power of two of groups (the
-        history grows by doubling), per row and head: ``2 * cap * head_dim * nbits / 8`` of codes,
+        history grows by doubling; exactly ``nq`` for a store without a scratch), per row and head: ``2 * cap * head_dim * nbits / 8`` of codes,
         ``2 * (cap / group_size) * head_dim`` key scales and zero points, ``2 * cap * head_dim / value_group`` value
         ones (``scale_dtype``), and ``2 * (residual_length + group_size) * head_dim`` in ``dtype`` for the residual
-        buffer. The scratch shared by every layer is :meth:`shared_nbytes`.
+        buffer (held while it holds tokens, or always with a scratch). The scratch is :meth:`shared_nbytes`.
         """
         if not tokens:
             return 0
-        nq, _ = self.split(tokens)
-        capacity, rows = self._capacity(nq)
+        nq, residual = self.split(tokens)
+        capacity, rows = self._capacity(nq) if self.scratch is not None else (nq, nq // self.group_size)
         scale = self.scale_dtype.itemsize
         value_group = min(self.group_size, head_dim)
         codes = 2 * capacity * packed_size(head_dim, self.nbits)
         scales = 2 * rows * head_dim * scale + 2 * capacity * (head_dim // value_group) * scale
-        exact = 2 * self.residual_capacity * head_dim * dtype.itemsize
+        exact = 2 * self.residual_capacity * head_dim * dtype.itemsize if residual or self.scratch else 0
         return batch * kv_heads * (codes + scales + exact)
 
     def shared_nbytes(self, batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> dict:
@@ -197,7 +195,7 @@ class QuantizedStore(KVStore):
         self._r = 0 if keys is None else keys.shape[2]
         if self._r:
             res[0, :, :, : self._r], res[1, :, :, : self._r] = keys, values
-        self._res = res
+        self._res = res if self._r or self.scratch is not None else None  # without a hot path, nothing while empty
         self._views = None
 
     def _push(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -227,7 +225,7 @@ class QuantizedStore(KVStore):
         b, h, _, width = like.shape
         capacity, row_capacity = self._capacity(tokens)
         row_capacity = max(row_capacity, 1 << max(0, rows - 1).bit_length())
-        if exact:
+        if exact or self.scratch is None:  # no hot path: exact sizes, as the history is re-laid out anyway
             capacity, row_capacity = tokens, rows
         d, groups = self.key_scale_width(like), self.value_groups(like)
         nq = self.quantized_length

@@ -104,9 +104,9 @@ class DequantScratch:
         key = (nbits, dtype, str(device))
         if key not in self._constants:
             k = codes_per_byte(nbits)
-            masks = torch.tensor([((1 << nbits) - 1) << (j * nbits) for j in range(k)], dtype=torch.uint8)
-            factors = torch.tensor([2.0 ** (-j * nbits) for j in range(k)], dtype=dtype)
-            self._constants[key] = masks.view(k, 1).to(device), factors.view(k, 1).to(device)
+            masks = torch.tensor([((1 << nbits) - 1) << (j * nbits) for j in range(k)], dtype=torch.uint8, device=device)
+            factors = torch.tensor([2.0 ** (-j * nbits) for j in range(k)], dtype=dtype, device=device)
+            self._constants[key] = masks.view(k, 1), factors.view(k, 1)
         return self._constants[key]
 
 
