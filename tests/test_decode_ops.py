@@ -39,10 +39,10 @@ CASES = {
     "h2o": ({"budget": BUDGET}, 12, False),
     "tova": ({"budget": BUDGET}, 12, False),
     "snapkv": ({"budget": BUDGET}, 12, False),
-    "quantized": ({"nbits": 4, "group_size": 16, "residual_length": 16}, 8, False),
-    "int8": ({"group_size": 16, "residual_length": 16}, 8, False),
-    "int4": ({"group_size": 16, "residual_length": 16}, 8, False),
-    "int2": ({"group_size": 16, "residual_length": 16}, 8, False),
+    "quantized": ({"nbits": 4, "group_size": 16, "residual_length": 16}, 8, True),
+    "int8": ({"group_size": 16, "residual_length": 16}, 8, True),
+    "int4": ({"group_size": 16, "residual_length": 16}, 8, True),
+    "int2": ({"group_size": 16, "residual_length": 16}, 8, True),
     "prefix": ({}, 4, True),
 }
 

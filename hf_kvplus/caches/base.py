@@ -721,7 +721,13 @@ class KVPlusCache(Cache):
             for layer in self.layers
         )
         angles = RopeAngles.predict_nbytes(self.head_dim) if slots_with_sinks else 0  # the sinks' shift, shared
-        return sum(per_layer) + sum(tables.values()) + angles
+        shared: dict = {}  # buffers every layer's store shares (the quantized stores' scratch), counted once
+        for layer in self.layers:
+            kept = tokens if layer.budget is None else min(tokens, layer.budget)
+            for key, nbytes in layer.store_factory().shared_nbytes(batch, self.num_kv_heads, kept, self.head_dim,
+                                                                   dtype).items():
+                shared[key] = max(shared.get(key, 0), nbytes)
+        return sum(per_layer) + sum(tables.values()) + angles + sum(shared.values())
 
     @property
     def evicts(self) -> bool:

@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedConfig
 
 from ..quant import check_nbits
+from ..quant.fused import DequantScratch
 from .base import EvictingLayer, KVPlusCache
 from .quantized_store import QuantizedStore
 from .registry import CacheSpec, register_cache, register_preset
@@ -22,7 +23,8 @@ DEFAULT_GROUP_SIZE = 64
 DEFAULT_RESIDUAL_LENGTH = 128
 
 
-def quantized_store_factory(nbits: int, group_size=None, residual_length=None, scale_dtype=None, backend=None):
+def quantized_store_factory(nbits: int, group_size=None, residual_length=None, scale_dtype=None, backend=None,
+                            scratch: bool = False):
     """A factory of :class:`QuantizedStore`, arguments checked now rather than at the first token.
 
     Args:
@@ -32,6 +34,9 @@ def quantized_store_factory(nbits: int, group_size=None, residual_length=None, s
         scale_dtype (`torch.dtype`, *optional*, defaults to `torch.float16`): scales and zero points.
         backend (`str`, *optional*, defaults to ``"torch"``): the kernels, ``"torch"`` or ``"quanto"``
             (optimum-quanto's rounding and unpacking on the same layout; ``pip install "hf_kvplus[quanto]"``).
+        scratch (`bool`, defaults to `False`): give the stores one shared
+            :class:`~hf_kvplus.quant.fused.DequantScratch`, so decoding steps restore the history in a few ops
+            into it (layers that never evict; an evicting layer re-lays out its history at every eviction).
 
     Example:
 
@@ -48,7 +53,27 @@ def quantized_store_factory(nbits: int, group_size=None, residual_length=None, s
         scale_dtype=torch.float16 if scale_dtype is None else scale_dtype,
     )
     QuantizedStore(**kwargs)  # validates
+    if scratch:  # one per factory, so per cache: every layer restores its history into the same buffers
+        kwargs["scratch"] = DequantScratch()
     return functools.partial(QuantizedStore, **kwargs)
+
+
+class QuantizedLayer(EvictingLayer):
+    """A layer that keeps every token: positions are implicit (``0..seen-1``), so a step stores none."""
+
+    implicit_positions = True
+
+    @property
+    def pos(self) -> torch.Tensor | None:
+        return None if self.store is None else torch.arange(self.seen, device=self.device)
+
+    @pos.setter
+    def pos(self, value) -> None:  # the base assigns positions; a layer that never evicts needs no table
+        pass
+
+    def predict_nbytes(self, batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int | None:
+        """The store's bytes: no positions, no per-token state."""
+        return self.store_factory().predict_nbytes(batch, kv_heads, tokens, head_dim, dtype)
 
 
 class QuantizedKVCache(KVPlusCache):
@@ -74,7 +99,7 @@ class QuantizedKVCache(KVPlusCache):
     ```
     """
 
-    layer_class = EvictingLayer
+    layer_class = QuantizedLayer
 
     def __init__(
         self,
@@ -86,14 +111,8 @@ class QuantizedKVCache(KVPlusCache):
         backend: str = "torch",
     ):
         self.nbits, self.group_size, self.residual_length = check_nbits(nbits), group_size, residual_length
-        super().__init__(
-            config,
-            nbits=nbits,
-            group_size=group_size,
-            residual_length=residual_length,
-            scale_dtype=scale_dtype,
-            backend=backend,
-        )
+        factory = quantized_store_factory(nbits, group_size, residual_length, scale_dtype, backend, scratch=True)
+        super().__init__(config, store_factory=factory)
 
 
 register_cache(

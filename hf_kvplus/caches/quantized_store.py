@@ -15,13 +15,10 @@ import torch
 
 from ..quant import check_nbits, check_scale_dtype, dequantize_keys, dequantize_values, minmax_quantize, pack
 from ..quant import packed_size, quantize_keys, quantize_values
+from ..quant.fused import DequantScratch, dequantize_history
 from ..quant.minmax import check_backend
 from .base import _positive_int
 from .store import KVStore, gather_tokens
-
-
-def _cat(old: torch.Tensor | None, new: torch.Tensor, dim: int = 2) -> torch.Tensor:
-    return new if old is None else torch.cat([old, new], dim=dim)
 
 
 class QuantizedStore(KVStore):
@@ -46,7 +43,8 @@ class QuantizedStore(KVStore):
     ```
     """
 
-    def __init__(self, nbits=4, group_size=64, residual_length=128, scale_dtype=torch.float16, backend="torch"):
+    def __init__(self, nbits=4, group_size=64, residual_length=128, scale_dtype=torch.float16, backend="torch",
+                 scratch: DequantScratch | None = None):
         self.nbits = check_nbits(nbits)
         group_size = _positive_int("group_size", group_size)
         residual_length = _positive_int("residual_length", residual_length, minimum=0)
@@ -57,19 +55,34 @@ class QuantizedStore(KVStore):
             )
         self.group_size, self.residual_length = group_size, residual_length
         self.scale_dtype, self.backend = check_scale_dtype(scale_dtype), check_backend(backend)
+        self.scratch = scratch  # None: no hot path (eager reconstruction into a new buffer)
         self._drop_history()
-        self.res_keys = self.res_values = None  # [b, h, r, head_dim] in the model's dtype
+        self._res: torch.Tensor | None = None  # [2, b, h, residual_length + group_size, head_dim], model dtype
+        self._r = 0  # residual tokens held in `_res`
+        self._views: tuple | None = None  # (key, views) of the fast path, see `_fast_views`
 
     HISTORY = ("key_codes", "key_scale", "key_zero", "key_groups", "value_codes", "value_scale", "value_zero")
 
     def _drop_history(self) -> None:
+        # Views of the first tokens (rows) of capacity buffers, or exact tensors until `_adopt_history`.
         self.key_codes = self.value_codes = None  # [b, h, nq, head_dim * nbits / 8] uint8
         self.key_scale = self.key_zero = None  # [b, h, key groups, head_dim]
         self.key_groups = None  # None: token i is in group i // group_size; else [nq] or [b, h, nq] int32
         self.value_scale = self.value_zero = None  # [b, h, nq, head_dim / value group]
+        self._codes = None  # [2, b, h, capacity, head_dim * nbits / 8] uint8: keys, values
+        self._key_params = None  # [2, b, h, row capacity, head_dim]: scales, zero points
+        self._value_params = None  # [2, b, h, capacity, head_dim / value group]
+        self._generation = getattr(self, "_generation", 0) + 1
 
     quantized_length = property(lambda self: 0 if self.key_codes is None else self.key_codes.shape[2])
-    residual = property(lambda self: 0 if self.res_keys is None else self.res_keys.shape[2])
+    residual = property(lambda self: self._r)
+    res_keys = property(lambda self: None if not self._r else self._res[0, :, :, : self._r])  # [b, h, r, d]
+    res_values = property(lambda self: None if not self._r else self._res[1, :, :, : self._r])
+
+    @property
+    def residual_capacity(self) -> int:
+        """Slots of the residual buffer: it flushes when ``residual_length + group_size`` tokens are in it."""
+        return self.residual_length + self.group_size
 
     @property
     def length(self) -> int:
@@ -80,32 +93,66 @@ class QuantizedStore(KVStore):
         return [getattr(self, name) for name in self.HISTORY if getattr(self, name) is not None]
 
     def tensors(self) -> list[torch.Tensor]:
-        return self.history_tensors() + [t for t in (self.res_keys, self.res_values) if t is not None]
+        """History (views of buffers grown by doubling), residual buffer and the shared scratch (once per cache)."""
+        buffers = (self._codes, self._key_params, self._value_params, self.key_groups, self._res)
+        return [t for t in buffers if t is not None] + ([] if self.scratch is None else self.scratch.tensors())
 
     def split(self, tokens: int) -> tuple[int, int]:
         """``(quantized, residual)`` tokens held after appending ``tokens`` (in any chunks, without eviction)."""
         flush = max(0, (tokens - self.residual_length) // self.group_size) * self.group_size
         return flush, tokens - flush
 
+    def _capacity(self, tokens: int) -> tuple[int, int]:
+        """``(token capacity, key row capacity)`` of a history of ``tokens``: whole groups, a power of two of them."""
+        rows = 1 << max(0, -(-tokens // self.group_size) - 1).bit_length() if tokens else 0
+        return rows * self.group_size, rows
+
     def predict_nbytes(self, batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int:
         """Bytes of codes, scales, zero points and the residual after ``tokens`` appended tokens (no eviction).
 
-        Per head: ``2 * nq * head_dim * nbits / 8`` of codes, ``2 * (nq / group_size) * head_dim`` key scales and
-        zero points, ``2 * nq * head_dim / value_group`` value ones (``scale_dtype``), ``2 * residual * head_dim`` in
-        ``dtype``, with ``nq, residual = split(tokens)``.
+        With ``nq, residual = split(tokens)`` and ``cap`` = ``nq`` rounded up to a power of two of groups (the
+        history grows by doubling; exactly ``nq`` for a store without a scratch), per row and head: ``2 * cap * head_dim * nbits / 8`` of codes,
+        ``2 * (cap / group_size) * head_dim`` key scales and zero points, ``2 * cap * head_dim / value_group`` value
+        ones (``scale_dtype``), and ``2 * (residual_length + group_size) * head_dim`` in ``dtype`` for the residual
+        buffer (held while it holds tokens, or always with a scratch). The scratch is :meth:`shared_nbytes`.
         """
+        if not tokens:
+            return 0
         nq, residual = self.split(tokens)
+        capacity, rows = self._capacity(nq) if self.scratch is not None else (nq, nq // self.group_size)
         scale = self.scale_dtype.itemsize
         value_group = min(self.group_size, head_dim)
-        rows = batch * kv_heads
-        codes = 2 * nq * packed_size(head_dim, self.nbits)
-        scales = 2 * (nq // self.group_size) * head_dim * scale + 2 * nq * (head_dim // value_group) * scale
-        exact = 2 * residual * head_dim * dtype.itemsize
-        return rows * (codes + scales + exact)
+        codes = 2 * capacity * packed_size(head_dim, self.nbits)
+        scales = 2 * rows * head_dim * scale + 2 * capacity * (head_dim // value_group) * scale
+        exact = 2 * self.residual_capacity * head_dim * dtype.itemsize if residual or self.scratch else 0
+        return batch * kv_heads * (codes + scales + exact)
+
+    def shared_nbytes(self, batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> dict:
+        """``{id(scratch): bytes}`` of the scratch this store shares with the other layers after ``tokens``.
+
+        The restored keys and values (``2 * batch * kv_heads * (cap + residual_length + group_size) * head_dim`` in
+        ``dtype``) and the unpacked codes (``uint8``, int4/int2) are allocated at the first decoding step over a
+        quantized history: this counts them once ``tokens`` leave a history, as after ``generate``.
+        """
+        nq, _ = self.split(tokens)
+        if not tokens or self.scratch is None:
+            return {}
+        prepared = DequantScratch.predict_prepared_nbytes(self.residual_capacity, self.nbits, dtype)
+        capacity, _ = self._capacity(nq)
+        out = 2 * batch * kv_heads * (capacity + self.residual_capacity) * head_dim * dtype.itemsize if nq else 0
+        codes = 2 * batch * kv_heads * capacity * head_dim if self.nbits < 8 else 0
+        return {id(self.scratch): prepared + out + codes}
 
     # ------------------------------------------------------------ append/get
     def update(self, keys, values):
-        """Append, returning the held tokens reconstructed and the new ones exactly as given."""
+        """Append, returning the held tokens reconstructed and the new ones exactly as given.
+
+        A one-token step without autograd runs the hot path: the token is written into its residual slot,
+        the history is restored by :func:`~hf_kvplus.quant.fused.dequantize_history` into the shared scratch,
+        and views of the scratch are returned (valid until the next layer's ``update``).
+        """
+        if keys.shape[2] == 1 and self._fast_ready(keys):
+            return self._step(keys, values)
         out = self._reconstruct(keys, values)
         self.append(keys, values)
         return out
@@ -113,20 +160,43 @@ class QuantizedStore(KVStore):
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self._reconstruct()
 
+    def _start(self, keys: torch.Tensor) -> None:
+        self.dtype = keys.dtype
+        self.value_group = min(self.group_size, keys.shape[-1])
+        if keys.shape[-1] % self.value_group:
+            raise ValueError(f"head_dim ({keys.shape[-1]}) must be a multiple of group_size ({self.group_size})")
+        packed_size(keys.shape[-1], self.nbits)
+        b, h, _, d = keys.shape
+        self._res = keys.new_zeros(2, b, h, self.residual_capacity, d)  # [2, b, h, slots, d]
+        self._r = 0
+        if self.scratch is not None:
+            self.scratch.prepare(self.residual_capacity, self.nbits, self.dtype, keys.device)
+
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        if self.res_keys is None and self.key_codes is None:
-            self.dtype = keys.dtype
-            self.value_group = min(self.group_size, keys.shape[-1])
-            if keys.shape[-1] % self.value_group:
-                raise ValueError(f"head_dim ({keys.shape[-1]}) must be a multiple of group_size ({self.group_size})")
-            packed_size(keys.shape[-1], self.nbits)
-        res_keys = keys.contiguous().clone() if self.res_keys is None else _cat(self.res_keys, keys)
-        res_values = values.contiguous().clone() if self.res_values is None else _cat(self.res_values, values)
-        flush = max(0, (res_keys.shape[2] - self.residual_length) // self.group_size) * self.group_size
-        if flush:
-            self._push(res_keys[:, :, :flush], res_values[:, :, :flush])
-            res_keys, res_values = res_keys[:, :, flush:].clone(), res_values[:, :, flush:].clone()
-        self.res_keys, self.res_values = (res_keys, res_values) if res_keys.shape[2] else (None, None)
+        if self._res is None:
+            self._start(keys)
+        r, new = self._r, keys.shape[2]
+        if r + new < self.residual_capacity:  # fits: written after the held residual (in place)
+            self._res[0, :, :, r : r + new], self._res[1, :, :, r : r + new] = keys, values
+            self._r = r + new
+            return
+        res_keys = torch.cat([self._res[0, :, :, :r], keys], dim=2)  # [b, h, r + new, d]
+        res_values = torch.cat([self._res[1, :, :, :r], values], dim=2)
+        flush = (res_keys.shape[2] - self.residual_length) // self.group_size * self.group_size
+        self._push(res_keys[:, :, :flush], res_values[:, :, :flush])
+        self._set_residual(res_keys[:, :, flush:], res_values[:, :, flush:])
+
+    def _set_residual(self, keys: torch.Tensor | None, values: torch.Tensor | None) -> None:
+        """A fresh residual buffer holding ``keys``/``values`` (``[b, h, r, d]``); what was returned stays intact."""
+        if self._res is None:
+            return
+        b, h = (self._res.shape[1:3]) if keys is None else keys.shape[:2]
+        res = self._res.new_zeros(2, b, h, self.residual_capacity, self._res.shape[-1])
+        self._r = 0 if keys is None else keys.shape[2]
+        if self._r:
+            res[0, :, :, : self._r], res[1, :, :, : self._r] = keys, values
+        self._res = res if self._r or self.scratch is not None else None  # without a hot path, nothing while empty
+        self._views = None
 
     def _push(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize whole groups of the oldest residual tokens (``[b, h, k * group_size, d]``) onto the history."""
@@ -134,25 +204,171 @@ class QuantizedStore(KVStore):
                                                        backend=self.backend)
         value_codes, value_scale, value_zero = quantize_values(values, self.nbits, self.value_group, self.scale_dtype,
                                                                self.backend)
+        nq, rows = self.quantized_length, 0 if self.key_scale is None else self.key_scale.shape[2]
         if self.key_groups is not None:
-            rows = self.key_scale.shape[2]
             new = torch.arange(rows, rows + key_scale.shape[2], device=keys.device, dtype=torch.int32)
             new = new.repeat_interleave(self.group_size)  # [k * group_size]
             if self.key_groups.dim() == 3:
                 new = new.expand(*self.key_groups.shape[:2], -1)
-            self.key_groups = _cat(self.key_groups, new, dim=-1)
-        self.key_codes, self.value_codes = _cat(self.key_codes, key_codes), _cat(self.value_codes, value_codes)
-        self.key_scale, self.key_zero = _cat(self.key_scale, key_scale), _cat(self.key_zero, key_zero)
-        self.value_scale, self.value_zero = _cat(self.value_scale, value_scale), _cat(self.value_zero, value_zero)
+            self.key_groups = torch.cat([self.key_groups, new], dim=-1)
+        tokens, new_rows = nq + keys.shape[2], rows + key_scale.shape[2]
+        if self._codes is None or tokens > self._codes.shape[3] or new_rows > self._key_params.shape[3]:
+            self._grow(key_codes, tokens, new_rows)
+        self._codes[0, :, :, nq:tokens], self._codes[1, :, :, nq:tokens] = key_codes, value_codes
+        self._key_params[0, :, :, rows:new_rows], self._key_params[1, :, :, rows:new_rows] = key_scale, key_zero
+        self._value_params[0, :, :, nq:tokens], self._value_params[1, :, :, nq:tokens] = value_scale, value_zero
+        self._point(tokens, new_rows)
+
+    def _grow(self, like: torch.Tensor, tokens: int, rows: int, exact: bool = False) -> None:
+        """Buffers for ``tokens`` codes and ``rows`` key scale rows (a power of two of groups, or exactly that
+        after eviction), old contents kept."""
+        b, h, _, width = like.shape
+        capacity, row_capacity = self._capacity(tokens)
+        row_capacity = max(row_capacity, 1 << max(0, rows - 1).bit_length())
+        if exact or self.scratch is None:  # no hot path: exact sizes, as the history is re-laid out anyway
+            capacity, row_capacity = tokens, rows
+        d, groups = self.key_scale_width(like), self.value_groups(like)
+        nq = self.quantized_length
+        old = (self._codes, self._key_params, self._value_params)
+        self._codes = like.new_zeros(2, b, h, capacity, width)  # [2, b, h, capacity, d * nbits / 8]
+        self._key_params = like.new_zeros(2, b, h, row_capacity, d, dtype=self.scale_dtype)
+        self._value_params = like.new_zeros(2, b, h, capacity, groups, dtype=self.scale_dtype)
+        if old[0] is not None and nq:
+            rows_held = self.key_scale.shape[2]
+            self._codes[:, :, :, :nq] = old[0][:, :, :, :nq]
+            self._key_params[:, :, :, :rows_held] = old[1][:, :, :, :rows_held]
+            self._value_params[:, :, :, :nq] = old[2][:, :, :, :nq]
+        if self.scratch is not None and self.scratch.out is not None:  # keep the scratch ahead of the history
+            self.scratch.ensure(b, h, d, self.dtype, like.device, capacity + self.residual_capacity, capacity,
+                                self.nbits < 8)
+
+    def key_scale_width(self, codes: torch.Tensor) -> int:
+        return codes.shape[-1] * 8 // self.nbits
+
+    def value_groups(self, codes: torch.Tensor) -> int:
+        return self.key_scale_width(codes) // self.value_group
+
+    def _point(self, tokens: int, rows: int) -> None:
+        """Point the public history tensors at the first ``tokens`` (``rows``) of the buffers."""
+        self.key_codes, self.value_codes = self._codes[0, :, :, :tokens], self._codes[1, :, :, :tokens]
+        self.key_scale, self.key_zero = self._key_params[0, :, :, :rows], self._key_params[1, :, :, :rows]
+        self.value_scale, self.value_zero = self._value_params[0, :, :, :tokens], self._value_params[1, :, :, :tokens]
+        self._generation += 1
+        self._views = None
+
+    def _adopt_history(self) -> None:
+        """After eviction, reordering or truncation replaced the history tensors: copy them into fresh buffers."""
+        if self.key_codes is None:
+            key_groups = self.key_groups
+            self._drop_history()
+            self.key_groups = key_groups
+            return
+        held = (self.key_codes, self.value_codes, self.key_scale, self.key_zero, self.value_scale, self.value_zero)
+        buffers = (self._codes, self._codes, self._key_params, self._key_params, self._value_params, self._value_params)
+        if all(b is not None and t.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+               for t, b in zip(held, buffers)):
+            return  # nothing was replaced
+        nq, rows = held[0].shape[2], held[2].shape[2]
+        self._codes = None
+        self._grow(held[0], nq, rows, exact=True)  # evicting layers hold a bounded history: no slack
+        self._codes[0, :, :, :nq], self._codes[1, :, :, :nq] = held[0], held[1]
+        self._key_params[0, :, :, :rows], self._key_params[1, :, :, :rows] = held[2], held[3]
+        self._value_params[0, :, :, :nq], self._value_params[1, :, :, :nq] = held[4], held[5]
+        self._point(nq, rows)
+
+    # ------------------------------------------------------------ hot path
+    def _fast_ready(self, keys: torch.Tensor) -> bool:
+        """Whether a one-token ``update`` can run :meth:`_step` (host-side checks only)."""
+        return (
+            self._res is not None
+            and self.scratch is not None
+            and self.backend == "torch"
+            and self.key_groups is None
+            and not torch.is_grad_enabled()
+            and keys.dtype == self.dtype
+            and keys.shape[:2] == self._res.shape[1:3]
+        )
+
+    def _slot(self, index: int) -> torch.Tensor:
+        """``[1]`` long tensor holding ``index``, made at the first token (a step indexes without creating it)."""
+        if self.scratch.slots is None or self.scratch.slots.device != self._res.device:
+            self.scratch.prepare(self.residual_capacity, self.nbits, self.dtype, self._res.device)
+        return self.scratch.slot_views[index]
+
+    def _fast_views(self) -> tuple:
+        """Views of the scratch and the buffers for the current history, made once per flush (not per step)."""
+        key = (self.scratch.generation, self._generation, id(self.scratch.out), id(self._res))
+        if self._views is not None and self._views[0] == key:
+            return self._views[1]
+        nq, b, h = self.quantized_length, *self._res.shape[1:3]
+        d, k, gs = self._res.shape[-1], 8 // self.nbits, self.group_size
+        capacity = self._codes.shape[3]  # the whole history capacity: the scratch grows with it, not per flush
+        self.scratch.ensure(b, h, d, self.dtype, self._res.device, capacity + self.residual_capacity, capacity,
+                            self.nbits < 8)
+        out = self.scratch.out  # [2, b, h, capacity, d]
+        history = out[:, :, :, :nq]  # [2, b, h, nq, d]
+        codes = None if self.nbits == 8 else self.scratch.codes[:, :, :, :nq].view(2, b, h, nq, k, d // k)
+        masks, factors = (None, None) if self.nbits == 8 else self.scratch.constants(self.nbits, self.dtype, out.device)
+        views = (
+            self._codes[:, :, :, :nq].unsqueeze(-2),  # packed [2, b, h, nq, 1, d / k]
+            codes,  # [2, b, h, nq, k, d / k] uint8
+            history.view(2, b, h, nq, k, d // k),
+            out[0, :, :, :nq].view(b, h, nq // gs, gs, d),  # keys [b, h, groups, group, d]
+            self.key_scale.unsqueeze(3),  # [b, h, groups, 1, d]
+            self.key_zero.unsqueeze(3),
+            out[1, :, :, :nq].view(b, h, nq, d // self.value_group, self.value_group),  # values
+            self.value_scale.unsqueeze(-1),  # [b, h, nq, value groups, 1]
+            self.value_zero.unsqueeze(-1),
+            masks,
+            factors,
+            out[:, :, :, nq : nq + self.residual_capacity],  # where the residual goes, [2, b, h, slots, d]
+            out[0],  # [b, h, capacity, d]
+            out[1],
+            self._res[0],  # [b, h, slots, d]
+            self._res[1],
+        )
+        self._views = (key, views)
+        self.scratch._users.add(self)
+        return views
+
+    def _step(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoding token: about nine aten ops, no host sync, nothing allocated that grows with the context."""
+        nq, r = self.quantized_length, self._r
+        if nq and nq % self.group_size:
+            out = self._reconstruct(keys, values)
+            self.append(keys, values)
+            return out
+        slot = self._slot(r)
+        if nq == 0:
+            res_keys, res_values = self._res[0], self._res[1]
+        else:
+            views = self._fast_views()
+            res_keys, res_values = views[-2], views[-1]
+        res_keys.index_copy_(2, slot, keys)  # [b, h, slots, d]
+        res_values.index_copy_(2, slot, values)
+        self._r = r = r + 1
+        if nq == 0:
+            out = res_keys[:, :, :r], res_values[:, :, :r]
+        else:
+            views[11].copy_(self._res)  # the whole residual buffer, [2, b, h, slots, d]
+            dequantize_history(*views[:9], masks=views[9], factors=views[10])
+            out = views[12][:, :, : nq + r], views[13][:, :, : nq + r]  # [b, h, nq + r, d]
+        if r == self.residual_capacity:  # flush the oldest group into the history, residual into a fresh buffer
+            self._push(self._res[0, :, :, : self.group_size], self._res[1, :, :, : self.group_size])
+            self._set_residual(self._res[0, :, :, self.group_size : r], self._res[1, :, :, self.group_size : r])
+        return out
 
     def _reconstruct(self, *new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """History dequantized into one buffer, followed by the residual and ``new`` (keys, values)."""
+        """History dequantized into one new buffer, followed by the residual and ``new`` (keys, values).
+
+        The eager reference path (and the fallback with autograd, after irregular eviction, for ``quanto``).
+        """
         exact_keys = [t for t in (self.res_keys, *new[:1]) if t is not None]
         exact_values = [t for t in (self.res_values, *new[1:]) if t is not None]
         nq = self.quantized_length
         if nq == 0:
             if len(exact_keys) == 1:
-                return exact_keys[0], exact_values[0]
+                return exact_keys[0], exact_values[0]  # slots before `_r` are never written again
             return torch.cat(exact_keys, dim=2), torch.cat(exact_values, dim=2)
         (b, h), d = self.key_codes.shape[:2], self.key_scale.shape[-1]
         total = nq + sum(t.shape[2] for t in exact_keys)
@@ -182,10 +398,10 @@ class QuantizedStore(KVStore):
             else:
                 self._keep_history(index[..., :split])
         rest = index[..., split:] - nq
-        if self.res_keys is not None:
-            self.res_keys, self.res_values = gather_tokens(self.res_keys, rest), gather_tokens(self.res_values, rest)
-            if self.res_keys.shape[2] == 0:
-                self.res_keys = self.res_values = None
+        if self._r:
+            res_keys, res_values = gather_tokens(self.res_keys, rest), gather_tokens(self.res_values, rest)
+            self._set_residual(res_keys, res_values)
+        self._adopt_history()
 
     def _groups(self) -> torch.Tensor:
         """Key scale row of every quantized token: ``[nq]`` or ``[b, h, nq]`` (long)."""
@@ -223,7 +439,8 @@ class QuantizedStore(KVStore):
             held[:, :, lowest:] = torch.where(fresh.unsqueeze(-1), new, held[:, :, lowest:])
         groups = self._groups().expand_as(index).clone()
         groups[..., lowest:] = torch.where(fresh, self.key_scale.shape[2], groups[..., lowest:])
-        self.key_scale, self.key_zero = _cat(self.key_scale, scale), _cat(self.key_zero, zero)
+        self.key_scale = torch.cat([self.key_scale, scale], dim=2)
+        self.key_zero = torch.cat([self.key_zero, zero], dim=2)
         self.key_groups = groups
         self._compact()
 
@@ -255,17 +472,22 @@ class QuantizedStore(KVStore):
         if num_tokens <= 0:
             return
         if num_tokens < self.residual:
-            kept = self.residual - num_tokens
-            self.res_keys, self.res_values = self.res_keys[:, :, :kept].clone(), self.res_values[:, :, :kept].clone()
+            self._r -= num_tokens  # the dropped slots are overwritten by the next tokens
+            self._views = None
             return
         remaining = self.quantized_length - (num_tokens - self.residual)
-        self.res_keys = self.res_values = None
+        self._set_residual(None, None)
         if self.key_codes is not None:
             self._keep_history(torch.arange(remaining, device=self.key_codes.device))
+            self._adopt_history()
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Reorder rows in packed form: codes, scales and the residual move as they are (lossless)."""
-        for name in (*self.HISTORY, "res_keys", "res_values"):
+        for name in self.HISTORY:
             tensor = getattr(self, name)
             if tensor is not None and tensor.dim() > 1:  # a 1-D key_groups is shared by every row
                 setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
+        if self._res is not None:
+            res = self._res.index_select(1, index.to(self._res.device))  # [2, b', h, slots, d]
+            self._set_residual(res[0, :, :, : self._r], res[1, :, :, : self._r])
+        self._adopt_history()

@@ -79,6 +79,10 @@ class KVStore:
         """Bytes :meth:`tensors` will hold after ``tokens`` tokens were appended (no eviction); ``None``: unknown."""
         return None
 
+    def shared_nbytes(self, batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> dict:
+        """``{key: bytes}`` held once per cache by every layer's store (a shared scratch); ``{}``: none."""
+        return {}
+
     @property
     def length(self) -> int:
         raise NotImplementedError

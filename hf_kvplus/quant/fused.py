@@ -1,0 +1,133 @@
+"""Dequantization of a whole packed KV history in four aten ops, into a buffer reused across layers and steps.
+
+The eager kernels of :mod:`.minmax` allocate and unpack per call (about ten ops per tensor). On the decode
+hot path (``DESIGN.md`` section 2b) every op is a kernel launch, so the history of one layer, keys and
+values packed side by side as ``[2, batch, kv_heads, tokens, head_dim * nbits / 8]``, is restored by:
+
+1. one ``bitwise_and`` of every byte with ``k = 8 / nbits`` broadcast masks: code ``j`` of each byte stays
+   in place, times ``2**(j * nbits)`` (``uint8``, split order of :mod:`.packing`, so the result is already
+   in channel order), skipped for int8;
+2. one ``mul`` by ``2**(-j * nbits)`` into the model dtype (exact: a power of two), a ``copy_`` for int8;
+3. one ``addcmul`` per keys and values, in place: ``zero + code * scale`` with scales broadcast per channel
+   and group of tokens (keys) or per token and group of channels (values), KIVI's layout (arXiv:2402.02750).
+
+The values equal :func:`~hf_kvplus.quant.dequantize_keys` / :func:`~hf_kvplus.quant.dequantize_values` up to
+the rounding of the model dtype (``addcmul`` computes in the promoted dtype of scales and model dtype).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from .packing import codes_per_byte
+
+
+class DequantScratch:
+    """Buffers shared by the layers of one cache: the restored keys and values, and unpacked codes.
+
+    ``out`` is ``[2, batch, kv_heads, capacity, head_dim]`` in the model dtype (keys at 0, values at 1) and
+    ``codes`` ``[2, batch, kv_heads, history capacity, head_dim]`` ``uint8`` (int4/int2 only). Both grow to the
+    largest layer's need (never shrink), so after a layer's attention the next layer overwrites them: what
+    a store returns from them is valid until the next layer's ``update``. ``generation`` changes whenever
+    they are reallocated, so stores know when their cached views went stale.
+
+    Example:
+
+    ```python
+    >>> scratch = DequantScratch()
+    >>> scratch.ensure(1, 2, 64, torch.float32, "cpu", tokens=320, history=256, unpacked=True)
+    >>> scratch.out.shape
+    torch.Size([2, 1, 2, 320, 64])
+    ```
+    """
+
+    def __init__(self) -> None:
+        self.out: torch.Tensor | None = None  # [2, batch, kv_heads, tokens, head_dim], model dtype
+        self.codes: torch.Tensor | None = None  # [2, batch, kv_heads, history, head_dim] uint8
+        self.generation = 0
+        self._constants: dict = {}
+        self.slots: torch.Tensor | None = None  # [slots] long: the residual slot index of a step
+        self.slot_views: list[torch.Tensor] = []  # slot i as a [1] view of `slots`
+        self._users = weakref.WeakSet()  # stores holding views of the buffers: told when they are reallocated
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_users": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._users = weakref.WeakSet()
+
+    def tensors(self) -> list[torch.Tensor]:
+        held = [t for t in (self.out, self.codes, self.slots) if t is not None]
+        return held + [t for pair in self._constants.values() for t in pair]
+
+    def prepare(self, slots: int, nbits: int, dtype: torch.dtype, device) -> None:
+        """Slot indices ``0..slots-1`` and the unpacking constants, made at a store's first token (not per step)."""
+        if self.slots is None or self.slots.device != torch.device(device) or self.slots.shape[0] < slots:
+            self.slots = torch.arange(slots, device=device)  # [slots]
+            self.slot_views = list(self.slots.split(1))
+        if nbits < 8:
+            self.constants(nbits, dtype, device)
+
+    @staticmethod
+    def predict_prepared_nbytes(slots: int, nbits: int, dtype: torch.dtype) -> int:
+        """Bytes of :meth:`prepare`'s tensors: ``8 * slots`` plus ``k`` masks and ``k`` factors (int4/int2)."""
+        k = 8 // nbits
+        return 8 * slots + (k * (1 + dtype.itemsize) if nbits < 8 else 0)
+
+    def _reallocated(self) -> None:
+        self.generation += 1
+        for store in list(self._users):
+            store._views = None  # drop views of the old buffers (their memory is freed now)
+
+    def ensure(self, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device, tokens: int, history: int,
+               unpacked: bool) -> None:
+        """Make ``out`` hold ``tokens`` and ``codes`` ``history`` tokens (reallocating, never shrinking)."""
+        out, codes = self.out, self.codes
+        same = out is not None and out.shape[1:3] == (batch, heads) and out.shape[-1] == head_dim and \
+            out.dtype == dtype and out.device == torch.device(device)
+        if not same or out.shape[3] < tokens:
+            size = tokens if not same else max(tokens, out.shape[3])
+            self.out = torch.zeros(2, batch, heads, size, head_dim, dtype=dtype, device=device)
+            self._reallocated()
+            if not same:
+                self.codes = codes = None
+        if unpacked and (codes is None or codes.shape[3] < history):
+            size = history if codes is None else max(history, codes.shape[3])
+            self.codes = torch.zeros(2, batch, heads, size, head_dim, dtype=torch.uint8, device=device)
+            self._reallocated()
+
+    def constants(self, nbits: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``masks`` ``[k, 1]`` (``uint8``) and ``factors`` ``[k, 1]`` (``dtype``) of :func:`dequantize_history`."""
+        key = (nbits, dtype, str(device))
+        if key not in self._constants:
+            k = codes_per_byte(nbits)
+            masks = torch.tensor([((1 << nbits) - 1) << (j * nbits) for j in range(k)], dtype=torch.uint8, device=device)
+            factors = torch.tensor([2.0 ** (-j * nbits) for j in range(k)], dtype=dtype, device=device)
+            self._constants[key] = masks.view(k, 1), factors.view(k, 1)
+        return self._constants[key]
+
+
+def dequantize_history(packed, codes, history, key_out, key_scale, key_zero, value_out, value_scale, value_zero,
+                       masks=None, factors=None) -> None:
+    """Restore keys and values of a packed history into ``history`` (all arguments are prepared views).
+
+    Args:
+        packed (`torch.Tensor`): ``[2, b, h, n, 1, w]`` ``uint8``, keys then values (``w = d * nbits / 8``).
+        codes (`torch.Tensor` or `None`): ``[2, b, h, n, k, w]`` ``uint8`` scratch (``None`` for int8, ``k = 1``).
+        history (`torch.Tensor`): ``[2, b, h, n, k, w]`` in the model dtype, written.
+        key_out (`torch.Tensor`): the keys of ``history`` as ``[b, h, n / group, group, d]``.
+        key_scale, key_zero (`torch.Tensor`): ``[b, h, n / group, 1, d]``.
+        value_out (`torch.Tensor`): the values of ``history`` as ``[b, h, n, d / value_group, value_group]``.
+        value_scale, value_zero (`torch.Tensor`): ``[b, h, n, d / value_group, 1]``.
+        masks, factors (`torch.Tensor`): ``[k, 1]`` from :meth:`DequantScratch.constants` (int4 and int2).
+    """
+    if codes is None:
+        history.copy_(packed)  # int8: one code per byte
+    else:
+        torch.bitwise_and(packed, masks, out=codes)  # code j times 2**(j * nbits), in channel order
+        torch.mul(codes, factors, out=history)  # exact codes in the model dtype
+    torch.addcmul(key_zero, key_out, key_scale, out=key_out)
+    torch.addcmul(value_zero, value_out, value_scale, out=value_out)
