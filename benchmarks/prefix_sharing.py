@@ -98,7 +98,7 @@ def interleaved_ttft(model, store, fresh) -> dict:
 
 def layer0_storage(cache) -> int:
     layer = cache.layers[0]
-    if isinstance(layer, hf_kvplus.caches.PrefixLayer):
+    if isinstance(layer, hf_kvplus.prefix.PrefixLayer):
         payload, _, _ = layer.store.segments[0]
         return payload[0].get()[0].untyped_storage().data_ptr()
     return layer.keys.untyped_storage().data_ptr()

@@ -23,8 +23,8 @@ import torch
 
 import hf_kvplus
 from hf_kvplus._compat import rope_parameters
-from hf_kvplus.caches.rope import shift_keys
-from hf_kvplus.caches.store import DenseStore
+from hf_kvplus.rope import shift_keys
+from hf_kvplus.storage.base import DenseStore
 from hf_kvplus.eval import compression_perplexity, load_default_model, load_default_text, load_default_tokenizer
 from hf_kvplus.eval.report import markdown_table, write_json
 from hf_kvplus.quant import dequantize_keys, dequantize_values, quantize_keys, quantize_values

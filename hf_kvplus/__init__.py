@@ -15,29 +15,11 @@ from ._compat import CACHE_KEYWORD, TESTED_TRANSFORMERS, check_transformers_vers
 check_transformers_version()  # a UserWarning, once per process, outside the tested transformers range
 
 from .attention import ATTN_IMPLEMENTATION, attach, detach
-from .caches import (
-    CacheContext,
-    CacheSpec,
-    DenseStore,
-    EvictingLayer,
-    HeavyHitterCache,
-    KeyNormCache,
-    KVPlusCache,
-    KVStore,
-    QuantizedKVCache,
-    QuantizedStore,
-    ScoredCache,
-    SinkCache,
-    SinkLayer,
-    SnapKVCache,
-    TovaCache,
-    get_spec,
-    list_caches,
-    list_presets,
-    make_cache,
-    register_cache,
-    register_preset,
-)
+from .eviction import CacheContext, EvictingLayer, KVPlusCache
+from .registry import CacheSpec, get_spec, list_caches, list_presets, make_cache, register_cache, register_preset
+from .storage import DenseStore, KVStore, QuantizedStore
+from .quantized import QuantizedKVCache  # registration order: quantized, the eviction policies, prefix
+from .eviction.scorers import HeavyHitterCache, KeyNormCache, ScoredCache, SinkCache, SinkLayer, SnapKVCache, TovaCache
 from .memory import cache_nbytes
 from .prefix import LRUPolicy, PrefixSharedCache, PrefixStore, prefix_store  # registers "prefix" after the strategies
 from .prefill import prefill

@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from ._compat import cache_kwargs
 from .attention import attach, detach
-from .caches.registry import get_spec, list_caches, list_presets, make_cache, resolve
+from .registry import get_spec, list_caches, list_presets, make_cache, resolve
 from .memory import cache_nbytes, current_rss_bytes, peak_memory, reset_peak_memory
 from .prefill import prefill
 from .prefix import PrefixStore

@@ -55,7 +55,7 @@ def _push(args) -> int:
 
 
 def _list(args) -> int:
-    from .caches.registry import get_spec, list_caches, list_presets
+    from .registry import get_spec, list_caches, list_presets
 
     for name in list_caches():
         spec = get_spec(name)

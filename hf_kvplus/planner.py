@@ -16,9 +16,9 @@ from pathlib import Path
 
 from transformers import AutoConfig, PreTrainedConfig
 
-from .caches.base import kv_geometry, text_config
-from .caches.registry import get_spec, list_caches, make_cache
-from .caches.store import DenseStore
+from .eviction.layer import kv_geometry, text_config
+from .registry import get_spec, list_caches, make_cache
+from .storage.base import DenseStore
 from .eval.models import parse_dtype
 from .validate import check_int
 

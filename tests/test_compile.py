@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import hf_kvplus
 from hf_kvplus._compat import cache_kwargs
-from hf_kvplus.caches.ring import RingStore
+from hf_kvplus.storage.ring import RingStore
 
 PROMPT, STEPS, WARMUP = 40, 12, 3
 # name -> make_cache keywords: the caches whose full steady state is slot storage.

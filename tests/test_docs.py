@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import hf_kvplus
-from hf_kvplus.caches import registry
+from hf_kvplus import registry
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

@@ -163,7 +163,7 @@ def test_prefill_with_left_padding_matches_rows_alone():
 
 
 def test_storage_keywords_reach_the_store():
-    from hf_kvplus.caches.store import DenseStore
+    from hf_kvplus.storage.base import DenseStore
 
     class Marked(DenseStore):
         pass
@@ -205,7 +205,7 @@ def test_budget_split_defaults():
 @torch.no_grad()
 def test_a_new_scorer_is_a_layer_with_a_score():
     """The docs' 30-line example: values with the largest norm are kept, beside the recent window."""
-    from hf_kvplus.caches import EvictingLayer, ScoredCache
+    from hf_kvplus import EvictingLayer, ScoredCache
 
     class ValueNormLayer(EvictingLayer):
         def initial_state(self, key_states, value_states):

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from test_quantized_store import B, D, H, kv
 
 import hf_kvplus
-from hf_kvplus.caches.quantized_store import QuantizedStore
-from hf_kvplus.caches.store import DenseStore, gather_tokens
+from hf_kvplus.storage.packed import QuantizedStore
+from hf_kvplus.storage.base import DenseStore, gather_tokens
 
 MAX_ERROR = {8: 0.02, 4: 0.4, 2: 2.0}  # randn keys and values, groups of at most 4 tokens / channels
 

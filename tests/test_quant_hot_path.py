@@ -9,7 +9,7 @@ from conftest import prompt, tiny_model
 
 import hf_kvplus
 from hf_kvplus._compat import cache_kwargs
-from hf_kvplus.caches.quantized_store import QuantizedStore
+from hf_kvplus.storage.packed import QuantizedStore
 from hf_kvplus.quant.fused import DequantScratch
 
 
@@ -60,7 +60,7 @@ def test_shared_scratch_gives_the_logits_of_the_eager_path(dtype):
         cache = hf_kvplus.make_cache("quantized", model, nbits=4, group_size=4, residual_length=4)
         if not fast:
             for layer in cache.layers:
-                layer.store_factory = hf_kvplus.caches.quantized.quantized_store_factory(4, 4, 4)
+                layer.store_factory = hf_kvplus.quantized.quantized_store_factory(4, 4, 4)
         out = model(ids, **cache_kwargs(cache), use_cache=True)
         token, steps = out.logits[:, -1:].argmax(-1), []
         for _ in range(11):

@@ -14,7 +14,7 @@ from transformers import DynamicCache, LogitsProcessorList
 
 import hf_kvplus
 from hf_kvplus._compat import cache_kwargs, output_cache
-from hf_kvplus.caches.quantized_store import QuantizedStore
+from hf_kvplus.storage.packed import QuantizedStore
 
 STORAGE = dict(group_size=4, residual_length=4)
 

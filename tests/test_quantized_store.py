@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import hf_kvplus.caches.quantized_store as quantized_store
-from hf_kvplus.caches.quantized_store import QuantizedStore
-from hf_kvplus.caches.store import DenseStore, gather_tokens
+import hf_kvplus.storage.packed as quantized_store
+from hf_kvplus.storage.packed import QuantizedStore
+from hf_kvplus.storage.base import DenseStore, gather_tokens
 
 B, H, D = 2, 3, 16
 

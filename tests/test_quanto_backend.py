@@ -11,7 +11,7 @@ from conftest import prompt, tiny_model
 import hf_kvplus
 import hf_kvplus.quant.quanto as quanto_kernels
 from hf_kvplus._compat import cache_kwargs
-from hf_kvplus.caches.quantized_store import QuantizedStore
+from hf_kvplus.storage.packed import QuantizedStore
 from hf_kvplus.quant import pack, unpack
 
 needs_quanto = pytest.mark.skipif(importlib.util.find_spec("optimum.quanto") is None,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import hf_kvplus
-from hf_kvplus.caches import registry
+from hf_kvplus import registry
 from hf_kvplus.eval import expand_grid, load_recipe, packaged_recipes, parse_recipe
 
 ROOT = Path(__file__).resolve().parent.parent

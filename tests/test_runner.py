@@ -13,7 +13,7 @@ import yaml
 from conftest import save_tiny
 
 import hf_kvplus
-from hf_kvplus.caches import registry
+from hf_kvplus import registry
 from hf_kvplus.cli import main
 from hf_kvplus.eval import compression_perplexity, load_model_and_tokenizer, load_recipe, run_recipe
 from hf_kvplus.eval import runner as runner_module

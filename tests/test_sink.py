@@ -155,7 +155,7 @@ def test_right_padding_is_refused_once_tokens_are_evicted():
 def test_slot_storage_under_no_grad_and_a_backward_through_the_cache_with_grad(name):
     """Decoding (no grad) runs in slot storage; with autograd recording, layers keep the dense layout so a
     backward through several cached steps works (in-place slot writes would break it)."""
-    from hf_kvplus.caches.ring import RingStore
+    from hf_kvplus.storage.ring import RingStore
 
     model = tiny_model()
     with torch.no_grad():

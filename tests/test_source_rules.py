@@ -31,7 +31,7 @@ def lines(paths, pattern: str):
 
 def test_the_rules_see_the_whole_package():
     names = {str(p.relative_to(PACKAGE)) for p in SOURCES}
-    assert {"caches/base.py", "prefix/io.py", "eval/recipe.py", "attention.py"} <= names
+    assert {"eviction/layer.py", "prefix/io.py", "eval/recipe.py", "attention.py"} <= names
 
 
 UNSAFE_LOADING = [
@@ -105,3 +105,45 @@ def test_version_dependent_names_live_in_compat_only(pattern):
             continue
         docstring_free.append((path, number, line))
     assert docstring_free == []
+
+
+# ------------------------------------------------------------------ layout: policy x storage, no cycles
+def _imports(path: Path) -> set[str]:
+    """Modules of hf_kvplus a file imports (relative imports resolved), wherever the import sits."""
+    package = path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1]
+    found = set()
+    for dots, rest in re.findall(r"^\s*from (\.+)([\w.]*) import", path.read_text(), flags=re.M):
+        base = package[: len(package) - (len(dots) - 1)]
+        found.add(".".join([*base, *([rest] if rest else [])]))
+    return found
+
+
+def test_storage_imports_no_cache_code():
+    """Storage is the lower axis: quant kernels and leaf helpers only, never eviction, prefix or registry."""
+    above = ("hf_kvplus.eviction", "hf_kvplus.prefix", "hf_kvplus.registry", "hf_kvplus.quantized",
+             "hf_kvplus.attention", "hf_kvplus.eval")
+    bad = {(str(p.relative_to(PACKAGE)), m) for p in (PACKAGE / "storage").glob("*.py") for m in _imports(p)
+           if m.startswith(above)}
+    assert bad == set()
+
+
+def test_no_import_cycle_between_modules():
+    modules = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in PACKAGE.rglob("*.py")}
+    graph = {name: {m for m in _imports(path) if m in modules and m != name} for name, path in modules.items()}
+    graph = {name: {m for m in deps if not name.startswith(m + ".")} for name, deps in graph.items()}  # a package's own __init__
+
+    def cycle_from(start):
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph.get(node, ()):
+                if nxt == start:
+                    return trail
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*trail, nxt]))
+        return None
+
+    cycles = [c for c in (cycle_from(name) for name in graph) if c]
+    assert cycles == []

@@ -18,7 +18,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 
-from ..caches.registry import _check_kwargs, check_cache_kwargs, get_spec, list_caches
+from ..registry import _check_kwargs, check_cache_kwargs, get_spec, list_caches
 from .protocols import PROTOCOLS
 
 SIZE_KEYS = ("budget", "keep_ratio")

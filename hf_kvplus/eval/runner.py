@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..attention import detach
-from ..caches.registry import get_spec, make_cache
+from ..registry import get_spec, make_cache
 from ..memory import peak_memory, reset_peak_memory
 from .data import load_token_ids
 from .grid import Point, expand_grid

@@ -25,7 +25,7 @@ ORDER_COLUMNS = ["turn", "ordering", "prompt_tokens", "reused_tokens", "prefill_
 
 def _cost(model, tokenizer, progress: bool, new_tokens=None, prompt_tokens: int = 32, no_cache_max_new_tokens=128,
           sink_budget: int = 256, **_) -> tuple[list[dict], dict]:
-    from ..caches.registry import make_cache
+    from ..registry import make_cache
     from .generation_cost import NO_CACHE, generation_cost
     from .models import load_default_text
 

@@ -15,7 +15,7 @@ import weakref
 import torch
 from transformers import PreTrainedConfig
 
-from ..caches.base import KVPlusCache, check_storage_keywords
+from ..eviction.layer import KVPlusCache, check_storage_keywords
 from .layer import PrefixContext, PrefixLayer, PrefixLease, trim_storage
 from .pool import PrefixPool
 
@@ -31,7 +31,7 @@ class PrefixSharedCache(KVPlusCache):
     Args:
         config (`PreTrainedConfig`): the model's config.
         store (`PrefixStore`, *optional*): where prefixes are shared; ``None`` makes a plain private cache.
-        **storage: how the request's own tokens are stored (see :func:`~hf_kvplus.caches.store.make_store_factory`).
+        **storage: how the request's own tokens are stored (see :func:`~hf_kvplus.storage.base.make_store_factory`).
 
     Example:
 

@@ -1,7 +1,7 @@
 """The layer-level parts of the prefix-shared cache: token ids, references, and the layer itself.
 
-:class:`PrefixLayer` is an :class:`~hf_kvplus.caches.base.EvictingLayer` that never evicts (budget
-``None``) over a :class:`~hf_kvplus.prefix.shared.SharedPrefixStore`, so beam reordering, batch
+:class:`PrefixLayer` is an :class:`~hf_kvplus.eviction.layer.EvictingLayer` that never evicts (budget
+``None``) over a :class:`~hf_kvplus.storage.shared.SharedPrefixStore`, so beam reordering, batch
 selection and repetition, ``crop`` and memory accounting are the base's. A :class:`PrefixLease` holds
 the request's reference on the store's tree until it is released or garbage-collected.
 """
@@ -12,9 +12,9 @@ import weakref
 
 import torch
 
-from ..caches.base import CacheContext, EvictingLayer
+from ..eviction.layer import CacheContext, EvictingLayer
 from .pool import PrefixPool
-from .shared import SharedPrefixStore
+from ..storage.shared import SharedPrefixStore
 
 
 class PrefixLease:

@@ -22,7 +22,7 @@ import threading
 
 import torch
 
-from ..caches.store import make_store_factory
+from ..storage.factory import make_store_factory
 from ..validate import check_int
 from .tree import LRUPolicy, PrefixMatch, PrefixTree
 
@@ -46,9 +46,9 @@ class PrefixPool:
         block_size (`int`, *optional*, defaults to 16): tokens per block; only whole blocks are cached.
         policy (*optional*, defaults to `LRUPolicy()`): ``policy.choose(candidates) -> node`` picks what to evict.
         store_factory (`Callable[[], KVStore]`, *optional*): how a cached prefix is stored (any
-            :class:`~hf_kvplus.caches.store.KVStore`); full precision by default.
+            :class:`~hf_kvplus.storage.base.KVStore`); full precision by default.
         nbits (`int`, *optional*): a packed format instead (8, 4 or 2 bits, see
-            :class:`~hf_kvplus.caches.quantized_store.QuantizedStore`). Each block is quantized whole, with
+            :class:`~hf_kvplus.storage.packed.QuantizedStore`). Each block is quantized whole, with
             no full-precision residual; key groups span ``group_size`` tokens of one block.
         group_size (`int`, *optional*): key tokens / value channels per quantization group with ``nbits``;
             must divide ``block_size``. Defaults to ``min(block_size, 64)``: a 16-token block stores keys at

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedConfig
 
 from ..attention import attach
-from ..caches.registry import CacheSpec, register_cache
+from ..registry import CacheSpec, register_cache
 from .cache import PrefixSharedCache
 from .io import check_fingerprint, load_store, model_fingerprint, save_store
 from .pool import PrefixPool
@@ -30,9 +30,9 @@ class PrefixStore(PrefixPool):
         block_size (`int`, *optional*, defaults to 16): tokens per block; only whole blocks are cached.
         policy (*optional*, defaults to `LRUPolicy()`): ``policy.choose(candidates) -> node`` picks what to evict.
         store_factory (`Callable[[], KVStore]`, *optional*): how a cached prefix is stored (any
-            :class:`~hf_kvplus.caches.store.KVStore`); full precision by default.
+            :class:`~hf_kvplus.storage.base.KVStore`); full precision by default.
         nbits (`int`, *optional*): a packed format instead (8, 4 or 2 bits, see
-            :class:`~hf_kvplus.caches.quantized_store.QuantizedStore`). Each block is quantized whole, with
+            :class:`~hf_kvplus.storage.packed.QuantizedStore`). Each block is quantized whole, with
             no full-precision residual; key groups span ``group_size`` tokens of one block.
         group_size (`int`, *optional*): key tokens / value channels per quantization group with ``nbits``;
             must divide ``block_size``. Defaults to ``min(block_size, 64)``: a 16-token block stores keys at

@@ -2,7 +2,7 @@
 
 Token ids at block granularity (SGLang RadixAttention, arXiv:2312.07104; vLLM automatic prefix
 caching). A node's edge is a run of whole blocks; its KV is a window ``[start, start + len(edge))``
-onto one :class:`~hf_kvplus.caches.store.KVStore` per layer (the ``payload``). Splitting a node gives
+onto one :class:`~hf_kvplus.storage.base.KVStore` per layer (the ``payload``). Splitting a node gives
 both halves windows onto the same stores, so nothing is ever copied.
 
 * References: a request holds its deepest node; the count is taken on that node and every ancestor,
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..caches.store import DenseStore, KVStore
+from ..storage.base import DenseStore, KVStore
 
 
 class LRUPolicy:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import EvictingLayer
-from .heavy_hitter import ScoredCache
-from .registry import CacheSpec, register_cache
+from ...registry import CacheSpec, register_cache
+from ..layer import EvictingLayer
+from .h2o import ScoredCache
 
 
 class TovaLayer(EvictingLayer):

@@ -2,60 +2,23 @@
 
 Keys are quantized per channel over groups of tokens (their outliers sit in fixed channels),
 values per token over groups of channels, with a full-precision window of the newest tokens; see
-:class:`~hf_kvplus.caches.quantized_store.QuantizedStore`. The same storage runs under every
+:class:`~hf_kvplus.storage.packed.QuantizedStore`. The same storage runs under every
 eviction strategy: ``make_cache("sink", model, budget=256, nbits=4)``.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from transformers import PreTrainedConfig
 
-from ..quant import check_nbits
-from ..quant.fused import DequantScratch
-from .base import EvictingLayer, KVPlusCache
-from .quantized_store import QuantizedStore
+from .eviction.layer import EvictingLayer, KVPlusCache
+from .quant import check_nbits
 from .registry import CacheSpec, register_cache, register_preset
-
-DEFAULT_GROUP_SIZE = 64
-DEFAULT_RESIDUAL_LENGTH = 128
-
-
-def quantized_store_factory(nbits: int, group_size=None, residual_length=None, scale_dtype=None, backend=None,
-                            scratch: bool = False):
-    """A factory of :class:`QuantizedStore`, arguments checked now rather than at the first token.
-
-    Args:
-        nbits (`int`): 8, 4 or 2.
-        group_size (`int`, *optional*, defaults to 64): key tokens / value channels per group.
-        residual_length (`int`, *optional*, defaults to 128): newest tokens kept in full precision.
-        scale_dtype (`torch.dtype`, *optional*, defaults to `torch.float16`): scales and zero points.
-        backend (`str`, *optional*, defaults to ``"torch"``): the kernels, ``"torch"`` or ``"quanto"``
-            (optimum-quanto's rounding and unpacking on the same layout; ``pip install "hf_kvplus[quanto]"``).
-        scratch (`bool`, defaults to `False`): give the stores one shared
-            :class:`~hf_kvplus.quant.fused.DequantScratch`, so decoding steps restore the history in a few ops
-            into it (layers that never evict; an evicting layer re-lays out its history at every eviction).
-
-    Example:
-
-    ```python
-    >>> factory = quantized_store_factory(nbits=2, group_size=32, residual_length=64)
-    >>> store = factory()
-    ```
-    """
-    kwargs = dict(
-        backend="torch" if backend is None else backend,
-        nbits=nbits,
-        group_size=DEFAULT_GROUP_SIZE if group_size is None else group_size,
-        residual_length=DEFAULT_RESIDUAL_LENGTH if residual_length is None else residual_length,
-        scale_dtype=torch.float16 if scale_dtype is None else scale_dtype,
-    )
-    QuantizedStore(**kwargs)  # validates
-    if scratch:  # one per factory, so per cache: every layer restores its history into the same buffers
-        kwargs["scratch"] = DequantScratch()
-    return functools.partial(QuantizedStore, **kwargs)
+from .storage.packed import (
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_RESIDUAL_LENGTH,
+    quantized_store_factory,
+)
 
 
 class QuantizedLayer(EvictingLayer):

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .rope import rotate_half
-from .store import KVStore
+from ..rope import rotate_half
+from .base import KVStore
 
 
 class RingStore(KVStore):

@@ -1,6 +1,6 @@
 """Shared bookkeeping for every hf_kvplus cache: the eviction base.
 
-A layer keeps some of the tokens it has seen, in a :class:`~hf_kvplus.caches.store.KVStore`.
+A layer keeps some of the tokens it has seen, in a :class:`~hf_kvplus.storage.base.KVStore`.
 Two lengths matter (see ``DESIGN.md`` section 2):
 
 * ``seen``, the **logical** length, is what ``get_seq_length`` returns, so positions keep counting;
@@ -26,9 +26,10 @@ import torch
 from transformers import Cache, CacheLayerMixin, PreTrainedConfig
 
 from ..attention import request_attention
-from .ring import RingStore, RopeAngles
-from .rope import shift_keys
-from .store import STORAGE_KEYWORDS, DenseStore, KVStore, gather_tokens, make_store_factory
+from ..rope import shift_keys
+from ..storage.base import DenseStore, KVStore, gather_tokens
+from ..storage.factory import STORAGE_KEYWORDS, make_store_factory
+from ..storage.ring import RingStore, RopeAngles
 
 
 def _positive_int(name: str, value, allow_none: bool = False, minimum: int = 1) -> int | None:
@@ -673,7 +674,7 @@ class KVPlusCache(Cache):
     """A ``transformers.Cache`` of :class:`EvictingLayer` (or subclass) layers sharing one :class:`CacheContext`.
 
     Subclasses set ``layer_class`` and pass the layer keyword arguments; see ``SinkCache``. Storage
-    keywords (``nbits=``, ``store_factory=``...) go to :func:`~hf_kvplus.caches.store.make_store_factory`,
+    keywords (``nbits=``, ``store_factory=``...) go to :func:`~hf_kvplus.storage.base.make_store_factory`,
     so every strategy runs over every storage format.
 
     Args:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Cache, DynamicCache, PreTrainedConfig
 
-from ..attention import attach
-from .base import decoder_config
+from .attention import attach
+from .eviction.layer import decoder_config
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,7 @@ def make_cache(name: str, model_or_config, **kwargs) -> Cache:
         if spec.name != "dynamic":
             attach(model, attention_scores=spec.attention_scores)
         if spec.uses_rope and "rope" not in kwargs and kwargs.get("rerotate_keys", True):
-            from .._compat import rope_parameters
+            from ._compat import rope_parameters
 
             rope = rope_parameters(model)
             if rope is not None:

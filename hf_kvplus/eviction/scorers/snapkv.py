@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import EvictingLayer, _positive_int
-from .heavy_hitter import ScoredCache
-from .registry import CacheSpec, register_cache
+from ...registry import CacheSpec, register_cache
+from ..layer import EvictingLayer, _positive_int
+from .h2o import ScoredCache
 
 
 class SnapKVLayer(EvictingLayer):

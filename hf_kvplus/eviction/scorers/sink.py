@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from .base import EvictingLayer, KVPlusCache, _positive_int, check_storage_keywords, text_config
-from .registry import CacheSpec, register_cache, register_preset
+from ...registry import CacheSpec, register_cache, register_preset
+from ..layer import EvictingLayer, KVPlusCache, _positive_int, check_storage_keywords, text_config
 
 
 class SinkLayer(EvictingLayer):
     """Keeps the sinks and the newest tokens: the base's default (recency) rule, no scores needed.
 
-    Takes the :class:`~hf_kvplus.caches.base.EvictingLayer` arguments (``layer_idx``, ``context``,
+    Takes the :class:`~hf_kvplus.eviction.layer.EvictingLayer` arguments (``layer_idx``, ``context``,
     ``budget``, ``num_sink_tokens``, ``recent_window``, ``rope``, ``store_factory``); :class:`SinkCache`
     builds one per decoder layer.
 
@@ -55,7 +55,7 @@ class SinkCache(KVPlusCache):
             positions (needs RoPE parameters; see ``rope``).
         rope (`tuple[torch.Tensor, float]`, *optional*): ``(inv_freq, attention_scaling)`` of the model's
             rotary embedding; computed from ``config`` when omitted. ``make_cache`` reads them from the model.
-        **storage: how kept tokens are stored (see :func:`hf_kvplus.caches.store.make_store_factory`);
+        **storage: how kept tokens are stored (see :func:`hf_kvplus.storage.base.make_store_factory`);
             full precision by default.
 
     Example:
@@ -103,7 +103,7 @@ class SinkCache(KVPlusCache):
         if not isinstance(rerotate_keys, bool):
             raise ValueError(f"rerotate_keys must be True or False, got {rerotate_keys!r}")
         if rerotate_keys and rope is None:
-            from .._compat import rope_parameters
+            from ..._compat import rope_parameters
 
             rope = rope_parameters(config)
             if rope is None:

@@ -6,9 +6,9 @@ scorer runs with any attention implementation and costs almost nothing per step.
 
 from __future__ import annotations
 
-from .base import EvictingLayer
-from .heavy_hitter import ScoredCache
-from .registry import CacheSpec, register_cache
+from ...registry import CacheSpec, register_cache
+from ..layer import EvictingLayer
+from .h2o import ScoredCache
 
 
 class KeyNormLayer(EvictingLayer):

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedConfig
 
-from .base import EvictingLayer, KVPlusCache, _positive_int
-from .registry import CacheSpec, register_cache
-from .store import STORAGE_KEYWORDS
+from ...registry import CacheSpec, register_cache
+from ...storage.factory import STORAGE_KEYWORDS
+from ..layer import EvictingLayer, KVPlusCache, _positive_int
 
 
 class ScoredCache(KVPlusCache):
@@ -34,7 +34,7 @@ class ScoredCache(KVPlusCache):
         per_head (`bool`, *optional*, defaults to `True`): each KV head keeps its own tokens; `False`
             averages the scores over the heads of a layer so all heads keep the same tokens.
         **layer_kwargs: the strategy's own keywords, then storage keywords (``nbits=``,
-            ``store_factory=``) forwarded to :func:`~hf_kvplus.caches.store.make_store_factory`.
+            ``store_factory=``) forwarded to :func:`~hf_kvplus.storage.base.make_store_factory`.
 
     Example (a scorer is a layer class with ``score``; see ``docs/strategies/heavy_hitter.md``):
 
@@ -102,7 +102,7 @@ class HeavyHitterLayer(EvictingLayer):
     Args:
         normalize (`bool`, defaults to `True`): divide the mass by the number of queries that could
             see each token (``seen - pos``), so old tokens are not favoured just for being old.
-        *args, **kwargs: see :class:`~hf_kvplus.caches.base.EvictingLayer`.
+        *args, **kwargs: see :class:`~hf_kvplus.eviction.layer.EvictingLayer`.
     """
 
     needs_attention = True

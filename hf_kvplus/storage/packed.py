@@ -11,14 +11,25 @@ scale row, which tokens find through ``key_groups``. See ``docs/strategies/quant
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from ..quant import check_nbits, check_scale_dtype, dequantize_keys, dequantize_values, minmax_quantize, pack
-from ..quant import packed_size, quantize_keys, quantize_values
+from ..quant import (
+    check_nbits,
+    check_scale_dtype,
+    dequantize_keys,
+    dequantize_values,
+    minmax_quantize,
+    pack,
+    packed_size,
+    quantize_keys,
+    quantize_values,
+)
 from ..quant.fused import DequantScratch, dequantize_history
 from ..quant.minmax import check_backend
-from .base import _positive_int
-from .store import KVStore, gather_tokens
+from ..validate import check_int
+from .base import KVStore, gather_tokens
 
 
 class QuantizedStore(KVStore):
@@ -46,8 +57,8 @@ class QuantizedStore(KVStore):
     def __init__(self, nbits=4, group_size=64, residual_length=128, scale_dtype=torch.float16, backend="torch",
                  scratch: DequantScratch | None = None):
         self.nbits = check_nbits(nbits)
-        group_size = _positive_int("group_size", group_size)
-        residual_length = _positive_int("residual_length", residual_length, minimum=0)
+        group_size = check_int("group_size", group_size)
+        residual_length = check_int("residual_length", residual_length, minimum=0)
         if residual_length % group_size:
             raise ValueError(
                 f"residual_length ({residual_length}) must be a multiple of group_size ({group_size}), "
@@ -491,3 +502,42 @@ class QuantizedStore(KVStore):
             res = self._res.index_select(1, index.to(self._res.device))  # [2, b', h, slots, d]
             self._set_residual(res[0, :, :, : self._r], res[1, :, :, : self._r])
         self._adopt_history()
+
+
+DEFAULT_GROUP_SIZE = 64
+DEFAULT_RESIDUAL_LENGTH = 128
+
+
+def quantized_store_factory(nbits: int, group_size=None, residual_length=None, scale_dtype=None, backend=None,
+                            scratch: bool = False):
+    """A factory of :class:`QuantizedStore`, arguments checked now rather than at the first token.
+
+    Args:
+        nbits (`int`): 8, 4 or 2.
+        group_size (`int`, *optional*, defaults to 64): key tokens / value channels per group.
+        residual_length (`int`, *optional*, defaults to 128): newest tokens kept in full precision.
+        scale_dtype (`torch.dtype`, *optional*, defaults to `torch.float16`): scales and zero points.
+        backend (`str`, *optional*, defaults to ``"torch"``): the kernels, ``"torch"`` or ``"quanto"``
+            (optimum-quanto's rounding and unpacking on the same layout; ``pip install "hf_kvplus[quanto]"``).
+        scratch (`bool`, defaults to `False`): give the stores one shared
+            :class:`~hf_kvplus.quant.fused.DequantScratch`, so decoding steps restore the history in a few ops
+            into it (layers that never evict; an evicting layer re-lays out its history at every eviction).
+
+    Example:
+
+    ```python
+    >>> factory = quantized_store_factory(nbits=2, group_size=32, residual_length=64)
+    >>> store = factory()
+    ```
+    """
+    kwargs = dict(
+        backend="torch" if backend is None else backend,
+        nbits=nbits,
+        group_size=DEFAULT_GROUP_SIZE if group_size is None else group_size,
+        residual_length=DEFAULT_RESIDUAL_LENGTH if residual_length is None else residual_length,
+        scale_dtype=torch.float16 if scale_dtype is None else scale_dtype,
+    )
+    QuantizedStore(**kwargs)  # validates
+    if scratch:  # one per factory, so per cache: every layer restores its history into the same buffers
+        kwargs["scratch"] = DequantScratch()
+    return functools.partial(QuantizedStore, **kwargs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..caches.store import KVStore
+from .base import KVStore
 
 Segment = tuple  # (payload: list[KVStore], start: int, stop: int)
 
