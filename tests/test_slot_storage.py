@@ -15,7 +15,7 @@ import hf_kvplus
 from hf_kvplus._compat import cache_kwargs
 from hf_kvplus.caches.slots import PROTECTED, SlotStore
 
-SLOTTED = ["keynorm"]
+SLOTTED = ["keynorm", "h2o", "tova"]
 SETTINGS = [
     {"budget": 10},
     {"budget": 10, "num_sink_tokens": 2, "recent_window": 3},
@@ -96,11 +96,13 @@ def test_the_slot_key_orders_by_score_then_age():
     slots.write(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2), 13)
     slots.write_state("mass", 0.25, 13)
     slots.state["mass"][..., 1:4] = torch.tensor([0.25, 0.25, 0.25])  # tokens 3, 5, 9 tie
+    slots.release()
     slots.evict("mass", 1)  # token 12 left the window (mass 7): candidates 3, 5, 9, 11, 12
     assert slots.order().tolist() == [[[0, 2, 3, 4, 5, 6]]]  # token 3 (slot 1) evicted
     assert (slots.pos < PROTECTED).sum() == 6  # only token 13 is protected
     slots.write(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2), 14)
     slots.write_state("mass", 1.0, 14)
+    slots.release()
     slots.evict("mass", 1)
     assert slots.positions()[0, 0].tolist() == [0, 9, 11, 12, 13, 14]  # then token 5, older than 9
 

@@ -156,6 +156,7 @@ class EvictingLayer(CacheLayerMixin):
     needs_attention = False  # True: `score` needs the attention mass from the "kvplus" attention
     per_head = True  # False: scores are averaged over the KV heads, so every head keeps the same tokens
     implicit_positions = False  # True: a layer that never evicts derives positions (0..seen-1) instead of storing them
+    query_groups = 1  # query heads per KV head (set by KVPlusCache from the config)
 
     def __init__(
         self,
@@ -282,7 +283,8 @@ class EvictingLayer(CacheLayerMixin):
             slots = kept + 1
             recent = min(self.recent_window, kept - min(self.num_sink_tokens, kept))
             extra = SlotStore.predict_nbytes_extra(batch, kv_heads, slots, recent, not self.per_head,
-                                                   [t.element_size() for t in state.values()])
+                                                   [t.element_size() for t in state.values()], dtype,
+                                                   self.query_groups if self.needs_attention else 0)
             return store.predict_nbytes(batch, kv_heads, slots, head_dim, dtype) + extra
         state_bytes = sum(t.numel() * t.element_size() for t in state.values())
         return held + 8 * position_rows * kept + state_bytes
@@ -479,6 +481,7 @@ class EvictingLayer(CacheLayerMixin):
         return keys, values
 
     def _slot_evict(self) -> None:
+        self.store.release()
         self.store.evict(*self.slot_score(self.store))
         self.max_held = max(self.max_held, self.kept)
 
@@ -822,6 +825,9 @@ class KVPlusCache(Cache):
         storage = {name: layer_kwargs.pop(name) for name in STORAGE_KEYWORDS if name in layer_kwargs}
         layer_kwargs["store_factory"] = make_store_factory(store_factory=store_factory, nbits=nbits, **storage)
         layers = [self.layer_class(i, self.context, **layer_kwargs) for i in range(num_layers)]
+        heads = decoder_config(config).num_attention_heads
+        for layer in layers:
+            layer.query_groups = max(1, heads // self.num_kv_heads)
         super().__init__(layers=layers)
 
     def predict_nbytes(self, tokens: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int | None:

@@ -51,7 +51,8 @@ class SlotStore(KVStore):
     ```python
     >>> slots = SlotStore(keys, values, pos, {"mass": mass}, sinks=0, recent=4, shared=False, seen=100)
     >>> slots.write(new_key, new_value, 100)         # [batch, kv_heads, 1, head_dim] into the free slots
-    >>> slots.evict("mass", 1, 100)                   # one argmin per row and head: the victims' slots are free
+    >>> slots.release()                               # the token leaving the recent window competes
+    >>> slots.evict("mass", 1)                        # one argmin per row and head: the victims' slots are free
     >>> slots.get()[0].shape                          # position order, budget tokens
     ```
     """
@@ -75,6 +76,7 @@ class SlotStore(KVStore):
             self.state[name] = value.new_zeros(batch, heads, capacity)
             self.state[name][..., :budget].copy_(value)
         self.score = self.keys.new_zeros(batch, rows, capacity, dtype=torch.float32)  # scores computed per step
+        self.no_bias = self.keys.new_zeros(1, 1, 1)  # attention logits' additive input when there is no mask
         self.entries = self.pos.new_empty(recent + 1, batch, rows, 1)  # slot (past the sinks) of each recent token
         for p in range(seen - recent, seen + 1):  # the recent tokens, then the free slot for token `seen`
             self.entries[p % (recent + 1)].fill_(budget - (seen - p) - sinks)
@@ -88,19 +90,22 @@ class SlotStore(KVStore):
         self.state_mid = {name: t[..., s:] for name, t in self.state.items()}
         self.bits = {name: t[..., s:].view(torch.int32) for name, t in [*self.state.items(), ("score", self.score)]}
         self.rows3 = {name: t.view(batch * heads, 1, capacity) for name, t in self.state.items()}  # [b*h, 1, slots]
+        self.keys_t3 = self.keys.view(batch * heads, capacity, head_dim).transpose(1, 2)  # [b*h, head_dim, slots]
+        self.values3 = self.values.view(batch * heads, capacity, -1)  # [b*h, slots, value_dim]
         entries = list(self.entries)  # recent + 1 views [batch, rows, 1]
         self.at = entries
         self.at_keys = [e.unsqueeze(-1).expand(batch, heads, 1, head_dim) for e in entries]
         self.at_values = [e.unsqueeze(-1).expand(batch, heads, 1, self.values.shape[-1]) for e in entries]
         self.at_heads = [e.expand(batch, heads, 1) for e in entries]
-        self._ones = {}
+        self._ones = None
 
     def ones(self, groups: int) -> torch.Tensor:
-        """``[batch * kv_heads, 1, groups]`` float32 ones (a view of one small tensor), to sum probabilities over a group."""
-        if groups not in self._ones:
+        """``[batch * kv_heads, 1, groups]`` float32 ones (a view of one ``[1, 1, groups]`` tensor), to sum
+        probabilities over the query heads of a group (made at the first step)."""
+        if self._ones is None or self._ones.shape[-1] != groups:
             rows = self.keys.shape[0] * self.keys.shape[1]
-            self._ones[groups] = self.score.new_ones(1, 1, groups).expand(rows, 1, groups)
-        return self._ones[groups]
+            self._ones = self.score.new_ones(1, 1, groups).expand(rows, 1, groups)
+        return self._ones
 
     # ----------------------------------------------------------------- the step
     def write(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
@@ -116,16 +121,20 @@ class SlotStore(KVStore):
         """Set ``state[name]`` of the token just written: a number, or ``[batch, kv_heads, 1]``."""
         self.state_mid[name].scatter_(2, self.at_heads[position % (self.recent + 1)], value)
 
+    def release(self) -> None:
+        """The token leaving the recent window (written ``recent`` steps ago) competes from now on: its position
+        loses the protection. Called after a write, before the scores are computed."""
+        if self.recent:
+            entry = self.at[self.seen % (self.recent + 1)]  # the slot of the token leaving (the next free entry)
+            self.mid["pos"].scatter_(2, entry, self.seen - 1 - self.recent)
+
     def evict(self, name: str, direction: int) -> None:
         """Free one slot per row (and head): the lowest score among candidates, the older on ties.
 
         ``name``: the state (or ``"score"``) holding the scores, one sign for every candidate; ``direction``
         is ``1`` when a larger magnitude means a higher score (scores >= 0, or their negation), else ``-1``.
         """
-        newest = self.seen - 1
-        entry = self.at[self.seen % (self.recent + 1)]  # the next free slot: today, the slot of the token leaving
-        if self.recent:
-            self.mid["pos"].scatter_(2, entry, newest - self.recent)  # it leaves the window: it competes now
+        entry = self.at[self.seen % (self.recent + 1)]  # receives the victim's slot: the next token's
         key = torch.add(self.mid["pos"], self.bits[name], alpha=direction * POSITION_LIMIT)  # [batch, rows, slots]
         torch.argmin(key, dim=-1, keepdim=True, out=entry)
         self.full = False
@@ -162,16 +171,18 @@ class SlotStore(KVStore):
         return {name: torch.gather(t, 2, index) for name, t in self.state.items()}
 
     def tensors(self) -> list[torch.Tensor]:
-        """Buffers held (the ``[1, 1, groups]`` ones of :meth:`ones` are a constant of the attention, not counted)."""
-        return [self.keys, self.values, self.pos, self.score, self.entries, *self.state.values()]
+        held = [self.keys, self.values, self.pos, self.score, self.entries, self.no_bias, *self.state.values()]
+        return held + ([] if self._ones is None else [self._ones])
 
     @staticmethod
     def predict_nbytes_extra(batch: int, kv_heads: int, capacity: int, recent: int, shared: bool,
-                             state_itemsizes: list[int]) -> int:
-        """Bytes besides keys and values: positions, scores, index entries, per-token state (``capacity`` slots)."""
+                             state_itemsizes: list[int], dtype: torch.dtype, groups: int = 0) -> int:
+        """Bytes besides keys and values: positions, scores, index entries, one zero, per-token state (``capacity``
+        slots), and ``groups`` ones once attention reported (``0``: a strategy that needs no attention)."""
         rows = 1 if shared else kv_heads
         state = sum(size * batch * kv_heads * capacity for size in state_itemsizes)
-        return 8 * batch * rows * capacity + 4 * batch * rows * capacity + 8 * (recent + 1) * batch * rows + state
+        held = 8 * batch * rows * capacity + 4 * batch * rows * capacity + 8 * (recent + 1) * batch * rows
+        return held + dtype.itemsize + state + 4 * groups
 
     @property
     def length(self) -> int:
