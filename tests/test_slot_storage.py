@@ -15,11 +15,11 @@ import hf_kvplus
 from hf_kvplus._compat import cache_kwargs
 from hf_kvplus.caches.slots import PROTECTED, SlotStore
 
-SLOTTED = ["keynorm", "h2o", "tova"]
+SLOTTED = ["keynorm", "h2o", "tova", "snapkv"]
 SETTINGS = [
     {"budget": 10},
     {"budget": 10, "num_sink_tokens": 2, "recent_window": 3},
-    {"budget": 12, "num_sink_tokens": 1, "per_head": False},
+    {"budget": 12, "num_sink_tokens": 1, "per_head": False, "recent_window": 4},
     {"budget": 9, "recent_window": 0},
 ]
 
@@ -99,7 +99,7 @@ def test_the_slot_key_orders_by_score_then_age():
     slots.release()
     slots.evict("mass", 1)  # token 12 left the window (mass 7): candidates 3, 5, 9, 11, 12
     assert slots.order().tolist() == [[[0, 2, 3, 4, 5, 6]]]  # token 3 (slot 1) evicted
-    assert (slots.pos < PROTECTED).sum() == 6  # only token 13 is protected
+    assert (slots.pos < PROTECTED).sum() == 5  # the sink and token 13 are protected
     slots.write(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2), 14)
     slots.write_state("mass", 1.0, 14)
     slots.release()

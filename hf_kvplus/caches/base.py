@@ -157,6 +157,7 @@ class EvictingLayer(CacheLayerMixin):
     per_head = True  # False: scores are averaged over the KV heads, so every head keeps the same tokens
     implicit_positions = False  # True: a layer that never evicts derives positions (0..seen-1) instead of storing them
     query_groups = 1  # query heads per KV head (set by KVPlusCache from the config)
+    slot_protects = True  # slot storage marks protected tokens and evicts by SlotStore.evict (False: slot_evict ranks)
 
     def __init__(
         self,
@@ -285,6 +286,7 @@ class EvictingLayer(CacheLayerMixin):
             extra = SlotStore.predict_nbytes_extra(batch, kv_heads, slots, recent, not self.per_head,
                                                    [t.element_size() for t in state.values()], dtype,
                                                    self.query_groups if self.needs_attention else 0)
+            extra += self.slot_extra_nbytes(batch, kv_heads, slots)
             return store.predict_nbytes(batch, kv_heads, slots, head_dim, dtype) + extra
         state_bytes = sum(t.numel() * t.element_size() for t in state.values())
         return held + 8 * position_rows * kept + state_bytes
@@ -449,8 +451,10 @@ class EvictingLayer(CacheLayerMixin):
         keys, values = self.store.get()  # [batch, kv_heads, budget, head_dim], position order
         sinks = min(self.num_sink_tokens, self.budget)
         recent = min(self.recent_window, self.budget - sinks)
-        self.store = SlotStore(keys, values, self._pos, self._token_state, sinks, recent, not self.per_head, self.seen)
+        self.store = SlotStore(keys, values, self._pos, self._token_state, sinks, recent, not self.per_head, self.seen,
+                               protect=self.slot_protects)
         self._pos, self._token_state = None, {}
+        self.enter_slots(self.store)
 
     def _leave_slots(self) -> None:
         """Back to a dense store in position order (before anything but a steady one-token step)."""
@@ -481,8 +485,8 @@ class EvictingLayer(CacheLayerMixin):
         return keys, values
 
     def _slot_evict(self) -> None:
-        self.store.release()
-        self.store.evict(*self.slot_score(self.store))
+        self.slot_evict(self.store)
+        self.store.full = False
         self.max_held = max(self.max_held, self.kept)
 
     def observe_slot_probs(self, probs: torch.Tensor) -> None:
@@ -635,6 +639,19 @@ class EvictingLayer(CacheLayerMixin):
         (``-1`` otherwise). A strategy that does not override it decodes in position order (no slot storage).
         """
         return None
+
+    def slot_evict(self, slots: SlotStore) -> None:
+        """Hook for slot storage: free one slot per row (and head) after a step. By default the token leaving the
+        recent window starts competing and the lowest :meth:`slot_score` goes (the older on ties)."""
+        slots.release()
+        slots.evict(*self.slot_score(slots))
+
+    def enter_slots(self, slots: SlotStore) -> None:
+        """Hook for slot storage: make the strategy's own buffers (in ``slots.extra``, counted as held)."""
+
+    def slot_extra_nbytes(self, batch: int, kv_heads: int, capacity: int) -> int:
+        """Bytes of the buffers :meth:`enter_slots` makes (for ``predict_nbytes``)."""
+        return 0
 
     def arrival_state(self, key_states: torch.Tensor, value_states: torch.Tensor) -> dict[str, torch.Tensor | float]:
         """Hook for slot storage: state of a token written by a decoding step, ``{name: number or [batch, kv_heads, 1]}``."""

@@ -10,10 +10,10 @@ nothing is allocated that grows with the context.
 
 Which slots compete, without sorting anything:
 
-* the ``sinks`` first tokens sit in the first slots and are left out of every view the step uses;
-* the ``recent`` newest tokens carry ``PROTECTED`` added to their position, which puts them after
-  every candidate; the slot each one went to is kept in a ring of ``recent + 1`` index entries, so
-  when a token leaves the window its position is written back unmarked (one ``scatter_``);
+* the ``sinks`` first tokens (the first slots) and the ``recent`` newest tokens carry ``PROTECTED``
+  added to their position, which puts them after every candidate; the slot each recent token went
+  to is kept in a ring of ``recent + 1`` index entries, so when a token leaves the window its
+  position is written back unmarked (one ``scatter_``);
 * ties: the victim minimises ``position + bits(score) * 2**30`` (int64). The bit pattern of a
   float32 read as an int32 grows with its magnitude among numbers of one sign, so this key orders
   by score first and, among equal scores, evicts the older token, exactly as the position-ordered
@@ -45,6 +45,8 @@ class SlotStore(KVStore):
         recent (`int`): newest tokens never evicted.
         shared (`bool`): every head keeps the same tokens (one position row and one victim per batch row).
         seen (`int`): tokens seen so far (the position of the next one).
+        protect (`bool`, defaults to `True`): mark protected positions (see the module docstring); `False` for a
+            strategy that ranks in position order itself (SnapKV), which never calls :meth:`release`/:meth:`evict`.
 
     Example:
 
@@ -57,11 +59,12 @@ class SlotStore(KVStore):
     ```
     """
 
-    def __init__(self, keys, values, pos, state, sinks: int, recent: int, shared: bool, seen: int):
+    def __init__(self, keys, values, pos, state, sinks: int, recent: int, shared: bool, seen: int, protect: bool = True):
         batch, heads, budget, head_dim = keys.shape
         rows = 1 if shared else heads
         capacity = budget + 1
         self.capacity, self.sinks, self.recent, self.rows, self.seen = capacity, sinks, recent, rows, seen
+        self.protect = protect
         self.full = False  # True between a write and the eviction that follows it
         self.keys = keys.new_empty(batch, heads, capacity, head_dim)  # [batch, kv_heads, budget + 1, head_dim]
         self.values = values.new_empty(batch, heads, capacity, values.shape[-1])
@@ -70,25 +73,25 @@ class SlotStore(KVStore):
         pos = pos.expand(batch, heads, budget)[:, :rows]  # [batch, rows, budget]
         self.pos = pos.new_zeros(batch, rows, capacity)  # [batch, rows, budget + 1] int64; free slot: 0
         self.pos[..., :budget].copy_(pos)
-        self.pos[..., budget - recent : budget] += PROTECTED
+        if protect:
+            self.pos[..., budget - recent : budget] += PROTECTED
+            self.pos[..., :sinks] += PROTECTED
         self.state = {}
         for name, value in state.items():  # [batch, kv_heads, budget + 1] each
             self.state[name] = value.new_zeros(batch, heads, capacity)
             self.state[name][..., :budget].copy_(value)
         self.score = self.keys.new_zeros(batch, rows, capacity, dtype=torch.float32)  # scores computed per step
         self.no_bias = self.keys.new_zeros(1, 1, 1)  # attention logits' additive input when there is no mask
-        self.entries = self.pos.new_empty(recent + 1, batch, rows, 1)  # slot (past the sinks) of each recent token
+        self.entries = self.pos.new_empty(recent + 1, batch, rows, 1)  # slot of each recent token
         for p in range(seen - recent, seen + 1):  # the recent tokens, then the free slot for token `seen`
-            self.entries[p % (recent + 1)].fill_(budget - (seen - p) - sinks)
+            self.entries[p % (recent + 1)].fill_(budget - (seen - p))
+        self.extra: dict[str, torch.Tensor] = {}  # buffers of the strategy's own slot step (SnapKV)
         self._views()
 
     def _views(self) -> None:
-        """Views made once, so a step runs no view op: the slots past the sinks, each entry expanded per tensor."""
+        """Views made once, so a step runs no view op: scores as int32 bits, 3-D views, each entry expanded per tensor."""
         batch, heads, capacity, head_dim = self.keys.shape
-        s = self.sinks
-        self.mid = {"keys": self.keys[:, :, s:], "values": self.values[:, :, s:], "pos": self.pos[..., s:]}
-        self.state_mid = {name: t[..., s:] for name, t in self.state.items()}
-        self.bits = {name: t[..., s:].view(torch.int32) for name, t in [*self.state.items(), ("score", self.score)]}
+        self.bits = {name: t.view(torch.int32) for name, t in [*self.state.items(), ("score", self.score)]}
         self.rows3 = {name: t.view(batch * heads, 1, capacity) for name, t in self.state.items()}  # [b*h, 1, slots]
         self.keys_t3 = self.keys.view(batch * heads, capacity, head_dim).transpose(1, 2)  # [b*h, head_dim, slots]
         self.values3 = self.values.view(batch * heads, capacity, -1)  # [b*h, slots, value_dim]
@@ -98,6 +101,7 @@ class SlotStore(KVStore):
         self.at_values = [e.unsqueeze(-1).expand(batch, heads, 1, self.values.shape[-1]) for e in entries]
         self.at_heads = [e.expand(batch, heads, 1) for e in entries]
         self._ones = None
+        self.extra_views: dict[str, torch.Tensor] = {}  # views of `extra`, made by the strategy when empty
 
     def ones(self, groups: int) -> torch.Tensor:
         """``[batch * kv_heads, 1, groups]`` float32 ones (a view of one ``[1, 1, groups]`` tensor), to sum
@@ -111,22 +115,22 @@ class SlotStore(KVStore):
     def write(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
         """Put the token at ``position`` (``[batch, kv_heads, 1, head_dim]``) into the free slots."""
         j = position % (self.recent + 1)
-        self.mid["keys"].scatter_(2, self.at_keys[j], keys)
-        self.mid["values"].scatter_(2, self.at_values[j], values)
-        self.mid["pos"].scatter_(2, self.at[j], position + (PROTECTED if self.recent else 0))
+        self.keys.scatter_(2, self.at_keys[j], keys)
+        self.values.scatter_(2, self.at_values[j], values)
+        self.pos.scatter_(2, self.at[j], position + (PROTECTED if self.recent and self.protect else 0))
         self.seen = position + 1
         self.full = True
 
     def write_state(self, name: str, value, position: int) -> None:
         """Set ``state[name]`` of the token just written: a number, or ``[batch, kv_heads, 1]``."""
-        self.state_mid[name].scatter_(2, self.at_heads[position % (self.recent + 1)], value)
+        self.state[name].scatter_(2, self.at_heads[position % (self.recent + 1)], value)
 
     def release(self) -> None:
         """The token leaving the recent window (written ``recent`` steps ago) competes from now on: its position
         loses the protection. Called after a write, before the scores are computed."""
         if self.recent:
             entry = self.at[self.seen % (self.recent + 1)]  # the slot of the token leaving (the next free entry)
-            self.mid["pos"].scatter_(2, entry, self.seen - 1 - self.recent)
+            self.pos.scatter_(2, entry, self.seen - 1 - self.recent)
 
     def evict(self, name: str, direction: int) -> None:
         """Free one slot per row (and head): the lowest score among candidates, the older on ties.
@@ -135,7 +139,7 @@ class SlotStore(KVStore):
         is ``1`` when a larger magnitude means a higher score (scores >= 0, or their negation), else ``-1``.
         """
         entry = self.at[self.seen % (self.recent + 1)]  # receives the victim's slot: the next token's
-        key = torch.add(self.mid["pos"], self.bits[name], alpha=direction * POSITION_LIMIT)  # [batch, rows, slots]
+        key = torch.add(self.pos, self.bits[name], alpha=direction * POSITION_LIMIT)  # [batch, rows, slots]
         torch.argmin(key, dim=-1, keepdim=True, out=entry)
         self.full = False
 
@@ -144,8 +148,7 @@ class SlotStore(KVStore):
         """Slots of the kept tokens in position order, ``[batch, rows, kept]`` (not for the decoding step)."""
         pos = self.positions_by_slot()
         if not self.full:  # the free slot holds an evicted token: sort it last
-            free = self.at[self.seen % (self.recent + 1)] + self.sinks
-            pos = pos.scatter(2, free, torch.iinfo(torch.long).max)
+            pos = pos.scatter(2, self.at[self.seen % (self.recent + 1)], torch.iinfo(torch.long).max)
         return pos.sort(dim=-1, stable=True).indices[..., : self.length]
 
     def positions_by_slot(self) -> torch.Tensor:
@@ -171,7 +174,8 @@ class SlotStore(KVStore):
         return {name: torch.gather(t, 2, index) for name, t in self.state.items()}
 
     def tensors(self) -> list[torch.Tensor]:
-        held = [self.keys, self.values, self.pos, self.score, self.entries, self.no_bias, *self.state.values()]
+        held = [self.keys, self.values, self.pos, self.score, self.entries, self.no_bias, *self.state.values(),
+                *self.extra.values()]
         return held + ([] if self._ones is None else [self._ones])
 
     @staticmethod
@@ -204,4 +208,5 @@ class SlotStore(KVStore):
         self.pos, self.score = self.pos.index_select(0, index), self.score.index_select(0, index)
         self.entries = self.entries.index_select(1, index)
         self.state = {name: t.index_select(0, index) for name, t in self.state.items()}
+        self.extra = {name: t.index_select(0, index) if t.dim() == 3 else t for name, t in self.extra.items()}
         self._views()
