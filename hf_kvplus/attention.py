@@ -7,8 +7,9 @@ Two public extension points, nothing patched:
   columns are left padding (and, to caches with ``observes_input_ids = True``, the call's token ids);
 * an attention implementation registered as ``"kvplus"`` through transformers'
   ``AttentionInterface`` (with the SDPA mask builder under the same name in
-  ``AttentionMaskInterface``). It returns exactly what ``"sdpa"`` returns and, for the cache layers
-  that asked during their ``update``, also computes the attention mass each cached key received.
+  ``AttentionMaskInterface``). It returns what ``"sdpa"`` returns (exactly, for calls no cache layer
+  asked about; up to float rounding otherwise) and, for the cache layers that asked during their
+  ``update``, the attention mass each cached key received, from the same probabilities as the output.
 
 :func:`attach` installs both on one model; ``make_cache(name, model)`` calls it for you.
 """
@@ -130,8 +131,8 @@ def attend(
             else:
                 logits = logits + mask.to(logits.dtype)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [b, kv_heads, groups, n, kv_len]
-        if attention_mask is not None:
-            probs.nan_to_num_(0.0)  # fully masked rows (padding queries) attend to nothing
+        if attention_mask is not None:  # fully masked rows (padding queries) attend to nothing
+            probs = probs.nan_to_num(0.0) if probs.requires_grad else probs.nan_to_num_(0.0)
         if value is not None:
             weights = probs.to(value.dtype) if dropout == 0.0 else torch.nn.functional.dropout(probs, dropout).to(value.dtype)
             out = torch.matmul(weights.view(batch, kv_heads, groups * n, kv_len), value)  # [b, kv_heads, g * n, dv]
@@ -166,28 +167,36 @@ def attention_mass(
     return attend(query, key, None, attention_mask, scaling, reduction, window)[1]
 
 
-def _decode_in_slots(slots, query: torch.Tensor, attention_mask: torch.Tensor | None, scale: float):
+def _decode_in_slots(slots, query, key, value, attention_mask, scale: float):
     """One query over every slot of a :class:`~hf_kvplus.caches.slots.SlotStore`: the output and the probabilities.
 
-    Uses the store's 3-D views made once (keys transposed, values), so a step costs a handful of kernels.
-    Returns the output ``[batch, 1, q_heads, value_dim]`` and the probabilities ``[batch * kv_heads, groups, slots]``
-    float32 (the query heads of each KV head, in slot order).
+    When ``key``/``value`` are the store's buffers (as ``update`` returned them), the store's 3-D views made
+    once are used, so a step costs a handful of kernels. Returns the output ``[batch, 1, q_heads, value_dim]``
+    (the store's output buffer, overwritten by the layer's next step: the model consumes it first) and the probabilities ``[batch * kv_heads, groups, slots]`` float32 (the query heads of each KV head, in
+    slot order).
     """
-    batch, q_heads = query.shape[:2]
-    rows = slots.keys.shape[0] * slots.keys.shape[1]
-    q = query.reshape(rows, q_heads * batch // rows, query.shape[-1])  # [b * kv_heads, groups, d]
+    batch, q_heads, _, head_dim = query.shape
+    kv_heads, capacity = key.shape[1], key.shape[2]
+    rows = batch * kv_heads
+    if key is slots.keys and value is slots.values:
+        keys_t, values = slots.keys_t3, slots.values3  # [b * kv_heads, head_dim, slots], [b * kv_heads, slots, dv]
+    else:  # the model changed them after update: same slots, views made now
+        keys_t = key.reshape(rows, capacity, head_dim).transpose(1, 2)
+        values = value.reshape(rows, capacity, value.shape[-1])
+    q = query.reshape(rows, q_heads // kv_heads, head_dim)  # [b * kv_heads, groups, d]
     if attention_mask is None:
-        logits = torch.baddbmm(slots.no_bias, q, slots.keys_t3, beta=0.0, alpha=scale)  # [b * kv_heads, groups, slots]
-    else:  # a 4-D mask of one query (all keys visible without padding), in any column order
+        logits = torch.baddbmm(slots.no_bias, q, keys_t, beta=0.0, alpha=scale)  # [b * kv_heads, groups, slots]
+    else:  # a mask of one query: without padding every key is visible, whatever the column order
         mask = attention_mask.reshape(batch, 1, 1, -1)
         if mask.dtype == torch.bool:
             mask = torch.zeros_like(mask, dtype=query.dtype).masked_fill_(~mask, float("-inf"))
-        bias = mask.to(query.dtype).expand(batch, slots.keys.shape[1], 1, -1).reshape(rows, 1, -1)
-        logits = torch.baddbmm(bias, q, slots.keys_t3, alpha=scale)
+        bias = mask.to(query.dtype).expand(batch, kv_heads, 1, capacity).reshape(rows, 1, capacity)
+        logits = torch.baddbmm(bias, q, keys_t, alpha=scale)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [b * kv_heads, groups, slots]
-    weights = probs if slots.values.dtype == torch.float32 else probs.to(slots.values.dtype)
-    out = torch.bmm(weights, slots.values3)  # [b * kv_heads, groups, dv]
-    return out.view(batch, 1, q_heads, -1), probs
+    weights = probs if values.dtype == torch.float32 else probs.to(values.dtype)
+    output, output3 = slots.output_buffer(q_heads, values.shape[-1])  # [b, 1, q_heads, dv] and its [b*kvh, g, dv] view
+    torch.bmm(weights, values, out=output3)
+    return output, probs
 
 
 # Keywords that change the attention math; calls carrying one run SDPA for the output.
@@ -208,10 +217,10 @@ def kvplus_attention_forward(module, query, key, value, attention_mask, **kwargs
     plain = all(kwargs.get(name) is None for name in _OTHER_MATH)
     scaling = kwargs.get("scaling")
     slots = getattr(layer, "store", None)
-    if getattr(slots, "keys_t3", None) is not None and key is slots.keys:  # a SlotStore's buffers, as update returned them
+    if getattr(slots, "keys_t3", None) is not None:  # a SlotStore: one query over every slot
         scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
         with torch.no_grad():
-            output, probs = _decode_in_slots(slots, query, attention_mask, scale)
+            output, probs = _decode_in_slots(slots, query, key, value, attention_mask, scale)
         if not plain:
             output = sdpa_attention(module, query, key, value, attention_mask, **kwargs)[0]
         layer.observe_slot_probs(probs)
@@ -282,7 +291,7 @@ def attach(model: PreTrainedModel, attention_scores: bool = False) -> PreTrained
         model (`PreTrainedModel`): the model the caches will run with.
         attention_scores (`bool`, *optional*, defaults to `False`): also switch the model to the
             ``"kvplus"`` attention implementation, needed by caches that score keys by the
-            attention they receive (H2O, TOVA). Its outputs are identical to ``"sdpa"``.
+            attention they receive (H2O, TOVA). Its outputs are SDPA's up to float rounding.
 
     Example:
 

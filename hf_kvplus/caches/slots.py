@@ -101,7 +101,17 @@ class SlotStore(KVStore):
         self.at_values = [e.unsqueeze(-1).expand(batch, heads, 1, self.values.shape[-1]) for e in entries]
         self.at_heads = [e.expand(batch, heads, 1) for e in entries]
         self._ones = None
+        self.output = self._output3 = None  # attention output of a step (see output_buffer)
         self.extra_views: dict[str, torch.Tensor] = {}  # views of `extra`, made by the strategy when empty
+
+    def output_buffer(self, q_heads: int, value_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention output of a step, ``[batch, 1, q_heads, value_dim]`` (made at the first step, then reused),
+        and its ``[batch * kv_heads, groups, value_dim]`` view for ``bmm(out=)``."""
+        batch, heads = self.keys.shape[:2]
+        if self.output is None or self.output.shape[2:] != (q_heads, value_dim):
+            self.output = self.values.new_empty(batch, 1, q_heads, value_dim)
+            self._output3 = self.output.view(batch * heads, q_heads // heads, value_dim)
+        return self.output, self._output3
 
     def ones(self, groups: int) -> torch.Tensor:
         """``[batch * kv_heads, 1, groups]`` float32 ones (a view of one ``[1, 1, groups]`` tensor), to sum
@@ -176,17 +186,19 @@ class SlotStore(KVStore):
     def tensors(self) -> list[torch.Tensor]:
         held = [self.keys, self.values, self.pos, self.score, self.entries, self.no_bias, *self.state.values(),
                 *self.extra.values()]
-        return held + ([] if self._ones is None else [self._ones])
+        return held + [t for t in (self._ones, self.output) if t is not None]
 
     @staticmethod
     def predict_nbytes_extra(batch: int, kv_heads: int, capacity: int, recent: int, shared: bool,
-                             state_itemsizes: list[int], dtype: torch.dtype, groups: int = 0) -> int:
+                             state_itemsizes: list[int], dtype: torch.dtype, groups: int = 0, value_dim: int = 0) -> int:
         """Bytes besides keys and values: positions, scores, index entries, one zero, per-token state (``capacity``
-        slots), and ``groups`` ones once attention reported (``0``: a strategy that needs no attention)."""
+        slots), and once attention reported (``groups > 0``), ``groups`` ones and the ``[batch, 1, kv_heads * groups,
+        value_dim]`` output buffer (``groups=0``: a strategy that needs no attention)."""
         rows = 1 if shared else kv_heads
         state = sum(size * batch * kv_heads * capacity for size in state_itemsizes)
         held = 8 * batch * rows * capacity + 4 * batch * rows * capacity + 8 * (recent + 1) * batch * rows
-        return held + dtype.itemsize + state + 4 * groups
+        output = batch * kv_heads * groups * value_dim * dtype.itemsize  # the attention output buffer
+        return held + dtype.itemsize + state + 4 * groups + output
 
     @property
     def length(self) -> int:
