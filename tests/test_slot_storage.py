@@ -166,3 +166,16 @@ def test_autograd_keeps_position_order(name):
         loss = loss + model(prompt(length=1, seed=step), **cache_kwargs(cache, model), use_cache=True).logits.sum()
     loss.backward()
     assert all(not isinstance(layer.store, SlotStore) for layer in cache.layers) and cache.max_held == 8
+
+
+@pytest.mark.parametrize("name", SLOTTED)
+@torch.no_grad()
+def test_bytes_held_equal_the_prediction_right_after_prefill_and_after_a_reorder(name):
+    model = tiny_model("llama-gqa")
+    cache = hf_kvplus.make_cache(name, model, budget=10)
+    model(prompt(batch=2, length=24), **cache_kwargs(cache, model), use_cache=True)
+    assert all(isinstance(layer.store, SlotStore) for layer in cache.layers)
+    predicted = hf_kvplus.make_cache(name, model.config, budget=10).predict_nbytes(24, batch=2)
+    assert hf_kvplus.cache_nbytes(cache) == predicted
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert hf_kvplus.cache_nbytes(cache) == predicted

@@ -454,6 +454,9 @@ class EvictingLayer(CacheLayerMixin):
         self.store = SlotStore(keys, values, self._pos, self._token_state, sinks, recent, not self.per_head, self.seen,
                                protect=self.slot_protects)
         self._pos, self._token_state = None, {}
+        if self.needs_attention:  # what the first step's attention needs, made now (predict_nbytes counts them)
+            self.store.ones(self.query_groups)
+            self.store.output_buffer(self.num_heads * self.query_groups, values.shape[-1])
         self.enter_slots(self.store)
 
     def _leave_slots(self) -> None:

@@ -221,4 +221,9 @@ class SlotStore(KVStore):
         self.entries = self.entries.index_select(1, index)
         self.state = {name: t.index_select(0, index) for name, t in self.state.items()}
         self.extra = {name: t.index_select(0, index) if t.dim() == 3 else t for name, t in self.extra.items()}
+        ones, output = self._ones, self.output
         self._views()
+        if ones is not None:  # made again for the new rows, so the bytes held stay what predict_nbytes says
+            self.ones(ones.shape[-1])
+        if output is not None:
+            self.output_buffer(output.shape[2], output.shape[3])
