@@ -33,8 +33,8 @@ import torch
 import transformers
 from packaging.version import Version
 
-# SDPA as transformers calls it (GQA handling, causal-skip rules): our attention function
-# delegates to it so that outputs are identical to `attn_implementation="sdpa"`.
+# SDPA as transformers calls it (GQA handling, causal-skip rules): our attention function delegates to it
+# for calls that need no attention mass, so those outputs are identical to `attn_implementation="sdpa"`.
 from transformers.integrations.sdpa_attention import sdpa_attention_forward as _sdpa_attention_forward
 
 # The boolean mask builder registered for "sdpa"; we register the same builder for our name.

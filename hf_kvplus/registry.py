@@ -259,4 +259,4 @@ register_cache(
         description="transformers DynamicCache: every token, full precision (the baseline)",
     )
 )
-# Each strategy module registers itself at its end; hf_kvplus.caches imports them all.
+# Each strategy module registers itself at its end; hf_kvplus imports them all (quantized, eviction.scorers, prefix).

@@ -30,6 +30,7 @@ from ..rope import shift_keys
 from ..storage.base import DenseStore, KVStore, gather_tokens
 from ..storage.factory import STORAGE_KEYWORDS, make_store_factory
 from ..storage.ring import RingStore, RopeAngles
+from ..storage.slots import POSITION_LIMIT, SlotStore
 
 
 def _positive_int(name: str, value, allow_none: bool = False, minimum: int = 1) -> int | None:
@@ -155,6 +156,8 @@ class EvictingLayer(CacheLayerMixin):
     needs_attention = False  # True: `score` needs the attention mass from the "kvplus" attention
     per_head = True  # False: scores are averaged over the KV heads, so every head keeps the same tokens
     implicit_positions = False  # True: a layer that never evicts derives positions (0..seen-1) instead of storing them
+    query_groups = 1  # query heads per KV head (set by KVPlusCache from the config)
+    slot_protects = True  # slot storage marks protected tokens and evicts by SlotStore.evict (False: slot_evict ranks)
 
     def __init__(
         self,
@@ -182,7 +185,7 @@ class EvictingLayer(CacheLayerMixin):
         self.store: KVStore | None = None
         self.seen = 0  # logical length: tokens ever appended (minus crops)
         self._pos: torch.Tensor | None = None  # [n] shared, or [batch, kv_heads, n]: absolute column of each kept token
-        self.token_state: dict[str, torch.Tensor] = {}  # per-token strategy state, [batch, kv_heads, n]
+        self._token_state: dict[str, torch.Tensor] = {}  # per-token strategy state, [batch, kv_heads, n]
         self.max_held = 0  # most tokens held between forwards
         self._awaiting_attention = False
         self._pending_rows: list[torch.Tensor] = []
@@ -199,11 +202,24 @@ class EvictingLayer(CacheLayerMixin):
         """Original position of each kept token: ``[kept]`` shared by every row and head, or ``[batch, kv_heads, kept]``."""
         if isinstance(self.store, RingStore):
             return self.store.positions(self.seen, self.device)
+        if isinstance(self.store, SlotStore):
+            return self.store.positions()
         return self._pos
 
     @pos.setter
     def pos(self, value) -> None:
         self._pos = value
+
+    @property
+    def token_state(self) -> dict[str, torch.Tensor]:
+        """Per-token strategy state, ``{name: [batch, kv_heads, kept]}`` in position order (a copy in slot storage)."""
+        if isinstance(self.store, SlotStore):
+            return self.store.ordered_state()
+        return self._token_state
+
+    @token_state.setter
+    def token_state(self, value: dict[str, torch.Tensor]) -> None:
+        self._token_state = value
 
     @property
     def keys(self) -> torch.Tensor | None:
@@ -226,11 +242,11 @@ class EvictingLayer(CacheLayerMixin):
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this layer holds (what :func:`hf_kvplus.cache_nbytes` counts)."""
         held = [] if self.store is None else list(self.store.tensors())
-        if self._pos is not None and not isinstance(self.store, RingStore):
+        if self._pos is not None and not isinstance(self.store, (RingStore, SlotStore)):
             held.append(self._pos)
         if isinstance(self.store, RingStore) and self.store.sink_keys is not None and self.context.rope_memo:
             held.extend(self.context.rope_memo.tensors())  # cos, sin of the current shift, shared by every layer
-        held.extend(self.token_state.values())
+        held.extend(self._token_state.values())  # empty in slot storage (the store holds the state)
         if self.rope is not None:
             held.append(self.rope[0])  # inv_freq, shared by all layers (counted once)
         return held
@@ -262,8 +278,19 @@ class EvictingLayer(CacheLayerMixin):
         scored = type(self).score is not EvictingLayer.score
         position_rows = batch * kv_heads if scored and evicted else 1
         meta = torch.empty(batch, kv_heads, kept, head_dim, dtype=dtype, device="meta")  # [b, h, kept, d]
-        state = sum(t.numel() * t.element_size() for t in self.initial_state(meta, meta).values())
-        return held + 8 * position_rows * kept + state
+        state = self.initial_state(meta, meta)
+        if evicted and self.uses_score_slots() and tokens < POSITION_LIMIT:
+            # Slot storage (SlotStore): budget + 1 slots of keys, values, state, positions and scores, and the
+            # slot entries of the recent window.
+            slots = kept + 1
+            recent = min(self.recent_window, kept - min(self.num_sink_tokens, kept))
+            extra = SlotStore.predict_nbytes_extra(batch, kv_heads, slots, recent, not self.per_head,
+                                                   [t.element_size() for t in state.values()], dtype,
+                                                   self.query_groups if self.needs_attention else 0, head_dim)
+            extra += self.slot_extra_nbytes(batch, kv_heads, slots)
+            return store.predict_nbytes(batch, kv_heads, slots, head_dim, dtype) + extra
+        state_bytes = sum(t.numel() * t.element_size() for t in state.values())
+        return held + 8 * position_rows * kept + state_bytes
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -325,6 +352,10 @@ class EvictingLayer(CacheLayerMixin):
             if new == 1 and not self.record_past and not self.context.padded and not torch.is_grad_enabled():
                 return self._ring_step(key_states, value_states)
             self._leave_ring()
+        if isinstance(self.store, SlotStore):
+            if new == 1 and self._slot_steady():
+                return self._slot_step(key_states, value_states)
+            self._leave_slots()
         if not self.implicit_positions:
             new_pos = torch.arange(self.seen, self.seen + new, device=self.device)
             if self._pos.dim() == 1:
@@ -403,6 +434,96 @@ class EvictingLayer(CacheLayerMixin):
         self.max_held = max(self.max_held, self.kept)
         return keys, values
 
+    # ------------------------------------------------------- scored slot storage
+    def uses_score_slots(self) -> bool:
+        """Whether this layer decodes in scored slot storage once full (a strategy with ``slot_score``, dense storage)."""
+        return (
+            self.budget is not None
+            and type(self).slot_score is not EvictingLayer.slot_score
+            and self.store_factory is DenseStore
+        )
+
+    def _slot_steady(self) -> bool:
+        """One more decoding step can run in slot storage: no padding, no deferral, autograd off, positions in range."""
+        return (
+            not self.record_past
+            and not self.context.padded
+            and not torch.is_grad_enabled()
+            and self.seen + 1 < POSITION_LIMIT
+        )
+
+    def _slot_eligible(self) -> bool:
+        return (
+            self.uses_score_slots()
+            and self.kept == self.budget < self.seen
+            and type(self.store) is DenseStore
+            and self._slot_steady()
+        )
+
+    def _enter_slots(self) -> None:
+        keys, values = self.store.get()  # [batch, kv_heads, budget, head_dim], position order
+        sinks = min(self.num_sink_tokens, self.budget)
+        recent = min(self.recent_window, self.budget - sinks)
+        self.store = SlotStore(keys, values, self._pos, self._token_state, sinks, recent, not self.per_head, self.seen,
+                               protect=self.slot_protects)
+        self._pos, self._token_state = None, {}
+        if self.needs_attention:  # what the first step's attention needs, made now (predict_nbytes counts them)
+            self.store.ones(self.query_groups)
+            self.store.output_buffer(self.num_heads * self.query_groups, values.shape[-1])
+        self.enter_slots(self.store)
+
+    def _leave_slots(self) -> None:
+        """Back to a dense store in position order (before anything but a steady one-token step)."""
+        slots = self.store
+        order = slots.order()  # [batch, rows, kept]
+        keys, values = slots.get(order)
+        self._pos = slots.positions(order)  # [batch, kv_heads, kept]
+        self._token_state = slots.ordered_state(order)
+        self.store = self.store_factory()
+        self.store.append(keys, values)
+
+    def _slot_step(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """A decoding step in slot storage: write the token and its state, return every slot, evict (now or
+        once attention reported)."""
+        slots = self.store
+        position = self.seen
+        slots.write(key_states, value_states, position)
+        for name, value in self.arrival_state(key_states, value_states).items():
+            slots.write_state(name, value, position)
+        self.seen += 1
+        keys, values = slots.keys, slots.values  # [batch, kv_heads, budget + 1, head_dim]
+        if self.needs_attention:
+            self._awaiting_attention = True
+            self.context.awaiting = self
+            request_attention(self.layer_idx, self)
+        else:
+            self._slot_evict()
+        return keys, values
+
+    def _slot_evict(self) -> None:
+        self.slot_evict(self.store)
+        self.store.full = False
+        self.max_held = max(self.max_held, self.kept)
+
+    def observe_slot_probs(self, probs: torch.Tensor) -> None:
+        """Receive a decoding step's attention probabilities over every slot, ``[batch * kv_heads, groups, slots]``
+        float32 (query heads of a KV head in its group), then evict."""
+        self._awaiting_attention = False
+        self.slot_attention(self.store, probs)
+        self._slot_evict()
+
+    def slot_mean(self, slots: SlotStore, values: torch.Tensor) -> str:
+        """The name of the scores to rank by: ``values`` itself per head, else its mean over heads in ``slots.score``."""
+        if self.per_head:
+            for name, state in slots.state.items():
+                if state is values:
+                    return name
+            slots.score.copy_(values)
+            return "score"
+        torch.mean(values, dim=1, keepdim=True, out=slots.score)  # [batch, 1, slots]
+        slots.score.abs_()  # a mean of -0.0 is +0.0: magnitudes keep one sign (the direction says which way)
+        return "score"
+
     def _rope_angles(self, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
         angles = self.context.rope_memo
         if angles is None or angles.device != self.device:
@@ -443,7 +564,7 @@ class EvictingLayer(CacheLayerMixin):
         self.store.select_batch(index)
         if self._pos is not None and self._pos.dim() == 3:
             self.pos = self._pos.index_select(0, index)
-        self.token_state = {k: v.index_select(0, index) for k, v in self.token_state.items()}
+        self._token_state = {k: v.index_select(0, index) for k, v in self._token_state.items()}
         self._pending_rows = [rows.index_select(0, index) for rows in self._pending_rows]
         self.batch_size = index.shape[0]
 
@@ -453,6 +574,8 @@ class EvictingLayer(CacheLayerMixin):
             self._commit(0)
         if isinstance(self.store, RingStore):
             self._leave_ring()
+        if isinstance(self.store, SlotStore):
+            self._leave_slots()
         self.record_past = True
 
     def end_past_recording(self) -> None:
@@ -491,6 +614,8 @@ class EvictingLayer(CacheLayerMixin):
         drop = -tokens_to_remove
         if drop and isinstance(self.store, RingStore):
             self._leave_ring()
+        if drop and isinstance(self.store, SlotStore):
+            self._leave_slots()
         if drop and self.is_initialized:
             self.store.truncate(drop)
             self.pos = self.pos[..., :-drop].clone()
@@ -522,6 +647,35 @@ class EvictingLayer(CacheLayerMixin):
     def on_attention(self, mass: torch.Tensor) -> None:
         """Hook for scorers that need attention: ``mass`` is ``[batch, kv_heads, kept]`` (float32)."""
 
+    def slot_score(self, slots: SlotStore) -> tuple[str, int] | None:
+        """Hook for slot storage: bring the scores of every slot up to date in place, return where they are.
+
+        Returns ``(name, direction)``: the state (or ``"score"``) holding the scores, ``[batch, rows, slots]``
+        float32 of one sign for every candidate, and ``1`` when a larger magnitude means a higher score
+        (``-1`` otherwise). A strategy that does not override it decodes in position order (no slot storage).
+        """
+        return None
+
+    def slot_evict(self, slots: SlotStore) -> None:
+        """Hook for slot storage: free one slot per row (and head) after a step. By default the token leaving the
+        recent window starts competing and the lowest :meth:`slot_score` goes (the older on ties)."""
+        slots.release()
+        slots.evict(*self.slot_score(slots))
+
+    def enter_slots(self, slots: SlotStore) -> None:
+        """Hook for slot storage: make the strategy's own buffers (in ``slots.extra``, counted as held)."""
+
+    def slot_extra_nbytes(self, batch: int, kv_heads: int, capacity: int) -> int:
+        """Bytes of the buffers :meth:`enter_slots` makes (for ``predict_nbytes``)."""
+        return 0
+
+    def arrival_state(self, key_states: torch.Tensor, value_states: torch.Tensor) -> dict[str, torch.Tensor | float]:
+        """Hook for slot storage: state of a token written by a decoding step, ``{name: number or [batch, kv_heads, 1]}``."""
+        return self.initial_state(key_states, value_states)
+
+    def slot_attention(self, slots: SlotStore, probs: torch.Tensor) -> None:
+        """Hook for slot storage: fold a step's probabilities (``[batch * kv_heads, groups, slots]``) into the state."""
+
     def initial_state(self, key_states: torch.Tensor, value_states: torch.Tensor) -> dict[str, torch.Tensor]:
         """Hook: per-token state of newly appended tokens, ``{name: [batch, kv_heads, new]}``.
 
@@ -540,6 +694,8 @@ class EvictingLayer(CacheLayerMixin):
     def observe_attention(self, mass: torch.Tensor, reduction: str) -> None:
         """Receive the attention computed over what ``update`` returned (from the "kvplus" attention)."""
         self._awaiting_attention = False
+        if isinstance(self.store, SlotStore):
+            raise RuntimeError("a layer in slot storage takes its attention through observe_slot_probs()")
         if self.record_past:
             self._pending_rows.append(mass if reduction == "rows" else mass.unsqueeze(2))
             return
@@ -586,6 +742,8 @@ class EvictingLayer(CacheLayerMixin):
         self.max_held = max(self.max_held, self.kept)
         if self._ring_eligible():
             self._enter_ring()
+        elif self._slot_eligible():
+            self._enter_slots()
 
     def _require_known_padding(self) -> None:
         if self.batch_size > 1 and not self.context.observed:
@@ -700,6 +858,9 @@ class KVPlusCache(Cache):
         storage = {name: layer_kwargs.pop(name) for name in STORAGE_KEYWORDS if name in layer_kwargs}
         layer_kwargs["store_factory"] = make_store_factory(store_factory=store_factory, nbits=nbits, **storage)
         layers = [self.layer_class(i, self.context, **layer_kwargs) for i in range(num_layers)]
+        heads = decoder_config(config).num_attention_heads
+        for layer in layers:
+            layer.query_groups = max(1, heads // self.num_kv_heads)
         super().__init__(layers=layers)
 
     def predict_nbytes(self, tokens: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int | None:

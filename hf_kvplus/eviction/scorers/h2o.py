@@ -124,6 +124,23 @@ class HeavyHitterLayer(EvictingLayer):
             return mass
         return mass / (self.seen - self.pos).clamp(min=1)  # pos: [kept] or [batch, kv_heads, kept]
 
+    # slot storage: the same rule, in place over every slot
+    def arrival_state(self, key_states, value_states):
+        return {"mass": 0.0}
+
+    def slot_attention(self, slots, probs):  # probs: [batch * kv_heads, groups, slots]
+        slots.rows3["mass"].baddbmm_(slots.ones(probs.shape[1]), probs, alpha=1.0 / probs.shape[1])
+
+    def slot_score(self, slots):
+        mass = slots.state["mass"]  # [batch, kv_heads, slots]
+        if not self.normalize:
+            return self.slot_mean(slots, mass), 1
+        # minus the mean attention per query that saw each token (mass / (pos - seen) <= 0): its magnitude ranks
+        if self.per_head:
+            torch.div(mass, torch.sub(slots.pos, self.seen), out=slots.score)
+            return "score", 1
+        return self.slot_mean(slots, torch.div(mass, torch.sub(slots.pos, self.seen))), 1
+
 
 class HeavyHitterCache(ScoredCache):
     """H2O: the ``budget`` tokens per KV head are the newest ones plus the heaviest hitters.

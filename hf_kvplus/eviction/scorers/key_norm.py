@@ -20,6 +20,9 @@ class KeyNormLayer(EvictingLayer):
     def score(self):
         return self.token_state["neg_key_norm"]
 
+    def slot_score(self, slots):  # the state is minus a norm: a larger magnitude is a lower score
+        return self.slot_mean(slots, slots.state["neg_key_norm"]), -1
+
 
 class KeyNormCache(ScoredCache):
     """Key-norm cache: ``budget`` tokens per KV head, the window of newest ones plus the lowest key norms.

@@ -45,6 +45,74 @@ class SnapKVLayer(EvictingLayer):
     def score(self) -> torch.Tensor:
         return self.token_state["snap"]
 
+    # slot storage: pooling needs neighbours in position order, so a step ranks slots by position (one sort of
+    # budget + 1 positions), pools and scores in that order, evicts there and writes the scores back to slots.
+    slot_protects = False
+
+    def slot_score(self, slots):  # not used by slot_evict below; marks this strategy as slot-capable
+        return self.slot_mean(slots, slots.state["snap"]), 1
+
+    def arrival_state(self, key_states, value_states):
+        return {}  # the newest rank has decay 0: its score is its first pooled attention
+
+    def enter_slots(self, slots):
+        batch, heads, capacity = slots.state["snap"].shape
+        half = self.kernel_size // 2
+        rank = torch.arange(capacity, device=slots.score.device)
+        count = (rank + half).clamp(max=capacity - 1) - (rank - half).clamp(min=0) + 1  # neighbours in the window
+        decay = slots.score.new_full((capacity,), (1.0 - 1.0 / self.window))
+        decay[-1] = 0.0
+        slots.extra.update(
+            mass=slots.score.new_zeros(batch, heads, capacity),  # this step's attention, slot order
+            padded=slots.score.new_zeros(batch, heads, capacity + 2 * half),  # the same in position order, zero-padded
+            pooled=slots.score.new_zeros(batch, heads, capacity),
+            ranked=slots.score.new_zeros(batch, heads, capacity),  # scores in position order
+            sorted=slots.pos.new_zeros(slots.pos.shape),
+            order=slots.pos.new_zeros(slots.pos.shape),  # [batch, rows, slots]: the slot of each rank
+            victim=slots.pos.new_zeros(*slots.pos.shape[:2], 1),
+            count=count.to(torch.float32),  # [slots]
+            decay=decay,  # [slots]
+        )
+
+    def slot_extra_nbytes(self, batch, kv_heads, capacity):
+        rows = kv_heads if self.per_head else 1
+        floats = batch * kv_heads * (4 * capacity + 2 * (self.kernel_size // 2))
+        return 4 * floats + 8 * (2 * batch * rows * capacity + batch * rows) + 2 * 4 * capacity
+
+    def _views(self, slots):
+        x, views = slots.extra, slots.extra_views
+        if not views:
+            batch, heads, capacity = x["mass"].shape
+            half = self.kernel_size // 2
+            sinks, recent = slots.sinks, slots.recent
+            views.update(
+                mass3=x["mass"].view(batch * heads, 1, capacity),
+                padded=x["padded"][..., half : half + capacity],
+                windows=x["padded"].unfold(-1, self.kernel_size, 1),  # [batch, heads, slots, kernel]
+                order=x["order"].expand(batch, heads, capacity),
+                candidates=(x["ranked"] if self.per_head else slots.score)[..., sinks : capacity - recent],
+                candidate_slots=x["order"][..., sinks:],
+            )
+        return views
+
+    def slot_attention(self, slots, probs):  # probs: [batch * kv_heads, groups, slots]
+        x, v = slots.extra, self._views(slots)
+        v["mass3"].baddbmm_(slots.ones(probs.shape[1]), probs, beta=0.0, alpha=1.0 / probs.shape[1])
+        torch.sort(slots.pos, dim=-1, out=(x["sorted"], x["order"]))  # [batch, rows, slots]: rank -> slot
+        torch.gather(x["mass"], 2, v["order"], out=v["padded"])
+        torch.sum(v["windows"], dim=-1, out=x["pooled"])
+        x["pooled"].div_(x["count"])  # average pooling without the padding
+        torch.gather(slots.state["snap"], 2, v["order"], out=x["ranked"])
+        torch.addcmul(x["pooled"], x["ranked"], x["decay"], out=x["ranked"])  # snap * decay + pooled
+
+    def slot_evict(self, slots):
+        x, v = slots.extra, self._views(slots)
+        if not self.per_head:
+            torch.mean(x["ranked"], dim=1, keepdim=True, out=slots.score)  # [batch, 1, slots]
+        torch.argmin(v["candidates"], dim=-1, keepdim=True, out=x["victim"])  # ties: the older (lower rank)
+        torch.gather(v["candidate_slots"], 2, x["victim"], out=slots.at[slots.seen % (slots.recent + 1)])
+        slots.state["snap"].scatter_(2, v["order"], x["ranked"])  # back to slot order
+
 
 class SnapKVCache(ScoredCache):
     """SnapKV cache: the window of newest tokens plus the tokens the latest queries attend to.

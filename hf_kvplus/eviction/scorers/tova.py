@@ -32,6 +32,16 @@ class TovaLayer(EvictingLayer):
     def score(self) -> torch.Tensor:
         return self.token_state["last"]
 
+    # slot storage: the latest query's attention, written over every slot
+    def arrival_state(self, key_states, value_states):
+        return {}
+
+    def slot_attention(self, slots, probs):  # probs: [batch * kv_heads, groups, slots]
+        slots.rows3["last"].baddbmm_(slots.ones(probs.shape[1]), probs, beta=0.0, alpha=1.0 / probs.shape[1])
+
+    def slot_score(self, slots):
+        return self.slot_mean(slots, slots.state["last"]), 1
+
 
 class TovaCache(ScoredCache):
     """TOVA cache: ``budget`` tokens chosen by the current query's attention.

@@ -1,0 +1,229 @@
+"""Slot storage for a score-based layer holding its budget: one write and one argmin per decoding step.
+
+Once a scored layer (H2O, TOVA, key norm, SnapKV) holds its budget, a decoding step needs no copy of
+what it keeps. :class:`SlotStore` holds ``[batch, kv_heads, budget + 1, head_dim]`` buffers and, per
+slot, the token's position and the strategy's state (accumulated attention, key norm...). A step
+writes the new token into the free slot, attention reads every slot, the strategy updates its state
+in place, and one ``argmin`` over the candidate slots picks the victim, whose slot is the next free
+one. Slot numbers stay on the device (each head evicts its own token), so nothing is read back and
+nothing is allocated that grows with the context.
+
+Which slots compete, without sorting anything:
+
+* the ``sinks`` first tokens (the first slots) and the ``recent`` newest tokens carry ``PROTECTED``
+  added to their position, which puts them after every candidate; the slot each recent token went
+  to is kept in a ring of ``recent + 1`` index entries, so when a token leaves the window its
+  position is written back unmarked (one ``scatter_``);
+* ties: the victim minimises ``position + bits(score) * 2**30`` (int64). The bit pattern of a
+  float32 read as an int32 grows with its magnitude among numbers of one sign, so this key orders
+  by score first and, among equal scores, evicts the older token, exactly as the position-ordered
+  rule does (``EvictingLayer._select``). Positions must stay below ``2**30``.
+
+:meth:`SlotStore.get` gives the kept tokens in position order (a copy), as the layer hands them to
+everything but a decoding step (crop, past recording, padding, forwards of several tokens, autograd).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import KVStore, gather_tokens
+
+POSITION_LIMIT = 1 << 30  # positions below this keep the eviction key exact
+PROTECTED = (1 << 62) + (1 << 31)  # added to the position of a protected recent token: above every candidate's key
+
+
+class SlotStore(KVStore):
+    """Fixed slots for a score-based layer holding its budget (see the module docstring).
+
+    Args:
+        keys (`torch.Tensor`): ``[batch, kv_heads, budget, head_dim]`` kept keys in position order.
+        values (`torch.Tensor`): ``[batch, kv_heads, budget, value_dim]``.
+        pos (`torch.Tensor`): positions of the kept tokens, ``[budget]`` or ``[batch, kv_heads, budget]`` (sorted).
+        state (`dict[str, torch.Tensor]`): per-token strategy state, ``[batch, kv_heads, budget]`` each.
+        sinks (`int`): leading tokens never evicted (the first slots).
+        recent (`int`): newest tokens never evicted.
+        shared (`bool`): every head keeps the same tokens (one position row and one victim per batch row).
+        seen (`int`): tokens seen so far (the position of the next one).
+        protect (`bool`, defaults to `True`): mark protected positions (see the module docstring); `False` for a
+            strategy that ranks in position order itself (SnapKV), which never calls :meth:`release`/:meth:`evict`.
+
+    Example:
+
+    ```python
+    >>> slots = SlotStore(keys, values, pos, {"mass": mass}, sinks=0, recent=4, shared=False, seen=100)
+    >>> slots.write(new_key, new_value, 100)         # [batch, kv_heads, 1, head_dim] into the free slots
+    >>> slots.release()                               # the token leaving the recent window competes
+    >>> slots.evict("mass", 1)                        # one argmin per row and head: the victims' slots are free
+    >>> slots.get()[0].shape                          # position order, budget tokens
+    ```
+    """
+
+    def __init__(self, keys, values, pos, state, sinks: int, recent: int, shared: bool, seen: int, protect: bool = True):
+        batch, heads, budget, head_dim = keys.shape
+        rows = 1 if shared else heads
+        capacity = budget + 1
+        self.capacity, self.sinks, self.recent, self.rows, self.seen = capacity, sinks, recent, rows, seen
+        self.protect = protect
+        self.full = False  # True between a write and the eviction that follows it
+        self.keys = keys.new_empty(batch, heads, capacity, head_dim)  # [batch, kv_heads, budget + 1, head_dim]
+        self.values = values.new_empty(batch, heads, capacity, values.shape[-1])
+        self.keys[:, :, :budget].copy_(keys)
+        self.values[:, :, :budget].copy_(values)
+        pos = pos.expand(batch, heads, budget)[:, :rows]  # [batch, rows, budget]
+        self.pos = pos.new_zeros(batch, rows, capacity)  # [batch, rows, budget + 1] int64; free slot: 0
+        self.pos[..., :budget].copy_(pos)
+        if protect:
+            self.pos[..., budget - recent : budget] += PROTECTED
+            self.pos[..., :sinks] += PROTECTED
+        self.state = {}
+        for name, value in state.items():  # [batch, kv_heads, budget + 1] each
+            self.state[name] = value.new_zeros(batch, heads, capacity)
+            self.state[name][..., :budget].copy_(value)
+        self.score = self.keys.new_zeros(batch, rows, capacity, dtype=torch.float32)  # scores computed per step
+        self.no_bias = self.keys.new_zeros(1, 1, 1)  # attention logits' additive input when there is no mask
+        self.entries = self.pos.new_empty(recent + 1, batch, rows, 1)  # slot of each recent token
+        for p in range(seen - recent, seen + 1):  # the recent tokens, then the free slot for token `seen`
+            self.entries[p % (recent + 1)].fill_(budget - (seen - p))
+        self.extra: dict[str, torch.Tensor] = {}  # buffers of the strategy's own slot step (SnapKV)
+        self._views()
+
+    def _views(self) -> None:
+        """Views made once, so a step runs no view op: scores as int32 bits, 3-D views, each entry expanded per tensor."""
+        batch, heads, capacity, head_dim = self.keys.shape
+        self.bits = {name: t.view(torch.int32) for name, t in [*self.state.items(), ("score", self.score)]}
+        self.rows3 = {name: t.view(batch * heads, 1, capacity) for name, t in self.state.items()}  # [b*h, 1, slots]
+        self.keys_t3 = self.keys.view(batch * heads, capacity, head_dim).transpose(1, 2)  # [b*h, head_dim, slots]
+        self.values3 = self.values.view(batch * heads, capacity, -1)  # [b*h, slots, value_dim]
+        entries = list(self.entries)  # recent + 1 views [batch, rows, 1]
+        self.at = entries
+        self.at_keys = [e.unsqueeze(-1).expand(batch, heads, 1, head_dim) for e in entries]
+        self.at_values = [e.unsqueeze(-1).expand(batch, heads, 1, self.values.shape[-1]) for e in entries]
+        self.at_heads = [e.expand(batch, heads, 1) for e in entries]
+        self._ones = None
+        self.output = self._output3 = None  # attention output of a step (see output_buffer)
+        self.extra_views: dict[str, torch.Tensor] = {}  # views of `extra`, made by the strategy when empty
+
+    def output_buffer(self, q_heads: int, value_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention output of a step, ``[batch, 1, q_heads, value_dim]`` (made at the first step, then reused),
+        and its ``[batch * kv_heads, groups, value_dim]`` view for ``bmm(out=)``."""
+        batch, heads = self.keys.shape[:2]
+        if self.output is None or self.output.shape[2:] != (q_heads, value_dim):
+            self.output = self.values.new_empty(batch, 1, q_heads, value_dim)
+            self._output3 = self.output.view(batch * heads, q_heads // heads, value_dim)
+        return self.output, self._output3
+
+    def ones(self, groups: int) -> torch.Tensor:
+        """``[batch * kv_heads, 1, groups]`` float32 ones (a view of one ``[1, 1, groups]`` tensor), to sum
+        probabilities over the query heads of a group (made at the first step)."""
+        if self._ones is None or self._ones.shape[-1] != groups:
+            rows = self.keys.shape[0] * self.keys.shape[1]
+            self._ones = self.score.new_ones(1, 1, groups).expand(rows, 1, groups)
+        return self._ones
+
+    # ----------------------------------------------------------------- the step
+    def write(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
+        """Put the token at ``position`` (``[batch, kv_heads, 1, head_dim]``) into the free slots."""
+        j = position % (self.recent + 1)
+        self.keys.scatter_(2, self.at_keys[j], keys)
+        self.values.scatter_(2, self.at_values[j], values)
+        self.pos.scatter_(2, self.at[j], position + (PROTECTED if self.recent and self.protect else 0))
+        self.seen = position + 1
+        self.full = True
+
+    def write_state(self, name: str, value, position: int) -> None:
+        """Set ``state[name]`` of the token just written: a number, or ``[batch, kv_heads, 1]``."""
+        self.state[name].scatter_(2, self.at_heads[position % (self.recent + 1)], value)
+
+    def release(self) -> None:
+        """The token leaving the recent window (written ``recent`` steps ago) competes from now on: its position
+        loses the protection. Called after a write, before the scores are computed."""
+        if self.recent:
+            entry = self.at[self.seen % (self.recent + 1)]  # the slot of the token leaving (the next free entry)
+            self.pos.scatter_(2, entry, self.seen - 1 - self.recent)
+
+    def evict(self, name: str, direction: int) -> None:
+        """Free one slot per row (and head): the lowest score among candidates, the older on ties.
+
+        ``name``: the state (or ``"score"``) holding the scores, one sign for every candidate; ``direction``
+        is ``1`` when a larger magnitude means a higher score (scores >= 0, or their negation), else ``-1``.
+        """
+        entry = self.at[self.seen % (self.recent + 1)]  # receives the victim's slot: the next token's
+        key = torch.add(self.pos, self.bits[name], alpha=direction * POSITION_LIMIT)  # [batch, rows, slots]
+        torch.argmin(key, dim=-1, keepdim=True, out=entry)
+        self.full = False
+
+    # ------------------------------------------------------------- bookkeeping
+    def order(self) -> torch.Tensor:
+        """Slots of the kept tokens in position order, ``[batch, rows, kept]`` (not for the decoding step)."""
+        pos = self.positions_by_slot()
+        if not self.full:  # the free slot holds an evicted token: sort it last
+            pos = pos.scatter(2, self.at[self.seen % (self.recent + 1)], torch.iinfo(torch.long).max)
+        return pos.sort(dim=-1, stable=True).indices[..., : self.length]
+
+    def positions_by_slot(self) -> torch.Tensor:
+        """Positions of the tokens in every slot, protection removed: ``[batch, rows, budget + 1]``."""
+        return torch.where(self.pos >= PROTECTED, self.pos - PROTECTED, self.pos)
+
+    def positions(self, order: torch.Tensor | None = None) -> torch.Tensor:
+        """Positions of the kept tokens in position order, ``[batch, kv_heads, kept]``."""
+        order = self.order() if order is None else order
+        return torch.gather(self.positions_by_slot(), 2, order).expand(-1, self.keys.shape[1], -1).contiguous()
+
+    def _head_order(self, order: torch.Tensor) -> torch.Tensor:
+        return order.expand(-1, self.keys.shape[1], -1)  # [batch, kv_heads, kept]
+
+    def get(self, order: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept keys and values in position order (a copy), ``[batch, kv_heads, kept, head_dim]``."""
+        index = self._head_order(self.order() if order is None else order)
+        return gather_tokens(self.keys, index), gather_tokens(self.values, index)
+
+    def ordered_state(self, order: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-token state in position order (copies), ``{name: [batch, kv_heads, kept]}``."""
+        index = self._head_order(self.order() if order is None else order)
+        return {name: torch.gather(t, 2, index) for name, t in self.state.items()}
+
+    def tensors(self) -> list[torch.Tensor]:
+        held = [self.keys, self.values, self.pos, self.score, self.entries, self.no_bias, *self.state.values(),
+                *self.extra.values()]
+        return held + [t for t in (self._ones, self.output) if t is not None]
+
+    @staticmethod
+    def predict_nbytes_extra(batch: int, kv_heads: int, capacity: int, recent: int, shared: bool,
+                             state_itemsizes: list[int], dtype: torch.dtype, groups: int = 0, value_dim: int = 0) -> int:
+        """Bytes besides keys and values: positions, scores, index entries, one zero, per-token state (``capacity``
+        slots), and once attention reported (``groups > 0``), ``groups`` ones and the ``[batch, 1, kv_heads * groups,
+        value_dim]`` output buffer (``groups=0``: a strategy that needs no attention)."""
+        rows = 1 if shared else kv_heads
+        state = sum(size * batch * kv_heads * capacity for size in state_itemsizes)
+        held = 8 * batch * rows * capacity + 4 * batch * rows * capacity + 8 * (recent + 1) * batch * rows
+        output = batch * kv_heads * groups * value_dim * dtype.itemsize  # the attention output buffer
+        return held + dtype.itemsize + state + 4 * groups + output
+
+    @property
+    def length(self) -> int:
+        return self.capacity - (0 if self.full else 1)
+
+    def append(self, keys, values):  # the layer leaves slot storage before anything but a one-token step
+        raise RuntimeError("SlotStore takes one token per step through write(); convert it to a DenseStore first")
+
+    def keep(self, index):
+        raise RuntimeError("SlotStore evicts through evict(); convert it to a DenseStore first")
+
+    def truncate(self, num_tokens):
+        raise RuntimeError("SlotStore cannot truncate; convert it to a DenseStore first")
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        """Keep (and reorder) batch rows (beam search): rows move with their slots, positions and state."""
+        index = index.to(self.keys.device)
+        self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
+        self.pos, self.score = self.pos.index_select(0, index), self.score.index_select(0, index)
+        self.entries = self.entries.index_select(1, index)
+        self.state = {name: t.index_select(0, index) for name, t in self.state.items()}
+        self.extra = {name: t.index_select(0, index) if t.dim() == 3 else t for name, t in self.extra.items()}
+        ones, output = self._ones, self.output
+        self._views()
+        if ones is not None:  # made again for the new rows, so the bytes held stay what predict_nbytes says
+            self.ones(ones.shape[-1])
+        if output is not None:
+            self.output_buffer(output.shape[2], output.shape[3])
