@@ -16,10 +16,10 @@ from pathlib import Path
 
 from transformers import AutoConfig, PreTrainedConfig
 
-from .eviction.layer import kv_geometry, text_config
+from .config import kv_geometry, text_config
+from .eval.models import parse_dtype
 from .registry import get_spec, list_caches, make_cache
 from .storage.base import DenseStore
-from .eval.models import parse_dtype
 from .validate import check_int
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedConfig
 
-from .eviction.layer import EvictingLayer, KVPlusCache
+from .eviction.cache import KVPlusCache
+from .eviction.layer import EvictingLayer
 from .quant import check_nbits
 from .registry import CacheSpec, register_cache, register_preset
 from .storage.packed import (

@@ -14,7 +14,7 @@ import torch
 from transformers import Cache, DynamicCache, PreTrainedConfig
 
 from .attention import attach
-from .eviction.layer import decoder_config
+from .config import decoder_config
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .._compat import cache_kwargs
-from ..eviction.layer import text_config
+from ..config import text_config
 
 UNGATED_MLP = ("gpt_neox", "gpt2", "gptj", "opt", "bloom", "falcon", "phi", "gpt_bigcode")
 NO_CACHE = "no cache"

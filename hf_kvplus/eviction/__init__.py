@@ -4,6 +4,8 @@ A policy is a small layer class in :mod:`hf_kvplus.eviction.scorers`; how the ke
 a store from :mod:`hf_kvplus.storage`. The two compose: ``make_cache("h2o", model, budget=256, nbits=4)``.
 """
 
-from .layer import CacheContext, EvictingLayer, KVPlusCache
+from .cache import KVPlusCache
+from .context import CacheContext
+from .layer import EvictingLayer
 
 __all__ = ["CacheContext", "EvictingLayer", "KVPlusCache"]

@@ -15,7 +15,8 @@ import weakref
 import torch
 from transformers import PreTrainedConfig
 
-from ..eviction.layer import KVPlusCache, check_storage_keywords
+from ..config import check_storage_keywords
+from ..eviction.cache import KVPlusCache
 from .layer import PrefixContext, PrefixLayer, PrefixLease, trim_storage
 from .pool import PrefixPool
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedConfig
 
-from ..eviction.layer import kv_geometry, text_config
+from ..config import kv_geometry, text_config
 
 FORMAT = "hf_kvplus.prefix_store"
 VERSION = "1"

@@ -12,9 +12,10 @@ import weakref
 
 import torch
 
-from ..eviction.layer import CacheContext, EvictingLayer
-from .pool import PrefixPool
+from ..eviction.context import CacheContext
+from ..eviction.layer import EvictingLayer
 from ..storage.shared import SharedPrefixStore
+from .pool import PrefixPool
 
 
 class PrefixLease:

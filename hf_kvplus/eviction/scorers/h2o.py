@@ -18,7 +18,9 @@ from transformers import PreTrainedConfig
 
 from ...registry import CacheSpec, register_cache
 from ...storage.factory import STORAGE_KEYWORDS
-from ..layer import EvictingLayer, KVPlusCache, _positive_int
+from ...validate import check_int
+from ..cache import KVPlusCache
+from ..layer import EvictingLayer
 
 
 class ScoredCache(KVPlusCache):
@@ -63,14 +65,14 @@ class ScoredCache(KVPlusCache):
         per_head: bool = True,
         **layer_kwargs,
     ):
-        budget = _positive_int("budget", budget)
-        num_sink_tokens = _positive_int("num_sink_tokens", num_sink_tokens, minimum=0)
+        budget = check_int("budget", budget)
+        num_sink_tokens = check_int("num_sink_tokens", num_sink_tokens, minimum=0)
         heavy_ratio = self.default_heavy_ratio if heavy_ratio is None else heavy_ratio
         if isinstance(heavy_ratio, bool) or not isinstance(heavy_ratio, (int, float)) or not 0 <= heavy_ratio <= 1:
             raise ValueError(f"heavy_ratio must be a number in [0, 1], got {heavy_ratio!r}")
         if recent_window is None:
             recent_window = budget - round(budget * heavy_ratio)
-        recent_window = _positive_int("recent_window", recent_window, minimum=0)
+        recent_window = check_int("recent_window", recent_window, minimum=0)
         if num_sink_tokens + recent_window > budget:
             raise ValueError(
                 f"num_sink_tokens ({num_sink_tokens}) + recent_window ({recent_window}) must not exceed the budget "

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
+from ...config import check_storage_keywords, text_config
 from ...registry import CacheSpec, register_cache, register_preset
-from ..layer import EvictingLayer, KVPlusCache, _positive_int, check_storage_keywords, text_config
+from ...validate import check_int
+from ..cache import KVPlusCache
+from ..layer import EvictingLayer
 
 
 class SinkLayer(EvictingLayer):
@@ -86,16 +89,16 @@ class SinkCache(KVPlusCache):
         check_storage_keywords(
             "SinkCache", storage, ["budget", "window_length", "num_sink_tokens", "rerotate_keys", "rope"]
         )
-        num_sink_tokens = _positive_int("num_sink_tokens", num_sink_tokens, minimum=0)
+        num_sink_tokens = check_int("num_sink_tokens", num_sink_tokens, minimum=0)
         if (budget is None) == (window_length is None):
             raise ValueError(
                 f"SinkCache needs exactly one of budget or window_length, got budget={budget!r}, "
                 f"window_length={window_length!r}"
             )
         if budget is None:
-            window_length = _positive_int("window_length", window_length)
+            window_length = check_int("window_length", window_length)
             budget = num_sink_tokens + window_length
-        budget = _positive_int("budget", budget)
+        budget = check_int("budget", budget)
         if budget <= num_sink_tokens:
             raise ValueError(
                 f"budget ({budget}) must be larger than num_sink_tokens ({num_sink_tokens}) to leave room for a window"

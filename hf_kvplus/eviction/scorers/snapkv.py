@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from ...registry import CacheSpec, register_cache
-from ..layer import EvictingLayer, _positive_int
+from ...validate import check_int
+from ..layer import EvictingLayer
 from .h2o import ScoredCache
 
 
@@ -138,8 +139,8 @@ class SnapKVCache(ScoredCache):
     layer_options = ("window", "kernel_size")
 
     def __init__(self, config, budget: int, window: int = 32, kernel_size: int = 5, recent_window=None, **kwargs):
-        window = _positive_int("window", window)
-        kernel_size = _positive_int("kernel_size", kernel_size)
+        window = check_int("window", window)
+        kernel_size = check_int("kernel_size", kernel_size)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (the pooling is centred on each token), got {kernel_size}")
         if recent_window is None and "heavy_ratio" not in kwargs:

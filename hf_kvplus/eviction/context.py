@@ -1,0 +1,48 @@
+"""State shared by the layers of one cache: padding of each row, the prefill's mask length, shared RoPE angles."""
+
+from __future__ import annotations
+
+import torch
+
+
+class CacheContext:
+    """State shared by the layers of one cache: the left padding of each batch row.
+
+    ``pad_len[b]`` counts the padding columns at the start of row ``b``. ``observed`` tells
+    whether the inputs were seen at all (through :func:`hf_kvplus.attach`); without it, an
+    evicting cache refuses batches it cannot prove are unpadded.
+
+    Example:
+
+    ```python
+    >>> cache = hf_kvplus.make_cache("sink", model, budget=256)
+    >>> model(input_ids, attention_mask=mask, cache=cache)  # the hook fills cache.context
+    >>> cache.context.pad_len  # tensor of left-padding columns per row
+    ```
+    """
+
+    def __init__(self) -> None:
+        self.pad_len: torch.Tensor | None = None  # [batch] long
+        self.pad_host: list[int] | None = None  # host copy of `pad_len`, read once with it (never per step)
+        self.padded = False  # any(pad_host)
+        self.mask_length: int | None = None  # columns of the last 2-D mask read (a decode step adds one real column)
+        self.observed = False
+        self.awaiting = None  # the EvictingLayer whose attention scores are due
+        self.rope_memo = None  # RopeAngles: cos and sin of the sinks' shift, shared by the layers of one step
+
+    def set_padding(self, pad_len: torch.Tensor | None) -> None:
+        """Record each row's left padding (``[batch]`` long); reads it on the host once, outside decoding steps."""
+        self.pad_len = pad_len
+        self.pad_host = None if pad_len is None else pad_len.tolist()
+        self.padded = bool(self.pad_host) and any(self.pad_host)
+
+    def select_batch(self, index: torch.Tensor) -> None:
+        if self.pad_len is not None:
+            self.set_padding(self.pad_len.index_select(0, index.to(self.pad_len.device)))
+
+    def reset(self) -> None:
+        self.set_padding(None)
+        self.mask_length = None
+        self.observed = False
+        self.awaiting = None
+        self.rope_memo = None
