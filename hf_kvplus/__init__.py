@@ -14,7 +14,8 @@ from ._compat import CACHE_KEYWORD, TESTED_TRANSFORMERS, check_transformers_vers
 
 check_transformers_version()  # a UserWarning, once per process, outside the tested transformers range
 
-from .attention import ATTN_IMPLEMENTATION, attach, detach
+from .attention import ATTN_IMPLEMENTATION
+from .hooks import attach, detach
 from .eviction import CacheContext, EvictingLayer, KVPlusCache
 from .registry import CacheSpec, get_spec, list_caches, list_presets, make_cache, register_cache, register_preset
 from .storage import DenseStore, KVStore, QuantizedStore

@@ -23,11 +23,11 @@ from transformers import DynamicCache, QuantizedCache
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from ._compat import cache_kwargs
-from .attention import attach, detach
-from .registry import get_spec, list_caches, list_presets, make_cache, resolve
+from .hooks import attach, detach
 from .memory import cache_nbytes, current_rss_bytes, peak_memory, reset_peak_memory
 from .prefill import prefill
 from .prefix import PrefixStore
+from .registry import get_spec, list_caches, list_presets, make_cache, resolve
 from .validate import check_int
 
 __all__ = ["decode_benchmark", "plan_strategies", "render_markdown", "slower_sentences", "sliding_window_cache"]

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Cache, DynamicCache, PreTrainedConfig
 
-from .attention import attach
 from .config import decoder_config
+from .hooks import attach
 
 
 @dataclass(frozen=True)

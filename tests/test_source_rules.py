@@ -61,7 +61,7 @@ def test_the_prefix_store_reads_and_writes_safetensors_only():
 # ------------------------------------------------------------------ device-agnostic cache code
 CACHE_DIRS = ("caches", "eviction", "storage", "prefix", "quant")  # everything a cache runs
 CACHE_CODE = sorted(p for d in CACHE_DIRS for p in (PACKAGE / d).glob("**/*.py")) + [
-    PACKAGE / "attention.py", PACKAGE / "prefill.py",
+    PACKAGE / "attention.py", PACKAGE / "hooks.py", PACKAGE / "prefill.py",
 ]
 HOST_ON_PURPOSE = {  # file -> why it names the CPU
     "prefix/cache.py": "token ids are bookkeeping kept on the host (compared with Python lists)",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..attention import detach
+from ..hooks import detach
 from ..registry import get_spec, make_cache
 from ..memory import peak_memory, reset_peak_memory
 from .data import load_token_ids

@@ -13,7 +13,7 @@ import weakref
 import torch
 from transformers import PreTrainedConfig
 
-from ..attention import attach
+from ..hooks import attach
 from ..registry import CacheSpec, register_cache
 from .cache import PrefixSharedCache
 from .io import check_fingerprint, load_store, model_fingerprint, save_store
