@@ -3,7 +3,8 @@ The newest tokens sit in a full-precision *residual*; once it holds ``residual_l
 tokens, its oldest ``group_size`` are quantized as one block, never touched again: quantization
 costs O(new tokens) per step and errors never compound. Keys are quantized per channel over groups
 of tokens, values per token over groups of channels (:mod:`hf_kvplus.quant`). Attention gets the
-history dequantized into a transient buffer, then the residual and the new tokens exactly.
+history dequantized into a scratch buffer shared by the layers of a cache (decoding steps: a few ops,
+:mod:`hf_kvplus.storage.packed_step`), then the residual and the new tokens exactly.
 
 Eviction gathers whole-byte token rows (memory is freed); partly evicted key groups keep their
 scale row, which tokens find through ``key_groups``. See ``docs/strategies/quantized.md``.
@@ -18,21 +19,22 @@ import torch
 from ..quant import (
     check_nbits,
     check_scale_dtype,
-    dequantize_keys,
-    dequantize_values,
-    minmax_quantize,
-    pack,
     packed_size,
     quantize_keys,
     quantize_values,
 )
-from ..quant.fused import DequantScratch, dequantize_history
+from ..quant.fused import DequantScratch
 from ..quant.minmax import check_backend
 from ..validate import check_int
-from .base import KVStore, gather_tokens
+from .base import KVStore
+from .packed_keep import PackedEviction
+from .packed_step import PackedDecodeStep
+
+DEFAULT_GROUP_SIZE = 64
+DEFAULT_RESIDUAL_LENGTH = 128
 
 
-class QuantizedStore(KVStore):
+class QuantizedStore(PackedDecodeStep, PackedEviction, KVStore):
     """Keys and values packed to ``nbits`` bits behind a full-precision residual window.
 
     Args:
@@ -286,226 +288,6 @@ class QuantizedStore(KVStore):
         self._key_params[0, :, :, :rows], self._key_params[1, :, :, :rows] = held[2], held[3]
         self._value_params[0, :, :, :nq], self._value_params[1, :, :, :nq] = held[4], held[5]
         self._point(nq, rows)
-
-    # ------------------------------------------------------------ hot path
-    def _fast_ready(self, keys: torch.Tensor) -> bool:
-        """Whether a one-token ``update`` can run :meth:`_step` (host-side checks only)."""
-        return (
-            self._res is not None
-            and self.scratch is not None
-            and self.backend == "torch"
-            and self.key_groups is None
-            and not torch.is_grad_enabled()
-            and keys.dtype == self.dtype
-            and keys.shape[:2] == self._res.shape[1:3]
-        )
-
-    def _slot(self, index: int) -> torch.Tensor:
-        """``[1]`` long tensor holding ``index``, made at the first token (a step indexes without creating it)."""
-        if self.scratch.slots is None or self.scratch.slots.device != self._res.device:
-            self.scratch.prepare(self.residual_capacity, self.nbits, self.dtype, self._res.device)
-        return self.scratch.slot_views[index]
-
-    def _fast_views(self) -> tuple:
-        """Views of the scratch and the buffers for the current history, made once per flush (not per step)."""
-        key = (self.scratch.generation, self._generation, id(self.scratch.out), id(self._res))
-        if self._views is not None and self._views[0] == key:
-            return self._views[1]
-        nq, b, h = self.quantized_length, *self._res.shape[1:3]
-        d, k, gs = self._res.shape[-1], 8 // self.nbits, self.group_size
-        capacity = self._codes.shape[3]  # the whole history capacity: the scratch grows with it, not per flush
-        self.scratch.ensure(b, h, d, self.dtype, self._res.device, capacity + self.residual_capacity, capacity,
-                            self.nbits < 8)
-        out = self.scratch.out  # [2, b, h, capacity, d]
-        history = out[:, :, :, :nq]  # [2, b, h, nq, d]
-        codes = None if self.nbits == 8 else self.scratch.codes[:, :, :, :nq].view(2, b, h, nq, k, d // k)
-        masks, factors = (None, None) if self.nbits == 8 else self.scratch.constants(self.nbits, self.dtype, out.device)
-        views = (
-            self._codes[:, :, :, :nq].unsqueeze(-2),  # packed [2, b, h, nq, 1, d / k]
-            codes,  # [2, b, h, nq, k, d / k] uint8
-            history.view(2, b, h, nq, k, d // k),
-            out[0, :, :, :nq].view(b, h, nq // gs, gs, d),  # keys [b, h, groups, group, d]
-            self.key_scale.unsqueeze(3),  # [b, h, groups, 1, d]
-            self.key_zero.unsqueeze(3),
-            out[1, :, :, :nq].view(b, h, nq, d // self.value_group, self.value_group),  # values
-            self.value_scale.unsqueeze(-1),  # [b, h, nq, value groups, 1]
-            self.value_zero.unsqueeze(-1),
-            masks,
-            factors,
-            out[:, :, :, nq : nq + self.residual_capacity],  # where the residual goes, [2, b, h, slots, d]
-            out[0],  # [b, h, capacity, d]
-            out[1],
-            self._res[0],  # [b, h, slots, d]
-            self._res[1],
-        )
-        self._views = (key, views)
-        self.scratch._users.add(self)
-        return views
-
-    def _step(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoding token: about nine aten ops, no host sync, nothing allocated that grows with the context."""
-        nq, r = self.quantized_length, self._r
-        if nq and nq % self.group_size:
-            out = self._reconstruct(keys, values)
-            self.append(keys, values)
-            return out
-        slot = self._slot(r)
-        if nq == 0:
-            res_keys, res_values = self._res[0], self._res[1]
-        else:
-            views = self._fast_views()
-            res_keys, res_values = views[-2], views[-1]
-        res_keys.index_copy_(2, slot, keys)  # [b, h, slots, d]
-        res_values.index_copy_(2, slot, values)
-        self._r = r = r + 1
-        if nq == 0:
-            out = res_keys[:, :, :r], res_values[:, :, :r]
-        else:
-            views[11].copy_(self._res)  # the whole residual buffer, [2, b, h, slots, d]
-            dequantize_history(*views[:9], masks=views[9], factors=views[10])
-            out = views[12][:, :, : nq + r], views[13][:, :, : nq + r]  # [b, h, nq + r, d]
-        if r == self.residual_capacity:  # flush the oldest group into the history, residual into a fresh buffer
-            self._push(self._res[0, :, :, : self.group_size], self._res[1, :, :, : self.group_size])
-            self._set_residual(self._res[0, :, :, self.group_size : r], self._res[1, :, :, self.group_size : r])
-        return out
-
-    def _reconstruct(self, *new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """History dequantized into one new buffer, followed by the residual and ``new`` (keys, values).
-
-        The eager reference path (and the fallback with autograd, after irregular eviction, for ``quanto``).
-        """
-        exact_keys = [t for t in (self.res_keys, *new[:1]) if t is not None]
-        exact_values = [t for t in (self.res_values, *new[1:]) if t is not None]
-        nq = self.quantized_length
-        if nq == 0:
-            if len(exact_keys) == 1:
-                return exact_keys[0], exact_values[0]  # slots before `_r` are never written again
-            return torch.cat(exact_keys, dim=2), torch.cat(exact_values, dim=2)
-        (b, h), d = self.key_codes.shape[:2], self.key_scale.shape[-1]
-        total = nq + sum(t.shape[2] for t in exact_keys)
-        keys = torch.empty(b, h, total, d, dtype=self.dtype, device=self.key_codes.device)  # [b, h, all, d]
-        values = torch.empty_like(keys)
-        dequantize_keys(self.key_codes, self.key_scale, self.key_zero, self.nbits, self.group_size,
-                        group_map=self.key_groups, dtype=self.dtype, out=keys[:, :, :nq], backend=self.backend)
-        dequantize_values(self.value_codes, self.value_scale, self.value_zero, self.nbits, dtype=self.dtype,
-                          out=values[:, :, :nq], backend=self.backend)
-        at = nq
-        for k, v in zip(exact_keys, exact_values):
-            keys[:, :, at : at + k.shape[2]], values[:, :, at : at + k.shape[2]] = k, v
-            at += k.shape[2]
-        return keys, values
-
-    # ------------------------------------------------------------- eviction
-    def keep(self, index: torch.Tensor) -> None:
-        nq = self.quantized_length
-        if index.dim() == 1:
-            split = int((index < nq).sum())
-            self._keep_history(index[:split])
-        else:  # [b, h, m]: heads may keep different numbers of quantized tokens
-            counts = (index < nq).sum(dim=-1)
-            split = int(counts.max()) if nq else 0
-            if nq and int(counts.min()) < split:
-                self._keep_ragged(index[..., :split], int(counts.min()))
-            else:
-                self._keep_history(index[..., :split])
-        rest = index[..., split:] - nq
-        if self._r:
-            res_keys, res_values = gather_tokens(self.res_keys, rest), gather_tokens(self.res_values, rest)
-            self._set_residual(res_keys, res_values)
-        self._adopt_history()
-
-    def _groups(self) -> torch.Tensor:
-        """Key scale row of every quantized token: ``[nq]`` or ``[b, h, nq]`` (long)."""
-        if self.key_groups is None:
-            return torch.arange(self.quantized_length, device=self.key_codes.device) // self.group_size
-        return self.key_groups.long()
-
-    def _keep_history(self, index: torch.Tensor) -> None:
-        """Keep quantized tokens at ``index`` (``[m]`` or ``[b, h, m]``, all below ``quantized_length``)."""
-        nq = self.quantized_length
-        if nq == 0 or (index.dim() == 1 and index.numel() == nq):
-            return  # sorted and unique: nothing dropped
-        if index.shape[-1] == 0:
-            return self._drop_history()
-        groups = self._groups()  # [nq] or [b, h, nq] -> [m] or [b, h, m]
-        self.key_groups = groups[index] if groups.dim() == 1 else gather_tokens(groups.unsqueeze(-1), index)[..., 0]
-        self.key_codes, self.value_codes = gather_tokens(self.key_codes, index), gather_tokens(self.value_codes, index)
-        self.value_scale, self.value_zero = gather_tokens(self.value_scale, index), gather_tokens(self.value_zero, index)
-        self._compact()
-
-    def _keep_ragged(self, index: torch.Tensor, lowest: int) -> None:
-        """Per-head ``index`` ``[b, h, split]``: residual tokens in slots ``lowest:`` are quantized now, one key group per head."""
-        nq = self.quantized_length
-        self._keep_history(index.clamp(max=nq - 1))  # residual slots hold a placeholder for now
-        slots = index[..., lowest:]  # [b, h, f]
-        fresh = slots >= nq
-        taken = (slots - nq).clamp(min=0)
-        keys, values = gather_tokens(self.res_keys, taken), gather_tokens(self.res_values, taken)  # [b, h, f, d]
-        codes, scale, zero = minmax_quantize(keys, self.nbits, 2, self.scale_dtype, fresh.unsqueeze(-1), self.backend)
-        value_codes, value_scale, value_zero = quantize_values(values, self.nbits, self.value_group, self.scale_dtype,
-                                                               self.backend)
-        fills = (self.key_codes, pack(codes, self.nbits)), (self.value_codes, value_codes), \
-            (self.value_scale, value_scale), (self.value_zero, value_zero)
-        for held, new in fills:  # held tensors were just gathered: this writes nothing shared
-            held[:, :, lowest:] = torch.where(fresh.unsqueeze(-1), new, held[:, :, lowest:])
-        groups = self._groups().expand_as(index).clone()
-        groups[..., lowest:] = torch.where(fresh, self.key_scale.shape[2], groups[..., lowest:])
-        self.key_scale = torch.cat([self.key_scale, scale], dim=2)
-        self.key_zero = torch.cat([self.key_zero, zero], dim=2)
-        self.key_groups = groups
-        self._compact()
-
-    def _compact(self) -> None:
-        """Drop key scale rows no token points at; store the map compactly (``None``, 1-D or int32)."""
-        groups = self.key_groups.long()  # ascending along tokens, in every row and head
-        if groups.dim() == 3 and bool((groups == groups[:1, :1]).all()):
-            groups = groups[0, 0]  # every row and head keeps the same tokens
-        if groups.dim() == 3:  # renumber per head: at most one row per kept token in any head
-            first = torch.ones_like(groups, dtype=torch.bool)
-            first[..., 1:] = groups[..., 1:] != groups[..., :-1]
-            compact = first.long().cumsum(-1) - 1  # [b, h, nq]
-            source = groups.new_zeros(*groups.shape[:2], int(compact.max()) + 1).scatter_(2, compact, groups)
-            self.key_scale, self.key_zero = gather_tokens(self.key_scale, source), gather_tokens(self.key_zero, source)
-            self.key_groups = compact.to(torch.int32)
-            return
-        used = torch.unique(groups)  # sorted
-        if used.numel() < self.key_scale.shape[2]:
-            self.key_scale, self.key_zero = self.key_scale.index_select(2, used), self.key_zero.index_select(2, used)
-            groups = torch.searchsorted(used, groups)
-        nq = groups.shape[-1]
-        regular = nq % self.group_size == 0 and nq // self.group_size == used.numel()
-        if regular and torch.equal(groups, torch.arange(nq, device=groups.device) // self.group_size):
-            self.key_groups = None
-        else:
-            self.key_groups = groups.to(torch.int32)
-
-    def truncate(self, num_tokens: int) -> None:
-        if num_tokens <= 0:
-            return
-        if num_tokens < self.residual:
-            self._r -= num_tokens  # the dropped slots are overwritten by the next tokens
-            self._views = None
-            return
-        remaining = self.quantized_length - (num_tokens - self.residual)
-        self._set_residual(None, None)
-        if self.key_codes is not None:
-            self._keep_history(torch.arange(remaining, device=self.key_codes.device))
-            self._adopt_history()
-
-    def select_batch(self, index: torch.Tensor) -> None:
-        """Reorder rows in packed form: codes, scales and the residual move as they are (lossless)."""
-        for name in self.HISTORY:
-            tensor = getattr(self, name)
-            if tensor is not None and tensor.dim() > 1:  # a 1-D key_groups is shared by every row
-                setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
-        if self._res is not None:
-            res = self._res.index_select(1, index.to(self._res.device))  # [2, b', h, slots, d]
-            self._set_residual(res[0, :, :, : self._r], res[1, :, :, : self._r])
-        self._adopt_history()
-
-
-DEFAULT_GROUP_SIZE = 64
-DEFAULT_RESIDUAL_LENGTH = 128
 
 
 def quantized_store_factory(nbits: int, group_size=None, residual_length=None, scale_dtype=None, backend=None,
