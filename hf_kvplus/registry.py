@@ -26,11 +26,12 @@ class CacheSpec:
         factory: ``factory(config, **kwargs) -> Cache``.
         description: one line for tables and ``kvplus list``.
         paper: reference (arXiv id or URL).
-        evicting: accepts ``budget=`` and drops tokens beyond it.
-        attention_scores: needs the ``"kvplus"`` attention implementation to score tokens.
-        uses_rope: the factory accepts ``rope=`` (read from the model by ``make_cache``).
-        parity_kwargs: keyword arguments under which the cache must reproduce ``DynamicCache``.
-        parity_atol: absolute logit tolerance for that parity (0 means ``torch.allclose`` defaults).
+        evicting: accepts ``budget=`` and drops tokens beyond it. ``None`` (the default): derived from the
+            factory, true when it takes a ``budget`` argument.
+        attention_scores: needs the ``"kvplus"`` attention implementation to score tokens. ``None``: derived
+            from the factory's ``layer_class.needs_attention``.
+        uses_rope: the factory accepts ``rope=`` (read from the model by ``make_cache``). ``None``: derived
+            from the factory's signature.
         from_model: ``from_model(model) -> dict`` of keyword arguments ``make_cache`` derives from a model
             (given keywords win), e.g. the model's default ``PrefixStore``.
         sweep: keyword arguments recipes sweep by default besides the budget, e.g. ``{"nbits": (8, 4, 2)}``
@@ -40,7 +41,9 @@ class CacheSpec:
 
     ```python
     >>> spec = CacheSpec(name="valuenorm", factory=ValueNormCache, description="low value norms go first",
-    ...                  evicting=True, sweep={"nbits": (None, 4)})
+    ...                  sweep={"nbits": (None, 4)})
+    >>> spec.evicting  # ValueNormCache takes a budget
+    True
     >>> register_cache(spec)
     ```
     """
@@ -49,13 +52,27 @@ class CacheSpec:
     factory: Callable[..., Cache]
     description: str
     paper: str = ""
-    evicting: bool = False
-    attention_scores: bool = False
-    uses_rope: bool = False
-    parity_kwargs: dict = field(default_factory=dict)
-    parity_atol: float = 0.0
+    evicting: bool | None = None
+    attention_scores: bool | None = None
+    uses_rope: bool | None = None
     from_model: Callable[[torch.nn.Module], dict] | None = None
     sweep: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        """Flags left ``None`` are read from the factory, so a policy states them once, in its class."""
+        try:
+            params = inspect.signature(self.factory).parameters if callable(self.factory) else {}
+        except (TypeError, ValueError):
+            params = {}
+        layer_class = getattr(self.factory, "layer_class", None)
+        derived = {
+            "evicting": "budget" in params,
+            "attention_scores": bool(getattr(layer_class, "needs_attention", False)),
+            "uses_rope": "rope" in params,
+        }
+        for name, value in derived.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
 
 
 _REGISTRY: dict[str, CacheSpec] = {}
@@ -72,8 +89,7 @@ def register_cache(spec: CacheSpec) -> CacheSpec:
     Example:
 
     ```python
-    >>> register_cache(CacheSpec(name="valuenorm", factory=ValueNormCache, description="low value norms go first",
-    ...                          evicting=True))
+    >>> register_cache(CacheSpec(name="valuenorm", factory=ValueNormCache, description="low value norms go first"))
     >>> cache = hf_kvplus.make_cache("valuenorm", model, budget=256)
     ```"""
     if not isinstance(spec, CacheSpec):

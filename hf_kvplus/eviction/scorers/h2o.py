@@ -189,7 +189,5 @@ register_cache(
         factory=HeavyHitterCache,
         description="heavy hitters: accumulated attention + recent window (H2O)",
         paper="arXiv:2306.14048",
-        evicting=True,
-        attention_scores=True,
     )
 )

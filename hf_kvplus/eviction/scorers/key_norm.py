@@ -51,6 +51,5 @@ register_cache(
         factory=KeyNormCache,
         description="keep the keys with the lowest L2 norm (no attention needed)",
         paper="arXiv:2406.11430",
-        evicting=True,
     )
 )

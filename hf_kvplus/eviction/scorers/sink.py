@@ -132,8 +132,6 @@ register_cache(
         factory=SinkCache,
         description="attention sinks + sliding window (StreamingLLM)",
         paper="arXiv:2309.17453",
-        evicting=True,
-        uses_rope=True,
     )
 )
 register_preset("window", "sink", num_sink_tokens=0, rerotate_keys=False)

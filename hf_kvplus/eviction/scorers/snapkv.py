@@ -154,7 +154,5 @@ register_cache(
         factory=SnapKVCache,
         description="observation-window attention, pooled over neighbours (SnapKV)",
         paper="arXiv:2404.14469",
-        evicting=True,
-        attention_scores=True,
     )
 )

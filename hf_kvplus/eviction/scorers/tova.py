@@ -74,7 +74,5 @@ register_cache(
         factory=TovaCache,
         description="token omission via attention: the current query's attention decides (TOVA)",
         paper="arXiv:2401.06104",
-        evicting=True,
-        attention_scores=True,
     )
 )
