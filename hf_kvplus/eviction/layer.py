@@ -178,7 +178,7 @@ class EvictingLayer(SlotMode, Deferral, KeepRule, StrategyHooks, CacheLayerMixin
             sinks = min(self.num_sink_tokens, self.budget) if self.rope is not None else 0
             slots = kept + 1
             sink_keys = 2 * 4 * batch * kv_heads * sinks * head_dim
-            cursor = 8 * 2 * (slots + 1)  # int64: the (free, head) cursor and the [slots, 2] successor table
+            cursor = 8 * 2 + 4 * 2 * slots  # the (free, head) cursor (int64) and the [slots, 2] successor table (int32)
             return store.predict_nbytes(batch, kv_heads, slots, head_dim, dtype) + cursor + sink_keys
         scored = type(self).score is not EvictingLayer.score
         position_rows = batch * kv_heads if scored and evicted else 1

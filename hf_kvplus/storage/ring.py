@@ -66,8 +66,9 @@ class RingStore(KVStore):
         # The same two slot numbers on the device, so a step indexes with a tensor (no host value enters the
         # graph when compiled): `cursor[0] = (free, head)`, and `successor[h] = (h, next window slot after h)`.
         ring = torch.arange(sinks, self.capacity, device=keys.device)  # [capacity - sinks]
-        self.successor = torch.stack([torch.arange(self.capacity, device=keys.device),
-                                      torch.cat([ring[:1].expand(sinks), ring.roll(-1)])], dim=1)  # [capacity, 2]
+        successor = torch.stack([torch.arange(self.capacity, device=keys.device),
+                                 torch.cat([ring[:1].expand(sinks), ring.roll(-1)])], dim=1)  # [capacity, 2]
+        self.successor = successor.to(torch.int32)  # int32 (half the bytes); copied into the int64 cursor
         self.cursor = torch.tensor([[budget, sinks]], device=keys.device)  # [1, 2] long: (free slot, head slot)
         self.free_slot, self.head_slot = self.cursor[0, :1], self.cursor[0, 1:]  # [1] views
         self.full = False  # True between a write and the eviction that follows it
