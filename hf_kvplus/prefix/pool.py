@@ -42,17 +42,8 @@ class PrefixPool:
     """Cached KV of token-id prefixes, shared without copies by every request that starts with them (model-free).
 
     Args:
-        max_bytes (`int`, *optional*, defaults to 1 GiB): bytes of KV the store may hold; ``None`` is unlimited.
-        block_size (`int`, *optional*, defaults to 16): tokens per block; only whole blocks are cached.
-        policy (*optional*, defaults to `LRUPolicy()`): ``policy.choose(candidates) -> node`` picks what to evict.
-        store_factory (`Callable[[], KVStore]`, *optional*): how a cached prefix is stored (any
-            :class:`~hf_kvplus.storage.base.KVStore`); full precision by default.
-        nbits (`int`, *optional*): a packed format instead (8, 4 or 2 bits, see
-            :class:`~hf_kvplus.storage.packed.QuantizedStore`). Each block is quantized whole, with
-            no full-precision residual; key groups span ``group_size`` tokens of one block.
-        group_size (`int`, *optional*): key tokens / value channels per quantization group with ``nbits``;
-            must divide ``block_size``. Defaults to ``min(block_size, 64)``: a 16-token block stores keys at
-            ``nbits + 2`` bits (scale and zero point per 16 tokens), a 64-token block at ``nbits + 0.5``.
+        max_bytes, block_size, policy, store_factory, nbits, group_size: as documented on
+            :class:`~hf_kvplus.PrefixStore`, the subclass users build.
 
     Example:
 
