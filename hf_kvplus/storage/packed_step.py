@@ -8,7 +8,7 @@ from ..quant import (
     dequantize_keys,
     dequantize_values,
 )
-from ..quant.fused import dequantize_history
+from ..quant.fused import dequantize_history, int4_planes
 
 
 class PackedDecodeStep:
@@ -65,6 +65,8 @@ class PackedDecodeStep:
             self._res[0],  # [b, h, slots, d]
             self._res[1],
         )
+        planes = int4_planes(views[0], codes, views[2]) if self.nbits == 4 else None
+        views = (*views, planes)
         self._views = (key, views)
         self.scratch._users.add(self)
         return views
@@ -81,7 +83,7 @@ class PackedDecodeStep:
             res_keys, res_values = self._res[0], self._res[1]
         else:
             views = self._fast_views()
-            res_keys, res_values = views[-2], views[-1]
+            res_keys, res_values = views[14], views[15]
         res_keys.index_copy_(2, slot, keys)  # [b, h, slots, d]
         res_values.index_copy_(2, slot, values)
         self._r = r = r + 1
@@ -89,7 +91,7 @@ class PackedDecodeStep:
             out = res_keys[:, :, :r], res_values[:, :, :r]
         else:
             views[11].copy_(self._res)  # the whole residual buffer, [2, b, h, slots, d]
-            dequantize_history(*views[:9], masks=views[9], factors=views[10])
+            dequantize_history(*views[:9], masks=views[9], factors=views[10], planes=views[16])
             out = views[12][:, :, : nq + r], views[13][:, :, : nq + r]  # [b, h, nq + r, d]
         if r == self.residual_capacity:  # flush the oldest group into the history, residual into a fresh buffer
             self._push(self._res[0, :, :, : self.group_size], self._res[1, :, :, : self.group_size])
