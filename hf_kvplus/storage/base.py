@@ -141,3 +141,31 @@ class DenseStore(KVStore):
     @property
     def length(self) -> int:
         return 0 if self.keys is None else self.keys.shape[-2]
+
+
+class SlotStoreBase(KVStore):
+    """What the decoding slot stores share: ``capacity`` slots (budget + 1), one of them free between forwards.
+
+    A layer converts such a store back to a :class:`DenseStore` before anything but a one-token step, so
+    ``append``, ``keep`` and ``truncate`` refuse; ``evict_with`` names the method that evicts instead.
+    """
+
+    capacity: int
+    full: bool  # True between a write and the eviction that follows it
+    evict_with = "evict()"
+
+    @property
+    def length(self) -> int:
+        return self.capacity - (0 if self.full else 1)
+
+    def _refuse(self, what: str):
+        raise RuntimeError(f"{type(self).__name__} {what}; convert it to a DenseStore first")
+
+    def append(self, keys, values):
+        self._refuse("takes one token per step through write()")
+
+    def keep(self, index):
+        self._refuse(f"evicts through {self.evict_with}")
+
+    def truncate(self, num_tokens):
+        self._refuse("cannot truncate")

@@ -27,10 +27,10 @@ from __future__ import annotations
 import torch
 
 from ..rope import rotate_half
-from .base import KVStore
+from .base import SlotStoreBase
 
 
-class RingStore(KVStore):
+class RingStore(SlotStoreBase):
     """Fixed slots for a recency layer holding its budget (see the module docstring).
 
     Args:
@@ -51,6 +51,8 @@ class RingStore(KVStore):
     torch.Size([1, 2, 8, 16])
     ```
     """
+
+    evict_with = "evict_oldest()"
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, sinks: int, rotary_dim: int | None = None):
         batch, heads, budget, head_dim = keys.shape
@@ -127,19 +129,6 @@ class RingStore(KVStore):
     def tensors(self) -> list[torch.Tensor]:
         held = [self.keys, self.values, self.cursor, self.successor]
         return held + [t for t in (self.sink_keys, self.sink_half) if t is not None]
-
-    @property
-    def length(self) -> int:
-        return self.capacity - (0 if self.full else 1)
-
-    def append(self, keys, values):  # the layer leaves slot storage before anything but a one-token step
-        raise RuntimeError("RingStore takes one token per step through write(); convert it to a DenseStore first")
-
-    def keep(self, index):
-        raise RuntimeError("RingStore evicts through evict_oldest(); convert it to a DenseStore first")
-
-    def truncate(self, num_tokens):
-        raise RuntimeError("RingStore cannot truncate; convert it to a DenseStore first")
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep (and reorder) batch rows (beam search): every row uses the same slots, so only rows move."""

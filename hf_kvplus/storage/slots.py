@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import KVStore, gather_tokens
+from .base import SlotStoreBase, gather_tokens
 
 POSITION_LIMIT = 1 << 30  # positions below this keep the eviction key exact
 PROTECTED = (1 << 62) + (1 << 31)  # added to the position of a protected recent token: above every candidate's key
 
 
-class SlotStore(KVStore):
+class SlotStore(SlotStoreBase):
     """Fixed slots for a score-based layer holding its budget (see the module docstring).
 
     Args:
@@ -199,19 +199,6 @@ class SlotStore(KVStore):
         held = 8 * batch * rows * capacity + 4 * batch * rows * capacity + 8 * (recent + 1) * batch * rows
         output = batch * kv_heads * groups * value_dim * dtype.itemsize  # the attention output buffer
         return held + dtype.itemsize + state + 4 * groups + output
-
-    @property
-    def length(self) -> int:
-        return self.capacity - (0 if self.full else 1)
-
-    def append(self, keys, values):  # the layer leaves slot storage before anything but a one-token step
-        raise RuntimeError("SlotStore takes one token per step through write(); convert it to a DenseStore first")
-
-    def keep(self, index):
-        raise RuntimeError("SlotStore evicts through evict(); convert it to a DenseStore first")
-
-    def truncate(self, num_tokens):
-        raise RuntimeError("SlotStore cannot truncate; convert it to a DenseStore first")
 
     def select_batch(self, index: torch.Tensor) -> None:
         """Keep (and reorder) batch rows (beam search): rows move with their slots, positions and state."""
