@@ -21,6 +21,10 @@ What moved in 5.24 (and where transformers keeps it):
 * assisted decoding checks ``outputs.cache.is_croppable`` after its first forward, and
   ``Cache.is_croppable`` is ``all(layer.is_croppable ...)`` (``generation/utils.py``,
   ``cache_utils.py``) -> our layers answer ``is_croppable`` themselves (see ``EvictingLayer``).
+
+One private PyTorch op (checked on torch 2.13, which every venv here runs): SDPA's CPU kernel
+``aten._scaled_dot_product_flash_attention_for_cpu`` returns the log-sum-exp beside the output, which
+the split attention of a shared prefix merges by -> :func:`attention_with_lse`.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from transformers.masking_utils import sdpa_mask
 __all__ = [
     "CACHE_KEYWORD",
     "TESTED_TRANSFORMERS",
+    "attention_with_lse",
     "attn_implementation",
     "cache_from_call",
     "cache_kwargs",
@@ -204,3 +209,25 @@ def quantized_layer_history(layer) -> list[torch.Tensor]:
     Used by ``benchmarks/quantized.py`` to count the bits per element of transformers' ``QuantizedCache``.
     """
     return [t for t in (getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None)) if t is not None]
+
+
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def attention_with_lse(query, key, value, bias, scale: float):
+    """Softmax attention and its log-sum-exp: ``(output [b, h, q, dv], lse [b, h, q] float32)``.
+
+    ``query`` ``[b, h, q, d]``, ``key``/``value`` ``[b, h, k, d]`` (the same heads), ``bias`` ``None`` or an additive
+    float mask in the query's dtype broadcastable to ``[b, h, q, k]``. On CPU, SDPA's own kernel (one op, private:
+    ``aten._scaled_dot_product_flash_attention_for_cpu``, torch 2.13); elsewhere, or without it, the same math in
+    aten ops (logits in the input dtype, softmax in float32). A row that sees no key gets output 0, and an lse of
+    0 from the kernel: callers that may mask whole rows fix the lse themselves.
+    """
+    if _FLASH_CPU is not None and query.device.type == "cpu":
+        return _FLASH_CPU(query, key, value, 0.0, False, attn_mask=bias, scale=scale)
+    logits = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)  # [b, h, q, k]
+    if bias is not None:
+        logits = logits + bias
+    lse = torch.logsumexp(logits.float(), dim=-1)  # [b, h, q]
+    probs = torch.exp(logits.float() - lse.unsqueeze(-1)).nan_to_num_(0.0)
+    return torch.matmul(probs.to(value.dtype), value), lse

@@ -5,6 +5,8 @@
   ``AttentionMaskInterface``). It returns what ``"sdpa"`` returns (exactly, for calls no cache layer
   asked about; up to float rounding otherwise) and, for the cache layers that asked during their
   ``update``, the attention mass each cached key received, from the same probabilities as the output.
+  Keys and values a prefix-shared cache hands out in parts (:class:`~hf_kvplus.storage.split.SplitKV`)
+  are attended part by part and merged (:mod:`hf_kvplus.cascade`): the shared prefix is never copied.
 
 :func:`hf_kvplus.attach` (in :mod:`hf_kvplus.hooks`) switches a model to it when a cache needs scores.
 """
@@ -18,6 +20,8 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 
 from ._compat import sdpa_attention, sdpa_mask
+from .cascade import split_attention
+from .storage.split import SplitKV, full_tensor
 
 ATTN_IMPLEMENTATION = "kvplus"
 # Largest [batch, q_heads, q_block, keys] block of probabilities materialised at once, and most queries per block.
@@ -203,11 +207,21 @@ def kvplus_attention_forward(module, query, key, value, attention_mask, **kwargs
     probabilities (:func:`attend`); in slot storage a decoding step reads the store's buffers directly.
     Other calls, and calls with arguments this pass does not implement (soft-capping, attention sinks,
     sliding windows, a position bias), run transformers' SDPA attention (the mass, if asked, separately).
+    Keys and values given in parts (a shared prefix, then each row's own tokens) are attended by parts
+    (:func:`~hf_kvplus.cascade.split_attention`) when no mass is asked and the math is plain.
     """
     layer = _take_request(getattr(module, "layer_idx", None))
+    plain = all(kwargs.get(name) is None for name in _OTHER_MATH)
+    if isinstance(key, SplitKV) and isinstance(value, SplitKV):
+        if layer is None and plain and not kwargs.get("dropout"):
+            causal = kwargs.get("is_causal")
+            causal = getattr(module, "is_causal", True) if causal is None else causal
+            output = split_attention(query, key, value, attention_mask, kwargs.get("scaling"), causal)
+            if output is not None:
+                return output, None
+        key, value = full_tensor(key), full_tensor(value)
     if layer is None:
         return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
-    plain = all(kwargs.get(name) is None for name in _OTHER_MATH)
     scaling = kwargs.get("scaling")
     slots = getattr(layer, "store", None)
     if getattr(slots, "keys_t3", None) is not None:  # a SlotStore: one query over every slot

@@ -6,7 +6,7 @@ Two public extension points, nothing patched:
   hands each hf_kvplus cache the 2-D (or 4-D) attention mask of the call, so evicting caches know
   which columns are left padding (and, to caches with ``observes_input_ids = True``, the call's ids);
 * the ``"kvplus"`` attention of :mod:`hf_kvplus.attention`, set on the model only when a cache
-  scores tokens by attention.
+  scores tokens by attention, or reads a shared prefix without copying it (prefix caches).
 
 ``make_cache(name, model)`` calls :func:`attach` for you.
 """
@@ -54,7 +54,7 @@ def _observe_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     return None
 
 
-def attach(model: PreTrainedModel, attention_scores: bool = False) -> PreTrainedModel:
+def attach(model: PreTrainedModel, attention_scores: bool = False, split_attention: bool = False) -> PreTrainedModel:
     """Prepare ``model`` for hf_kvplus caches (idempotent; returns the model).
 
     Args:
@@ -62,6 +62,13 @@ def attach(model: PreTrainedModel, attention_scores: bool = False) -> PreTrained
         attention_scores (`bool`, *optional*, defaults to `False`): also switch the model to the
             ``"kvplus"`` attention implementation, needed by caches that score keys by the
             attention they receive (H2O, TOVA). Its outputs are SDPA's up to float rounding.
+        split_attention (`bool`, *optional*, defaults to `False`): switch to the ``"kvplus"`` attention when
+            the model runs ``"sdpa"`` (what it computes), so a prefix-shared cache's prefix is attended without
+            being copied (:mod:`hf_kvplus.cascade`). Any other implementation is left as it is (it reads
+            the concatenated keys, as before); nothing is refused.
+
+    Raises:
+        ValueError: ``attention_scores`` on a model whose attention is neither ``"sdpa"`` nor ``"eager"``.
 
     Example:
 
@@ -84,6 +91,8 @@ def attach(model: PreTrainedModel, attention_scores: bool = False) -> PreTrained
                 f"attention scores need the 'kvplus' attention (SDPA-based); the model uses {current!r}. "
                 "Load the model with attn_implementation='sdpa' (or 'eager') first."
             )
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    if split_attention and attn_implementation(model) in (None, "sdpa"):
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return model
 

@@ -225,7 +225,8 @@ def make_cache(name: str, model_or_config, **kwargs) -> Cache:
         if not isinstance(config, PreTrainedConfig):
             raise TypeError(f"make_cache needs a transformers model or config, got {type(model).__name__}")
         if spec.name != "dynamic":
-            attach(model, attention_scores=spec.attention_scores)
+            split = bool(getattr(getattr(spec.factory, "layer_class", None), "split_attention", False))
+            attach(model, attention_scores=spec.attention_scores, split_attention=split)
         if spec.uses_rope and "rope" not in kwargs and kwargs.get("rerotate_keys", True):
             from ._compat import rope_parameters
 

@@ -73,11 +73,15 @@ def _model(layers: int = LAYERS):
     return LlamaForCausalLM(config).eval()
 
 
+_STORES: list = []
+
+
 def _build(name: str, model):
     if name == "dense":
         return DynamicCache(config=model.config)
-    if name == "prefix":
+    if name == "prefix":  # the prompt's blocks are published at prefill and read from the store while decoding
         store = hf_kvplus.PrefixStore(block_size=16)
+        _STORES.append(store)  # a cache holds its store weakly: keep it alive
         return store.cache_for(model, torch.randint(3, 90, (1, PROMPT), generator=torch.Generator().manual_seed(0)))
     return hf_kvplus.make_cache(name, model, **CASES[name][0])
 

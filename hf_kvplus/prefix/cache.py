@@ -2,10 +2,14 @@
 
 SGLang RadixAttention (arXiv:2312.07104) and vLLM automatic prefix caching, inside ``model.generate``.
 A :class:`PrefixSharedCache` reads the prefix from a :class:`~hf_kvplus.PrefixStore` (views of the
-store's tensors, one row expanded over the batch), prefills only the rest, and keeps its own tokens in
-a private store (copy-on-write). As it runs, it publishes every whole block it computed (generated
-tokens included) to the store and then reads those blocks from there too, so later requests reuse
-them without any extra call and nothing is held twice.
+store's tensors, one row for the whole batch), prefills only the rest, and keeps its own tokens in a
+private store (copy-on-write). Attention reads the prefix in place: the ``"kvplus"`` attention attends it
+once for all rows and merges with the rows' own tokens (:mod:`hf_kvplus.cascade`), so a decoding step
+copies no prefix. As it runs, it publishes every whole block it computed (generated tokens included) to
+the store, so later requests reuse them without any extra call. Blocks a prefill completed are read from
+the store from then on (nothing held twice); blocks completed one token at a time while decoding are
+published as copies and read privately until the next prefill, so the shared part of every decoding
+step stays the same windows.
 """
 
 from __future__ import annotations
@@ -137,18 +141,21 @@ class PrefixSharedCache(KVPlusCache):
             differs = (ids[:, shared:full] != ids[:1, shared:full]).any(dim=0).nonzero()
             common = shared + (int(differs[0]) if len(differs) else full - shared) // size * size
             if common > shared:
-                self._publish_common(store, ids[0, :common].tolist(), shared)
+                self._publish_common(store, ids[0, :common].tolist(), shared, adopt=new > 1)
         if batch > 1 or any(starts):  # rows' own blocks: copies, for later requests (this one keeps its own)
             for row, start in enumerate(starts):
                 kv = self._row_kv(row, start, self.shared_length)
                 store.insert(ids[row, start:seen].tolist(), kv)
 
-    def _publish_common(self, store: PrefixPool, tokens: list[int], shared: int) -> None:
+    def _publish_common(self, store: PrefixPool, tokens: list[int], shared: int, adopt: bool) -> None:
+        """Insert the rows' common blocks; with ``adopt``, read them from the store from now on."""
         def kv(start: int, stop: int):
             pairs = [layer.store.private_tokens(start - shared, stop - shared) for layer in self.layers]
             return [(trim_storage(k, store.block_size), trim_storage(v, store.block_size)) for k, v in pairs]
 
-        found = store.insert(tokens, kv, acquire=True)
+        found = store.insert(tokens, kv, acquire=adopt)
+        if not adopt:  # a decoding step: the private tokens stay (the private store never writes them in place)
+            return
         if found.length <= shared:
             store.release(found.node_id)
             return

@@ -55,6 +55,7 @@ class PrefixLayer(EvictingLayer):
     """A layer that never evicts, over a :class:`SharedPrefixStore`. Positions are implicit (``0..seen-1``)."""
 
     implicit_positions = True
+    split_attention = True  # hf_kvplus.attach switches the model to the "kvplus" attention, which reads the parts
 
     @property
     def pos(self) -> torch.Tensor | None:

@@ -105,7 +105,7 @@ def cache_for(store: PrefixStore, model, input_ids, attention_mask=None, **stora
         raise ValueError(f"input_ids must be integer token ids of shape [batch, length >= 1], got {tuple(ids.shape)} {ids.dtype}")
     if not isinstance(model, torch.nn.Module) or not isinstance(getattr(model, "config", None), PreTrainedConfig):
         raise TypeError(f"cache_for needs a transformers model, got {type(model).__name__}")
-    attach(model)
+    attach(model, split_attention=True)  # the "kvplus" attention reads the shared prefix without copying it
     store.bind(model)
     limit = ids.shape[1] - 1
     if attention_mask is not None:

@@ -1,9 +1,12 @@
 """A layer's storage when part of it is shared: read-only prefix windows plus the request's own tokens.
 
 The prefix is a list of windows ``(payload, start, stop)`` onto stores owned by a
-:class:`~hf_kvplus.PrefixStore`; it has one row, which every batch row reads (``expand``: stride 0, no
-copy). New tokens go to a private store (copy-on-write: shared tensors are never written). Cropping
-into the prefix only narrows the windows.
+:class:`~hf_kvplus.PrefixStore`; it has one row, which every batch row reads. New tokens go to a private
+store (copy-on-write: shared tensors are never written). Cropping into the prefix only narrows the windows.
+
+``update`` returns the keys and values as :class:`~hf_kvplus.storage.split.SplitKV`: the prefix windows
+and the private tokens, not concatenated. The ``"kvplus"`` attention reads the parts (the prefix once for
+the whole batch, :mod:`hf_kvplus.cascade`); any other reader gets the concatenation, built on its first op.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .base import KVStore
+from .split import SplitKV
 
 Segment = tuple  # (payload: list[KVStore], start: int, stop: int)
 
@@ -50,9 +54,18 @@ class SharedPrefixStore(KVStore):
         return self.shared_length + self.private.length
 
     def shared(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The prefix windows as ``(keys, values)`` views, each ``[1, kv_heads, stop - start, head_dim]``."""
-        out = []
+        """The prefix windows as ``(keys, values)`` views, each ``[1, kv_heads, stop - start, head_dim]``.
+
+        Adjacent windows onto the same payload (the halves of a split tree node) come as one view.
+        """
+        runs = []
         for payload, start, stop in self.segments:
+            if runs and runs[-1][0] is payload and runs[-1][2] == start:
+                runs[-1][2] = stop
+            else:
+                runs.append([payload, start, stop])
+        out = []
+        for payload, start, stop in runs:
             keys, values = payload[self.layer_idx].get()
             out.append((keys[:, :, start:stop], values[:, :, start:stop]))
         return out
@@ -61,6 +74,19 @@ class SharedPrefixStore(KVStore):
         if self.private.length == 0:  # the prefix fits any batch until rows hold their own tokens
             self.private, self.batch_size = self.factory(), keys.shape[0]
         self.private.append(keys, values)
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append, then return every token as :class:`SplitKV` parts (``[batch, kv_heads, length, head_dim]``).
+
+        Plain tensors (:meth:`get`) without a prefix, while autograd records (the parts carry no gradient)
+        and inside ``torch.compile`` (dynamo does not trace the wrapper).
+        """
+        self.append(keys, values)
+        if not self.segments or torch.compiler.is_compiling() or (torch.is_grad_enabled() and keys.requires_grad):
+            return self.get()
+        own_keys, own_values = self.private.get()  # [batch, kv_heads, n, head_dim]
+        shared = self.shared()
+        return SplitKV([k for k, _ in shared], own_keys), SplitKV([v for _, v in shared], own_values)
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.segments:
