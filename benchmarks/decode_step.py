@@ -13,6 +13,8 @@ batch 1, 2048 at batch 4; budget 512; about 20 minutes on 2 CPU cores, nearly al
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/decode_step.py --threads 1
     PYTHONPATH=. python benchmarks/decode_step.py --contexts 1024 --batch-sizes 1 --strategies dense tf-window sink
     PYTHONPATH=. python benchmarks/decode_step.py --render          # re-render the table from the saved JSON
+    PYTHONPATH=. python benchmarks/decode_step.py --contexts 2304 --batch-sizes 4 --shared-prefix 2048 \
+        --strategies dense prefix --out /tmp/prefix   # 4 rows on one 2k prefix: split attention vs DynamicCache
     python benchmarks/decode_step.py --device cuda --dtype bf16 --random-weights llama-3.1-8b   # GPU only
 
 Writes ``benchmarks/results/decode_step.{json,md}`` (``--out`` elsewhere); ``benchmarks/render_docs.py``
@@ -116,6 +118,8 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--random-weights", choices=sorted(RANDOM_CONFIGS), default=None,
                         help="a random-init model instead of the embedded one (llama-3.1-8b: GPU only)")
+    parser.add_argument("--shared-prefix", type=int, default=0,
+                        help="rows of a batch share their first N tokens (the prefix cache holds them once)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--render", action="store_true", help="only re-render the Markdown from the saved JSON")
@@ -141,14 +145,15 @@ def main(argv=None) -> None:
     began = time.perf_counter()
     rows = decode_benchmark(model, runnable, args.contexts, args.batch_sizes, args.budget, args.steps, args.rounds,
                             args.device, input_ids=ids, max_batch_tokens=args.max_batch_tokens,
-                            log=lambda line: print(line, flush=True))
+                            log=lambda line: print(line, flush=True), shared_prefix=args.shared_prefix)
     report = {"meta": {
         "command": "PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/decode_step.py "
                    + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "model": f"{what}, {str(dtype).removeprefix('torch.')}, {args.device}",
         "protocol": f"fresh cache per strategy and (context, batch); prefill in chunks of 512 (timed); one untimed "
                     f"step; then {args.steps} greedy steps x {args.rounds} interleaved rounds, median ms/step; budget "
-                    f"{args.budget} for tf-window and evicting strategies; peak_mib: memory peak during prefill minus "
+                    f"{args.budget} for tf-window and evicting strategies; rows share their first {args.shared_prefix} "
+                    f"tokens; peak_mib: memory peak during prefill minus "
                     + ("what was allocated before it" if args.device == "cuda" else
                        "what was resident before it, freed heap handed back to the OS first (malloc_trim)"),
         "seconds": round(time.perf_counter() - began), "skipped": skipped, "revision": revision(),

@@ -116,7 +116,10 @@ def _build(model, label: str, budget: int, ids: torch.Tensor):
     if label == "tf-quanto-int4":
         return QuantizedCache(backend="quanto", config=model.config, nbits=4)
     if get_spec(label).name == "prefix":
-        return PrefixStore().cache_for(model, ids)  # a cold store: nothing to reuse
+        store = PrefixStore()  # a cold store: nothing to reuse but what the rows share
+        cache = store.cache_for(model, ids)
+        cache.bench_store = store  # a cache holds its store weakly: keep it alive as long as the cache
+        return cache
     if get_spec(label).evicting:
         return make_cache(label, model, budget=budget)
     return make_cache(label, model)
@@ -127,7 +130,8 @@ def _prepare(model, label: str) -> None:
     ours what ``make_cache`` sets up (the input hook, plus the ``"kvplus"`` attention for strategies that score)."""
     detach(model)
     if label not in PEERS:
-        attach(model, attention_scores=get_spec(label).attention_scores)
+        spec = get_spec(label)
+        attach(model, attention_scores=spec.attention_scores, split_attention=spec.split_attention)
 
 
 def _sync(device: torch.device) -> None:
@@ -197,7 +201,7 @@ def _ratios(rows: list[dict]) -> None:
 
 def decode_benchmark(model, strategies=None, contexts=(2048, 8192), batch_sizes=(1, 4), budget: int = 512,
                      steps: int = 8, rounds: int = 3, device=None, input_ids=None, chunk_size: int = 512,
-                     max_batch_tokens: int | None = 8192, log=None) -> list[dict]:
+                     max_batch_tokens: int | None = 8192, log=None, shared_prefix: int = 0) -> list[dict]:
     """Prefill seconds, decode milliseconds per step and bytes of each strategy, interleaved in one process.
 
     Args:
@@ -215,6 +219,9 @@ def decode_benchmark(model, strategies=None, contexts=(2048, 8192), batch_sizes=
         max_batch_tokens (`int`, *optional*, defaults to 8192): skip configurations with ``context * batch``
             above this (``None``: every pair).
         log (`Callable[[str], None]`, *optional*): called with a progress line per strategy (e.g. ``print``).
+        shared_prefix (`int`, *optional*, defaults to 0): the rows of a batch share their first ``shared_prefix``
+            tokens (row 0's), as requests on one system prompt do; every strategy holds the same tokens, and
+            the ``prefix`` cache (a cold store) publishes them at prefill and holds them once for all rows.
 
     Returns:
         `list[dict]`: one row per (strategy, context, batch): ``key``, ``strategy``, ``library``, ``context``,
@@ -248,9 +255,12 @@ def decode_benchmark(model, strategies=None, contexts=(2048, 8192), batch_sizes=
     input_ids = torch.as_tensor(input_ids).reshape(-1)
     if input_ids.numel() < longest:
         raise ValueError(f"input_ids has {input_ids.numel()} tokens; context x batch needs {longest}")
+    if any(shared_prefix >= c for c, _ in pairs):
+        raise ValueError(f"shared_prefix={shared_prefix} must be below every context, got contexts {list(contexts)}")
     rows = []
     for context, batch in pairs:
-        ids = input_ids[: context * batch].reshape(batch, context).to(device)  # [batch, context]
+        ids = input_ids[: context * batch].reshape(batch, context).clone().to(device)  # [batch, context]
+        ids[:, :shared_prefix] = ids[0, :shared_prefix]
         states = _prefill_all(model, labels, ids, budget, chunk_size, device, log)
         live = {label: state for label, state in states.items() if state["error"] is None}
         for _ in range(rounds):  # interleaved: load from other processes affects every strategy alike
@@ -264,7 +274,7 @@ def decode_benchmark(model, strategies=None, contexts=(2048, 8192), batch_sizes=
         found = []
         for label, state in states.items():
             row = {"key": f"{label}@{context}x{batch}", "strategy": label, "library": "transformers" if label in PEERS else "hf_kvplus",
-                   "context": context, "batch": batch,
+                   "context": context, "batch": batch, "shared_prefix": shared_prefix,
                    "budget": budget if label == "tf-window" or (label not in PEERS and get_spec(label).evicting) else None}
             if state["error"]:
                 row["error"] = state["error"]

@@ -30,6 +30,9 @@ class CacheSpec:
             factory, true when it takes a ``budget`` argument.
         attention_scores: needs the ``"kvplus"`` attention implementation to score tokens. ``None``: derived
             from the factory's ``layer_class.needs_attention``.
+        split_attention: reads a shared prefix through the ``"kvplus"`` attention without copying it (set on
+            ``"sdpa"`` models only, see :func:`hf_kvplus.attach`). ``None``: derived from the factory's
+            ``layer_class.split_attention``.
         uses_rope: the factory accepts ``rope=`` (read from the model by ``make_cache``). ``None``: derived
             from the factory's signature.
         from_model: ``from_model(model) -> dict`` of keyword arguments ``make_cache`` derives from a model
@@ -55,6 +58,7 @@ class CacheSpec:
     evicting: bool | None = None
     attention_scores: bool | None = None
     uses_rope: bool | None = None
+    split_attention: bool | None = None
     from_model: Callable[[torch.nn.Module], dict] | None = None
     sweep: dict = field(default_factory=dict)
 
@@ -69,6 +73,7 @@ class CacheSpec:
             "evicting": "budget" in params,
             "attention_scores": bool(getattr(layer_class, "needs_attention", False)),
             "uses_rope": "rope" in params,
+            "split_attention": bool(getattr(layer_class, "split_attention", False)),
         }
         for name, value in derived.items():
             if getattr(self, name) is None:
@@ -225,8 +230,7 @@ def make_cache(name: str, model_or_config, **kwargs) -> Cache:
         if not isinstance(config, PreTrainedConfig):
             raise TypeError(f"make_cache needs a transformers model or config, got {type(model).__name__}")
         if spec.name != "dynamic":
-            split = bool(getattr(getattr(spec.factory, "layer_class", None), "split_attention", False))
-            attach(model, attention_scores=spec.attention_scores, split_attention=split)
+            attach(model, attention_scores=spec.attention_scores, split_attention=spec.split_attention)
         if spec.uses_rope and "rope" not in kwargs and kwargs.get("rerotate_keys", True):
             from ._compat import rope_parameters
 

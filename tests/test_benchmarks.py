@@ -164,7 +164,8 @@ def test_decode_benchmark_rows_on_a_tiny_model():
         torch.set_num_threads(threads)
     assert [row["key"] for row in rows] == ["dense@32x1", "window@32x1", "dense@32x2", "window@32x2",
                                             "dense@64x1", "window@64x1"]  # 64x2 is over max_batch_tokens
-    schema = {"key", "strategy", "library", "context", "batch", "budget", "prefill_s", "step_ms", "steps_timed",
+    schema = {"key", "strategy", "library", "context", "batch", "shared_prefix", "budget", "prefill_s", "step_ms",
+              "steps_timed",
               "cache_bytes", "peak_bytes", "peak_delta_bytes", "memory", "step_vs_dense", "prefill_vs_dense",
               "bytes_vs_dense"}
     for row in rows:
@@ -191,3 +192,19 @@ def test_decode_benchmark_rows_on_a_tiny_model():
     assert skipped.get("quantized") == "same configuration as int4"
     with pytest.raises(ValueError, match="unknown strategy 'lru'"):
         plan_strategies(["lru"])
+
+
+def test_decode_benchmark_rows_can_share_a_prefix():
+    """With ``shared_prefix``, every strategy holds the same tokens and the prefix cache holds the prefix once."""
+    from hf_kvplus.bench import decode_benchmark
+
+    model = tiny_model("llama-gqa")
+    rows = decode_benchmark(model, ["dense", "prefix"], contexts=(48,), batch_sizes=(4,), steps=1, rounds=1,
+                            input_ids=prompt(length=4 * 48)[0], chunk_size=48, shared_prefix=32)
+    by_key = {row["key"]: row for row in rows}
+    assert {row["shared_prefix"] for row in rows} == {32} and "error" not in by_key["prefix@48x4"]
+    per_token = 2 * 2 * 2 * 16 * 4  # layers x (k, v) x kv heads x head_dim x fp32
+    dense, prefix = by_key["dense@48x4"]["cache_bytes"], by_key["prefix@48x4"]["cache_bytes"]
+    assert dense == 4 * 48 * per_token and prefix < dense - 2 * 32 * per_token  # 3 of the 4 copies are saved
+    with pytest.raises(ValueError, match="shared_prefix=48 must be below every context"):
+        decode_benchmark(model, ["dense"], contexts=(48,), batch_sizes=(1,), shared_prefix=48)

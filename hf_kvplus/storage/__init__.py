@@ -8,6 +8,7 @@ from .base import DenseStore, KVStore, gather_tokens
 from .factory import STORAGE_KEYWORDS, make_store_factory
 from .packed import QuantizedStore, quantized_store_factory
 from .ring import RingStore
+from .split import SplitKV
 
-__all__ = ["STORAGE_KEYWORDS", "DenseStore", "KVStore", "QuantizedStore", "RingStore", "gather_tokens",
+__all__ = ["STORAGE_KEYWORDS", "DenseStore", "KVStore", "QuantizedStore", "RingStore", "SplitKV", "gather_tokens",
            "make_store_factory", "quantized_store_factory"]
