@@ -63,7 +63,7 @@ class PrefixStore(PrefixPool):
         Args:
             model (`PreTrainedModel`): the model (bound to this store on first use; another model is refused).
             input_ids (`torch.LongTensor`): ``[batch, length]`` (or ``[length]``); rows share the prefix
-                they have in common, read once (expanded over the batch).
+                they have in common, held once and attended once for all rows (split attention).
             attention_mask (`torch.Tensor`, *optional*): with left padding, nothing is shared.
             **storage: how the request's own tokens are stored (``store_factory=``, ``nbits=``).
 

@@ -89,6 +89,7 @@ class SharedPrefixStore(KVStore):
         return SplitKV([k for k, _ in shared], own_keys), SplitKV([v for _, v in shared], own_values)
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token as plain tensors, ``[batch, kv_heads, length, head_dim]``: a copy of the prefix per row."""
         if not self.segments:
             return self.private.get()
         shape, shared = (self.batch_size, -1, -1, -1), self.shared()
