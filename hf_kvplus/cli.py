@@ -3,6 +3,11 @@
 * ``kvplus eval [RECIPE] --out DIR``: run a recipe (default: every registered cache on the embedded
   model and text, the README's first command); ``kvplus demo`` is the same as ``kvplus eval``.
 * ``kvplus eval cost-of-caching`` / ``kvplus eval prompt-order``: the studies of :mod:`hf_kvplus.eval.studies`.
+* ``kvplus generate MODEL [PROMPT] --cache NAME [--budget N] [--compare]``: one prompt through one cache: the
+  text, the bytes the cache holds, time to first token, decode tokens/s (and peak GPU memory on CUDA).
+* ``kvplus bench MODEL --context N [--batch B] [--strategies ...]``: decode ms/step, prefill s and bytes per
+  strategy beside transformers' caches (:func:`hf_kvplus.bench.decode_benchmark`); ``--random-weights``
+  measures a shape from its config alone.
 * ``kvplus memory MODEL --context N --batch B``: KV cache bytes per token and for a workload, per strategy.
 * ``kvplus push RUN_DIR --repo-id USER/NAME``: publish a run to the Hub as a dataset with a card.
 * ``kvplus list``: registered strategies and presets.
@@ -42,6 +47,64 @@ def _eval(args) -> int:
     return 1 if failed else 0
 
 
+def tokens(text: str) -> int:
+    """A token count: ``8192``, ``128k`` (x1024) or ``1M`` (x1024**2); anything else raises ``ArgumentTypeError``."""
+    units = {"k": 2**10, "m": 2**20}
+    raw = str(text).strip().lower().replace("_", "").replace(",", "")
+    scale = units.get(raw[-1:], 1)
+    digits = raw[:-1] if scale > 1 else raw
+    if not digits.isdigit() or int(digits) < 1:
+        raise argparse.ArgumentTypeError(f"bad token count {text!r}: give a positive integer, or one with k or M (128k, 1M)")
+    return int(digits) * scale
+
+
+def _device_dtype(args) -> tuple[str, str]:
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch sees no CUDA device here (torch {torch.__version__}); use --device cpu")
+    return device, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+
+
+def _generate(args) -> int:
+    from .eval.generate import DEFAULT_PROMPT, build_cache, format_generation, generate_with_cache
+    from .eval.models import load_model_and_tokenizer
+    from .planner import load_config
+
+    device, dtype = _device_dtype(args)
+    build_cache(load_config(args.model), args.cache, args.budget, args.nbits)  # bad settings fail before loading
+    model, tokenizer = load_model_and_tokenizer(args.model, dtype, device)
+    rows = generate_with_cache(model, tokenizer, args.prompt or DEFAULT_PROMPT, args.cache, args.budget, args.nbits,
+                               args.max_new_tokens, compare=args.compare, chat=not args.no_chat_template)
+    print(format_generation(rows))
+    return 0
+
+
+def _bench(args) -> int:
+    import json
+
+    from .bench import decode_benchmark, plan_strategies, render_markdown
+    from .eval.bench_model import load_for_bench
+
+    device, dtype = _device_dtype(args)
+    runnable, skipped = plan_strategies(args.strategies)  # unknown names fail before the model loads
+    model, ids, what = load_for_bench(args.model, dtype, device, random_weights=args.random_weights)
+    log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    rows = decode_benchmark(model, runnable, args.context, args.batch, args.budget, args.steps, args.rounds, device,
+                            input_ids=ids, max_batch_tokens=None, log=log)
+    if args.json:
+        print(json.dumps({"model": f"{what}, {dtype}, {device}", "skipped": skipped, "rows": rows}, indent=2))
+    else:
+        print(f"{what}, {dtype}, {device}; budget {args.budget}; peak_mib: "
+              + ("CUDA max_memory_allocated during prefill, minus what was allocated before" if device.startswith("cuda")
+                 else "peak RSS during prefill, minus what was resident before"))
+        print(render_markdown(rows))
+        for label, reason in skipped.items():
+            print(f"skipped {label}: {reason}")
+    return 0
+
+
 def _push(args) -> int:
     from .eval.hub import push_run
 
@@ -75,6 +138,9 @@ def _memory(args) -> int:
     return 0
 
 
+MODEL_HELP = "default (the embedded SmolLM2-135M), a local folder, or a Hub id (online only)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvplus", description="KV cache strategies for transformers, measured.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +159,32 @@ def build_parser() -> argparse.ArgumentParser:
                          help="cost-of-caching: lengths to report (default 64 128 256 512 1024)")
         sub.add_argument("--turns", type=int, default=None, help="prompt-order: turns of the agent loop (default 8)")
         sub.set_defaults(func=_eval)
+    generate = commands.add_parser("generate", help="one prompt through one cache: the text, bytes held, time to "
+                                   "first token, decode speed (--compare: beside DynamicCache)")
+    generate.add_argument("model", help=MODEL_HELP)
+    generate.add_argument("prompt", nargs="?", default=None, help="the prompt (default: a question about KV caches)")
+    generate.add_argument("--cache", required=True, help="a strategy or preset (kvplus list), e.g. sink, int4, h2o")
+    generate.add_argument("--budget", type=tokens, default=None, help="tokens kept per layer (evicting strategies)")
+    generate.add_argument("--nbits", type=int, default=None, help="8, 4 or 2: packed storage for any strategy")
+    generate.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate, greedy (default 64)")
+    generate.add_argument("--compare", action="store_true", help="also run DynamicCache on the same input")
+    generate.add_argument("--no-chat-template", action="store_true", help="feed the prompt as is")
+    bench = commands.add_parser("bench", help="decode ms/step, prefill s, bytes and peak memory per strategy")
+    bench.add_argument("model", help=MODEL_HELP + "; with --random-weights also llama-3.1-8b or llama-tiny")
+    bench.add_argument("--context", type=tokens, nargs="+", required=True, help="prompt tokens per row (e.g. 8192 32k)")
+    bench.add_argument("--batch", type=int, nargs="+", default=[1], help="rows per batch (default 1)")
+    bench.add_argument("--strategies", nargs="+", default=None,
+                       help="dense tf-window tf-quanto-int4 and registered names (default: all of them)")
+    bench.add_argument("--budget", type=tokens, default=512, help="tokens kept by evicting strategies (default 512)")
+    bench.add_argument("--steps", type=int, default=8, help="decode steps per strategy per round (default 8)")
+    bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    bench.add_argument("--random-weights", action="store_true", help="random weights from the model's config alone")
+    bench.add_argument("--json", action="store_true", help="print the rows as JSON")
+    for sub, func in ((generate, _generate), (bench, _bench)):
+        sub.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+        sub.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: float32 on CPU, "
+                         "bfloat16 on CUDA)")
+        sub.set_defaults(func=func)
     push = commands.add_parser("push", help="publish a run folder to the Hub as a dataset with a card")
     push.add_argument("run_dir", help="a folder written by kvplus eval")
     push.add_argument("--repo-id", required=True, help="dataset repository, user/name (created if missing)")
