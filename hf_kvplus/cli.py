@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -48,14 +49,14 @@ def _eval(args) -> int:
 
 
 def tokens(text: str) -> int:
-    """A token count: ``8192``, ``128k`` (x1024) or ``1M`` (x1024**2); anything else raises ``ArgumentTypeError``."""
-    units = {"k": 2**10, "m": 2**20}
-    raw = str(text).strip().lower().replace("_", "").replace(",", "")
-    scale = units.get(raw[-1:], 1)
-    digits = raw[:-1] if scale > 1 else raw
-    if not digits.isdigit() or int(digits) < 1:
-        raise argparse.ArgumentTypeError(f"bad token count {text!r}: give a positive integer, or one with k or M (128k, 1M)")
-    return int(digits) * scale
+    """A token count: ``8192``, ``128k`` (x1024) or ``1M`` (x1024**2); the commands check the range.
+
+    Raises:
+        argparse.ArgumentTypeError: not an integer with an optional ``k``/``M`` suffix."""
+    found = re.fullmatch(r"(-?\d+)([kKmM]?)", str(text).strip().replace("_", "").replace(",", ""))
+    if found is None:
+        raise argparse.ArgumentTypeError(f"bad token count {text!r}: give an integer, or one with k or M (128k, 1M)")
+    return int(found[1]) * {"": 1, "k": 2**10, "m": 2**20}[found[2].lower()]
 
 
 def _device_dtype(args) -> tuple[str, str]:
@@ -195,11 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("model", nargs="?", default="default",
                         help="default (the embedded model), a folder with config.json, a config.json or .gguf file, "
                              "or a Hub id (online only)")
-    memory.add_argument("--context", type=int, required=True, help="tokens per sequence")
+    memory.add_argument("--context", type=tokens, required=True, help="tokens per sequence (8192, 128k, 1M)")
     memory.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
     memory.add_argument("--dtype", default="bf16", help="dtype of keys and values (default bf16)")
-    memory.add_argument("--budget", type=int, default=1024, help="tokens kept by evicting strategies (default 1024)")
-    memory.add_argument("--prefix", type=int, default=0, help="prompt tokens shared by the whole batch (default 0)")
+    memory.add_argument("--budget", type=tokens, default=1024, help="tokens kept by evicting strategies (default 1024)")
+    memory.add_argument("--prefix", type=tokens, default=0, help="prompt tokens shared by the whole batch (default 0)")
     memory.add_argument("--json", action="store_true", help="machine-readable output")
     memory.set_defaults(func=_memory)
     listing = commands.add_parser("list", help="registered strategies and presets")
