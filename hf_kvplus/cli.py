@@ -42,6 +42,9 @@ def _eval(args) -> int:
         return 0  # not the main process under accelerate launch
     folder = result["folder"]
     print("\n" + (folder / "summary.md").read_text())
+    if result.get("reused"):
+        print(f"reused {result['reused']} finished grid point(s) from {folder}; measured {result['measured']}"
+              + (" (no model loaded)" if not result["measured"] else ""))
     print(f"wrote {folder / 'results.csv'}, {folder / 'results.jsonl'}, {folder / 'summary.md'} and "
           f"{folder / 'pareto.png'} ({result['seconds']:.0f} s)")
     failed = [r for r in result["rows"] if r.get("status") == "error"]
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, ConnectionError) as error:
         print(f"kvplus: error: {error}", file=sys.stderr)
         return 2
 
