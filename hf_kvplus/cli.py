@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "or a Hub id (online only)")
     memory.add_argument("--context", type=tokens, required=True, help="tokens per sequence (8192, 128k, 1M)")
     memory.add_argument("--batch", type=int, default=1, help="sequences held at once (default 1)")
-    memory.add_argument("--dtype", default="bf16", help="dtype of keys and values (default bf16)")
+    memory.add_argument("--dtype", default=None, help="dtype of keys, values and weights (default: the model's own; "
+                        "float32 for the embedded model)")
     memory.add_argument("--budget", type=tokens, default=1024, help="tokens kept by evicting strategies (default 1024)")
     memory.add_argument("--prefix", type=tokens, default=0, help="prompt tokens shared by the whole batch (default 0)")
     memory.add_argument("--json", action="store_true", help="machine-readable output")

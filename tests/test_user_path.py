@@ -100,3 +100,32 @@ def test_random_weights_follow_a_config_and_refuse_8b_on_cpu(tmp_path):
     assert random_model("llama-tiny").config.hidden_size == SHAPES["llama-tiny"]["hidden_size"]
     with pytest.raises(ValueError, match="llama-3.1-8b are for --device cuda only"):
         random_model("llama-3.1-8b", device="cpu")
+
+
+def test_memory_defaults_to_the_model_dtype_and_counts_weights(tmp_path, capsys):
+    import torch
+
+    from hf_kvplus.planner import load_config, plan, weight_bytes
+
+    folder = save_tiny(tmp_path / "tiny")
+    config = load_config(folder)
+    report = plan(config, 128 * 1024)  # the tiny model was saved in float32
+    assert report["model"]["dtype"] == "float32" and report["bytes_per_token"]["dense"] == 2 * 2 * 2 * 16 * 4
+    parameters = sum(p.numel() for p in tiny_model("llama-gqa").parameters())
+    assert report["weights"] == {"parameters": parameters, "bytes": 4 * parameters}
+    assert weight_bytes(config, torch.bfloat16) == (parameters, 2 * parameters)
+    dense = report["rows"][0]
+    assert dense["with_weights"] == dense["bytes"] + 4 * parameters
+    config.dtype = torch.bfloat16  # a model saved in bf16 is planned in bf16
+    assert plan(config, 10)["bytes_per_token"]["dense"] == 2 * 2 * 2 * 16 * 2
+    assert main(["memory", folder, "--context", "128k"]) == 0
+    out = capsys.readouterr().out
+    assert "context 131,072 tokens" in out and f"weights: {parameters:,} parameters" in out and "positions" in out
+
+
+@pytest.mark.integration
+def test_memory_of_the_embedded_model_is_float32(capsys):
+    assert main(["memory", "default", "--context", "1M"]) == 0
+    out = capsys.readouterr().out
+    assert "dense KV per token: 46,080 bytes" in out and "context 1,048,576 tokens" in out
+    assert "weights: 134,515,008 parameters" in out
