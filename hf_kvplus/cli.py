@@ -94,6 +94,10 @@ def _bench(args) -> int:
     device, dtype = _device_dtype(args)
     runnable, skipped = plan_strategies(args.strategies)  # unknown names fail before the model loads
     model, ids, what = load_for_bench(args.model, dtype, device, random_weights=args.random_weights)
+    need = max(c * b for c in args.context for b in args.batch)
+    if ids is not None and ids.numel() < need:  # e.g. 32k x 4 rows of a 113k-token text: the text again, and again
+        ids = ids.repeat(-(-need // ids.numel()))
+        what += f" (its default text repeated to {need:,} tokens)"
     log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
     rows = decode_benchmark(model, runnable, args.context, args.batch, args.budget, args.steps, args.rounds, device,
                             input_ids=ids, max_batch_tokens=None, log=log)
