@@ -115,7 +115,7 @@ def plan(config: PreTrainedConfig, context: int, batch: int = 1, dtype=None, bud
             continue
         values = [v if isinstance(v, (list, tuple)) else [v] for v in spec.sweep.values()]
         for combination in itertools.product(*values):
-            kwargs = dict(zip(spec.sweep, combination))
+            kwargs = dict(zip(spec.sweep, combination, strict=True))
             if spec.evicting:
                 kwargs = {**kwargs, "budget": budget}
             tokens = min(context, budget) if spec.evicting else context

@@ -73,4 +73,4 @@ def test_dense_finds_the_key_on_the_embedded_model(default_model):
     result = passkey_retrieval(model, tokenizer, ids, lambda: hf_kvplus.make_cache("dynamic", model),
                                context_length=256, depths=[0.1, 0.9], samples=1)
     assert result["predictions"] == result["references"] and result["exact_match"] == 1.0
-    assert all(answer.startswith(" " + key) for answer, key in zip(result["answers"], result["references"]))
+    assert all(answer.startswith(" " + key) for answer, key in zip(result["answers"], result["references"], strict=True))

@@ -16,7 +16,7 @@ def rows(gpu: bool = False) -> list[dict]:
               "cache_mib": 45.0, "status": "ok", "peak_rss_mib": 900.0}]
     for strategy, ppls in (("sink", (10.2, 11.0)), ("h2o", (10.2, 11.0)), ("tova", (10.2, 11.1)),
                            ("window", (25.0, 30.0))):  # three strategies on the same points; window far above
-        for keep, ppl in zip((0.5, 0.125), ppls):
+        for keep, ppl in zip((0.5, 0.125), ppls, strict=True):
             found.append({"experiment": "compression", "protocol": "compression", "strategy": strategy, "ppl": ppl,
                           "cache_mib": 45.0 * keep, "keep_ratio": keep, "status": "ok", "peak_rss_mib": 950.0,
                           "device_peak_mib": 1234.0 if gpu else None})

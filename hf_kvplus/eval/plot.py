@@ -50,7 +50,7 @@ def y_limits(values: list[float]) -> tuple[float, float]:
     ordered = sorted(values)
     inside = ordered
     if len(ordered) >= 4:
-        gaps = [(b / a, i) for i, (a, b) in enumerate(zip(ordered, ordered[1:]))]
+        gaps = [(b / a, i) for i, (a, b) in enumerate(zip(ordered, ordered[1:], strict=False))]
         ratio, at = max(gaps)
         if ratio > GAP and len(ordered) - at - 1 <= len(ordered) / 3:
             inside = ordered[: at + 1]
@@ -95,7 +95,7 @@ def pareto_plot(rows: list[dict], path: str | Path, title: str = "") -> Path | N
     fig, axes = plt.subplots(lines, columns, figsize=(8 * columns, 6 * lines), squeeze=False)
     for ax in axes.flat[len(experiments):]:
         ax.set_visible(False)
-    for ax, experiment in zip(axes.flat, experiments):
+    for ax, experiment in zip(axes.flat, experiments, strict=False):
         _panel(ax, [r for r in ok if r["experiment"] == experiment], experiment)
     if title:
         fig.suptitle(title, fontsize=12)
@@ -124,8 +124,8 @@ def _panel(ax, here: list[dict], experiment: str) -> None:
         x, y = [r["cache_mib"] for r in points], [min(r["ppl"] / base, high) for r in points]
         label = f"{strategy} ({_peak(points)})" if _peak(points) else strategy
         (line,) = ax.plot(x, y, marker=MARKERS[i % len(MARKERS)], label=label, linewidth=1.5)
-        placed += list(zip(x, y))
-        for r, shown in zip(points, y):
+        placed += list(zip(x, y, strict=True))
+        for r, shown in zip(points, y, strict=True):
             if r["ppl"] / base > high / 1.04:  # an outlier: an arrow at the edge with its value
                 ax.plot([r["cache_mib"]], [shown], marker="^", color=line.get_color(), markersize=10)
                 edge.append(ax.annotate(f"{strategy} {_short(r)}: {r['ppl'] / base:.1f}x", (r["cache_mib"], shown),

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ..hooks import detach
-from ..registry import get_spec, make_cache
 from ..memory import peak_memory, reset_peak_memory
+from ..registry import get_spec, make_cache
 from .data import load_token_ids
 from .grid import Point, expand_grid
 from .perplexity import MIB, _progress
