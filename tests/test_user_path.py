@@ -129,3 +129,22 @@ def test_memory_of_the_embedded_model_is_float32(capsys):
     out = capsys.readouterr().out
     assert "dense KV per token: 46,080 bytes" in out and "context 1,048,576 tokens" in out
     assert "weights: 134,515,008 parameters" in out
+
+
+def test_loading_hides_the_gguf_conversion_bar_and_keeps_other_messages(capsys):
+    import sys
+
+    from tqdm.auto import tqdm
+    from transformers.utils import logging
+
+    from hf_kvplus.eval.models import quiet_gguf_conversion
+
+    enabled = logging.is_progress_bar_enabled()
+    with quiet_gguf_conversion():
+        assert not logging.is_progress_bar_enabled()  # transformers' own bars are off while loading
+        for _ in tqdm(range(272), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        print("a real warning", file=sys.stderr)
+    assert logging.is_progress_bar_enabled() == enabled
+    err = capsys.readouterr().err
+    assert "GGUF tensors" not in err and "a real warning" in err
