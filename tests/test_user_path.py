@@ -135,7 +135,7 @@ def test_loading_hides_the_gguf_conversion_bar_and_keeps_other_messages(capsys):
     import sys
 
     from tqdm.auto import tqdm
-    from transformers.utils import logging
+    from transformers import logging
 
     from hf_kvplus.eval.models import quiet_gguf_conversion
 

@@ -114,11 +114,11 @@ def load_default_model(dtype="float32", device="cpu", attn_implementation: str =
 
 @contextlib.contextmanager
 def quiet_gguf_conversion():
-    """Load without progress bars: transformers' own (``transformers.utils.logging.disable_progress_bar``) and the
+    """Load without progress bars: transformers' own (``transformers.logging.disable_progress_bar``) and the
     GGUF de-quantization bar, a plain ``tqdm`` on ``sys.stderr`` that no setting reaches: ``sys.stderr`` is
     captured while loading and written back without that bar's lines. Logged warnings are not captured
     (logging handlers hold the original stream)."""
-    from transformers.utils import logging
+    from transformers import logging
 
     enabled = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()
