@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: demo test test-unit test-compat constraints venv clean benchmarks bench-decode
+.PHONY: demo test test-unit test-compat constraints venv clean benchmarks bench-decode docs docs-serve
 
 venv: $(STAMP)
 
@@ -29,11 +29,21 @@ benchmarks: $(STAMP)
 	PYTHONPATH=. $(BIN)/python benchmarks/peers.py --venv .venv-kvpress
 	PYTHONPATH=. $(BIN)/python benchmarks/scaling.py
 	PYTHONPATH=. $(BIN)/python benchmarks/render_docs.py
+	$(BIN)/python docs/inline_snippets.py
 
 # Decode ms/step and prefill time of every strategy against transformers' caches (about 20 minutes on 2 CPU cores).
 bench-decode: $(STAMP)
 	PYTHONPATH=. $(BIN)/python benchmarks/decode_step.py --threads 1
 	PYTHONPATH=. $(BIN)/python benchmarks/render_docs.py
+	$(BIN)/python docs/inline_snippets.py
+
+# The documentation site (mkdocs): build it into site/ (strict: broken links fail), or serve it while editing.
+docs: $(STAMP)
+	$(BIN)/python docs/inline_snippets.py
+	$(BIN)/python -m mkdocs build --strict --site-dir site
+
+docs-serve: $(STAMP)
+	$(BIN)/python -m mkdocs serve
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

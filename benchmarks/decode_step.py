@@ -37,40 +37,11 @@ import torch
 import transformers
 
 from hf_kvplus.bench import decode_benchmark, plan_strategies, render_markdown, slower_sentences
+from hf_kvplus.eval.bench_model import SHAPES
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 STEM = "decode_step"
-# name -> LlamaConfig keywords of a random-init model (no download); llama-tiny checks the path on CPU
-RANDOM_CONFIGS = {
-    "llama-3.1-8b": dict(num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
-                         head_dim=128, intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072,
-                         rope_theta=500000.0),
-    "llama-tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
-                       head_dim=16, intermediate_size=128, vocab_size=96, max_position_embeddings=65536),
-}
-
-
-def random_model(name: str, dtype: torch.dtype, device: str):
-    """A random-init Llama of ``RANDOM_CONFIGS[name]`` built directly on ``device`` in ``dtype``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if name not in RANDOM_CONFIGS:
-        raise ValueError(f"unknown --random-weights {name!r}; choose from {sorted(RANDOM_CONFIGS)}")
-    if name == "llama-3.1-8b" and device != "cuda":
-        raise ValueError("--random-weights llama-3.1-8b is for --device cuda only (8B parameters: 16 GB in bf16)")
-    torch.manual_seed(0)
-    config = LlamaConfig(**RANDOM_CONFIGS[name])
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
-
-
 def environment(device: str) -> dict:
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
     if device == "cuda":
@@ -116,7 +87,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    parser.add_argument("--random-weights", choices=sorted(RANDOM_CONFIGS), default=None,
+    parser.add_argument("--random-weights", choices=sorted(SHAPES), default=None,
                         help="a random-init model instead of the embedded one (llama-3.1-8b: GPU only)")
     parser.add_argument("--shared-prefix", type=int, default=0,
                         help="rows of a batch share their first N tokens (the prefix cache holds them once)")
@@ -128,7 +99,8 @@ def main(argv=None) -> None:
     if args.render:
         print(write(json.loads(path.read_text()), args.out))
         return
-    from hf_kvplus.eval import load_default_model, load_default_text, load_default_tokenizer, parse_dtype
+    from hf_kvplus.eval import parse_dtype
+    from hf_kvplus.eval.bench_model import load_for_bench
     from hf_kvplus.eval.report import write_json
 
     torch.set_num_threads(args.threads)
@@ -136,12 +108,8 @@ def main(argv=None) -> None:
     runnable, skipped = plan_strategies(args.strategies)
     for label, reason in skipped.items():
         print(f"skipping {label}: {reason}", flush=True)
-    if args.random_weights:
-        model, ids, what = random_model(args.random_weights, dtype, args.device), None, f"random-init {args.random_weights}"
-    else:
-        model = load_default_model(dtype=dtype, device=args.device)
-        ids = load_default_tokenizer()(load_default_text(), return_tensors="pt").input_ids[0]
-        what = "SmolLM2-135M-Instruct (embedded GGUF)"
+    model, ids, what = load_for_bench(args.random_weights or "default", dtype, args.device,
+                                      random_weights=bool(args.random_weights))
     began = time.perf_counter()
     rows = decode_benchmark(model, runnable, args.contexts, args.batch_sizes, args.budget, args.steps, args.rounds,
                             args.device, input_ids=ids, max_batch_tokens=args.max_batch_tokens,

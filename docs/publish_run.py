@@ -39,3 +39,6 @@ if __name__ == "__main__":
     if len(sys.argv) not in (3, 4):
         raise SystemExit("usage: python docs/publish_run.py RUN_DIR NAME [IMAGES_PATH_FROM_THE_PAGE]")
     print(publish(*sys.argv[1:]))
+    from inline_snippets import main  # the pages that show this result: refreshed (readable on GitHub too)
+
+    main([])

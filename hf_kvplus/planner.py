@@ -4,7 +4,7 @@ Every figure comes from the caches' own ``predict_nbytes`` (:meth:`KVPlusCache.p
 ``predict_nbytes``), which the tests check against :func:`hf_kvplus.cache_nbytes` on real caches. Strategies
 are read from the registry: evicting ones at a budget, the others at their sweep (``int8``/``int4``/``int2``).
 
-    kvplus memory default --context 8192 --batch 4 --dtype bf16
+    kvplus memory default --context 128k --batch 4   # the model's own dtype (float32 for the embedded model)
 """
 
 from __future__ import annotations
@@ -50,11 +50,30 @@ def load_config(model: str | None = None) -> PreTrainedConfig:
     return AutoConfig.from_pretrained(model)
 
 
+def model_dtype(config: PreTrainedConfig):
+    """The dtype the model computes in when loaded as saved: its config's ``dtype``, else float32 (the embedded
+    GGUF model loads in float32, as transformers does when a config names none)."""
+    found = getattr(text_config(config), "dtype", None) or getattr(config, "dtype", None)
+    return parse_dtype(found) if found is not None and str(found) != "auto" else parse_dtype("float32")
+
+
+def weight_bytes(config: PreTrainedConfig, dtype) -> tuple[int, int]:
+    """``(parameters, bytes)`` of the model's weights in ``dtype``, counted on the meta device (nothing allocated;
+    tied embeddings counted once)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    count = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    return count, count * parse_dtype(dtype).itemsize
+
+
 def _check(name: str, value, minimum: int) -> int:
     return check_int(name, value, minimum)
 
 
-def plan(config: PreTrainedConfig, context: int, batch: int = 1, dtype="bf16", budget: int = 1024,
+def plan(config: PreTrainedConfig, context: int, batch: int = 1, dtype=None, budget: int = 1024,
          prefix: int = 0) -> dict:
     """KV cache bytes of ``batch`` sequences of ``context`` tokens, for dense and every registered strategy.
 
@@ -62,13 +81,16 @@ def plan(config: PreTrainedConfig, context: int, batch: int = 1, dtype="bf16", b
         config (`PreTrainedConfig`): the model's config (see :func:`load_config`).
         context (`int`): tokens per sequence (prompt plus generated).
         batch (`int`, defaults to 1): sequences held at once.
-        dtype (`str` or `torch.dtype`, defaults to ``"bf16"``): the dtype keys and values are computed in.
+        dtype (`str` or `torch.dtype`, *optional*): the dtype keys, values and weights are held in; by default the
+            model's own (:func:`model_dtype`: float32 for the embedded model, 46,080 KV bytes per token).
         budget (`int`, defaults to 1024): tokens per layer kept by evicting strategies.
         prefix (`int`, defaults to 0): tokens of a prompt prefix shared by the whole batch (the ``prefix`` row).
 
     Returns:
-        `dict`: ``model`` (geometry), ``bytes_per_token`` (dense, and with full multi-head attention), and ``rows``:
-        ``strategy``, ``settings``, ``tokens_held`` per layer and row, ``bytes`` for the workload, ``vs_dense``.
+        `dict`: ``model`` (geometry), ``bytes_per_token`` (dense, and with full multi-head attention), ``weights``
+        (``parameters``, ``bytes``, or ``None`` when the architecture cannot be built from its config), and
+        ``rows``: ``strategy``, ``settings``, ``tokens_held`` per layer and row, ``bytes`` for the workload (every
+        tensor the cache holds: positions, scores, scales, residual, RoPE tables), ``vs_dense``, ``with_weights``.
 
     Example:
 
@@ -81,7 +103,7 @@ def plan(config: PreTrainedConfig, context: int, batch: int = 1, dtype="bf16", b
     budget, prefix = _check("budget", budget, 1), _check("prefix", prefix, 0)
     if prefix > context:
         raise ValueError(f"prefix ({prefix}) must not exceed context ({context})")
-    dtype = parse_dtype(dtype)
+    dtype = model_dtype(config) if dtype is None else parse_dtype(dtype)
     layers, kv_heads, head_dim = kv_geometry(config)
     heads = text_config(config).num_attention_heads
     dense_token = DenseStore().predict_nbytes(1, kv_heads, 1, head_dim, dtype) * layers
@@ -93,7 +115,7 @@ def plan(config: PreTrainedConfig, context: int, batch: int = 1, dtype="bf16", b
             continue
         values = [v if isinstance(v, (list, tuple)) else [v] for v in spec.sweep.values()]
         for combination in itertools.product(*values):
-            kwargs = dict(zip(spec.sweep, combination))
+            kwargs = dict(zip(spec.sweep, combination, strict=True))
             if spec.evicting:
                 kwargs = {**kwargs, "budget": budget}
             tokens = min(context, budget) if spec.evicting else context
@@ -110,14 +132,20 @@ def plan(config: PreTrainedConfig, context: int, batch: int = 1, dtype="bf16", b
                 held = cache.predict_nbytes(context, batch, dtype)
                 settings = ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "defaults"
             rows.append({"strategy": name, "settings": settings, "tokens_held": tokens, "bytes": held})
+    try:
+        parameters, weights = weight_bytes(config, dtype)
+    except (ValueError, KeyError, TypeError):  # an architecture transformers cannot build from this config
+        parameters = weights = None
     for row in rows:
         row["vs_dense"] = None if row["bytes"] is None else row["bytes"] / dense
+        row["with_weights"] = None if row["bytes"] is None or weights is None else row["bytes"] + weights
     return {
         "model": {"model_type": text_config(config).model_type, "layers": layers, "attention_heads": heads,
                   "kv_heads": kv_heads, "head_dim": head_dim, "dtype": str(dtype).removeprefix("torch.")},
         "context": context, "batch": batch, "budget": budget, "prefix": prefix,
         "bytes_per_token": {"dense": dense_token, "full_mha": dense_token * heads // kv_heads},
         "gqa_saving": 1 - kv_heads / heads, "rows": rows,
+        "weights": None if weights is None else {"parameters": parameters, "bytes": weights},
     }
 
 
@@ -142,13 +170,19 @@ def format_plan(report: dict) -> str:
         f"with full multi-head attention ({m['attention_heads']} KV heads) it would be {per['full_mha']:,} bytes: "
         f"{kind} attention already saves {report['gqa_saving']:.0%}",
         f"workload: batch {report['batch']} x context {report['context']:,} tokens (evicting strategies: budget "
-        f"{report['budget']})", "",
-        f"{'strategy':10s} {'settings':34s} {'tokens/layer':>12s} {'KV bytes':>14s} {'vs dense':>9s}",
+        f"{report['budget']})",
+        "weights: " + ("not counted (this architecture cannot be built from its config)" if report["weights"] is None
+                       else f"{report['weights']['parameters']:,} parameters, {_size(report['weights']['bytes'])} in "
+                            f"{m['dtype']}"),
+        "KV bytes count every tensor a cache holds: keys and values, positions (int64 where a cache keeps them), "
+        "scores, quantization scales and residual, RoPE tables", "",
+        f"{'strategy':10s} {'settings':34s} {'tokens/layer':>12s} {'KV bytes':>14s} {'vs dense':>9s} "
+        f"{'+ weights':>14s}",
     ]
     for r in report["rows"]:
         ratio = "" if r["vs_dense"] is None else f"{r['vs_dense']:.3f}x"
         lines.append(f"{r['strategy']:10s} {r['settings'][:34]:34s} {r['tokens_held']:>12,} {_size(r['bytes']):>14s} "
-                     f"{ratio:>9s}")
+                     f"{ratio:>9s} {_size(r['with_weights']):>14s}")
     return "\n".join(lines)
 
 

@@ -81,3 +81,32 @@ def test_bad_pushes_are_refused(run_dir, tmp_path):
         push_run(run_dir, "kvplus", dry_run=tmp_path / "x")
     with pytest.raises(FileNotFoundError, match=r"not a finished run folder: missing \['results.csv'"):
         push_run(tmp_path, "me/x", dry_run=tmp_path / "x")
+
+
+def test_push_without_login_or_network_says_so_and_points_to_dry_run(run_dir, monkeypatch, capsys):
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert main(["push", str(run_dir), "--repo-id", "me/kvplus-demo"]) == 2
+    error = capsys.readouterr().err
+    assert "not logged in" in error and "huggingface-cli login" in error and "--dry-run" in error
+    assert "Traceback" not in error
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_dummy")
+    monkeypatch.setenv("HF_TOKEN", "hf_dummy")  # the test suite runs with HF_HUB_OFFLINE=1: the upload cannot start
+    assert main(["push", str(run_dir), "--repo-id", "me/kvplus-demo"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("kvplus: error: could not upload") and "--dry-run" in error and "\n" == error[-1:]
+    assert error.count("\n") == 1  # one line, no traceback
+
+
+def test_the_card_uploads_the_local_data_files_its_recipe_reads(run_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "notes.txt").write_text("some notes")
+    (run_dir / "recipe.yaml").write_text(RECIPE.replace("data: default", "data: {path: texts/notes.txt}"))
+    files = push_run(run_dir, "me/kvplus-demo", dry_run=tmp_path / "staged")
+    assert (tmp_path / "staged" / "texts" / "notes.txt").read_text() == "some notes" and files
+    card = (tmp_path / "staged" / "README.md").read_text()
+    assert "`texts/notes.txt`, uploaded here" in card and "--local-dir kvplus-run && cd kvplus-run" in card
+    (run_dir / "recipe.yaml").write_text(RECIPE.replace("data: default", "data: {path: /elsewhere/missing.txt}"))
+    push_run(run_dir, "me/kvplus-demo", dry_run=tmp_path / "staged2")
+    card = (tmp_path / "staged2" / "README.md").read_text()
+    assert "Not uploaded" in card and "* `/elsewhere/missing.txt`: an absolute path" in card

@@ -83,6 +83,40 @@ class DataSpec:
             raise ValueError(f"max_documents must be a positive integer, got {spec.max_documents!r}")
         return spec
 
+    def local_files(self) -> list[str]:
+        """The local paths this spec reads (``path``, ``data_files`` without wildcards or URLs, a saved dataset
+        folder), as written in the recipe; a Hub dataset id gives none.
+
+        Example:
+
+        ```python
+        >>> DataSpec.parse({"path": "notes.txt"}).local_files()
+        ['notes.txt']
+        ```"""
+        if self.source == "file":
+            return [self.path]
+        if self.source != "dataset":
+            return []
+        files = [self.data_files] if isinstance(self.data_files, str) else list(self.data_files or [])
+        found = [f for f in files if isinstance(f, str) and "://" not in f and not any(c in f for c in "*?[")]
+        if Path(self.dataset).is_dir() or str(self.dataset).startswith((".", "/")):
+            found.insert(0, self.dataset)
+        return found
+
+    def check_files(self) -> None:
+        """Raise ``FileNotFoundError`` naming every local path of :meth:`local_files` that does not exist.
+
+        Example:
+
+        ```python
+        >>> DataSpec.parse("missing.txt").check_files()  # before any model loads
+        Traceback (most recent call last):
+        FileNotFoundError: data file(s) ['missing.txt'] do not exist (relative paths are read from /home/me)
+        ```"""
+        missing = [f for f in self.local_files() if not Path(f).exists()]
+        if missing:
+            raise FileNotFoundError(f"data file(s) {missing} do not exist (relative paths are read from {Path.cwd()})")
+
     def describe(self) -> str:
         """One line for tables and cards."""
         if self.source == "default":

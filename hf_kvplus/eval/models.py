@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -102,10 +105,33 @@ def load_default_model(dtype="float32", device="cpu", attn_implementation: str =
     """
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        **_gguf_kwargs(), dtype=parse_dtype(dtype), attn_implementation=attn_implementation
-    )
+    with quiet_gguf_conversion():
+        model = AutoModelForCausalLM.from_pretrained(
+            **_gguf_kwargs(), dtype=parse_dtype(dtype), attn_implementation=attn_implementation
+        )
     return model.to(device).eval()
+
+
+@contextlib.contextmanager
+def quiet_gguf_conversion():
+    """Load without progress bars: transformers' own (``transformers.logging.disable_progress_bar``) and the
+    GGUF de-quantization bar, a plain ``tqdm`` on ``sys.stderr`` that no setting reaches: ``sys.stderr`` is
+    captured while loading and written back without that bar's lines. Logged warnings are not captured
+    (logging handlers hold the original stream)."""
+    from transformers import logging
+
+    enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        if enabled:
+            logging.enable_progress_bar()
+        kept = [line for line in captured.getvalue().replace("\r", "\n").splitlines(keepends=True)
+                if line.strip() and "GGUF tensors" not in line]
+        sys.stderr.write("".join(kept))
 
 
 def load_model_and_tokenizer(model: str = DEFAULT_MODEL, dtype="float32", device="cpu", **kwargs):

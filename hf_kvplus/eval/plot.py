@@ -1,10 +1,17 @@
-"""The Pareto plot of a run: perplexity against KV cache memory, one line per strategy, dense as reference."""
+"""The Pareto plot of a run: perplexity relative to dense (log axis) against KV cache memory, one line per strategy.
+
+Labels are placed by adjustText (https://github.com/Phlya/adjustText) so they do not overlap; points far above
+the rest (a sliding window without sinks, say: see :func:`y_limits`) are drawn at the top edge as arrows with
+their value, so they do not squeeze every other strategy into a band at the bottom.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 MARKERS = "osD^v<>pPXh*"
+GAP = 1.5  # a jump of 1.5x between neighbouring values separates outliers (drawn at the top edge) from the rest
+TICKS = (0.5, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.2, 1.3, 1.5, 2, 3, 5, 10, 20, 50, 100, 1000)
 
 
 def _short(row: dict) -> str:
@@ -14,14 +21,54 @@ def _short(row: dict) -> str:
     return " ".join(part for part in (size, bits) if part)
 
 
-def pareto_plot(rows: list[dict], path: str | Path, title: str = "") -> Path | None:
-    """Plot ``ppl`` against ``cache_mib`` for every experiment with perplexities; one panel per experiment.
+def _peak(rows: list[dict]) -> str:
+    """``peak GPU 1,234 MiB`` (CUDA) or ``peak RSS 987 MiB`` (CPU): the largest over ``rows``."""
+    gpu = [r["device_peak_mib"] for r in rows if r.get("device_peak_mib") is not None]
+    rss = [r["peak_rss_mib"] for r in rows if r.get("peak_rss_mib") is not None]
+    if gpu:
+        return f"peak GPU {max(gpu):,.0f} MiB"
+    return f"peak RSS {max(rss):,.0f} MiB" if rss else ""
 
-    Each strategy is a line through its grid points (sorted by memory), labelled with its keep ratio,
-    budget or bits; the dense ``dynamic`` cache is a black star and a dashed horizontal line.
+
+def y_limits(values: list[float]) -> tuple[float, float]:
+    """``(low, high)`` of a panel's log axis; values above a wide gap fall outside and are drawn at the edge.
+
+    With four values or more, the largest ratio between neighbouring sorted values is found; when it exceeds
+    ``GAP`` and at most a third of the values lie above it, those values are outliers.
 
     Args:
-        rows (`list[dict]`): rows of a run (``experiment``, ``strategy``, ``ppl``, ``cache_mib``, ``status``).
+        values (`list[float]`): the panel's positive y values (ratios to dense).
+
+    Example:
+
+    ```python
+    >>> y_limits([1.0, 1.02, 1.1, 1.2, 1.3])[1] > 1.3  # all inside
+    True
+    >>> y_limits([1.0, 1.02, 1.05, 1.1, 1.2, 1.3, 2.5])[1] < 2.5  # 2.5 is drawn at the edge
+    True
+    ```"""
+    ordered = sorted(values)
+    inside = ordered
+    if len(ordered) >= 4:
+        gaps = [(b / a, i) for i, (a, b) in enumerate(zip(ordered, ordered[1:], strict=False))]
+        ratio, at = max(gaps)
+        if ratio > GAP and len(ordered) - at - 1 <= len(ordered) / 3:
+            inside = ordered[: at + 1]
+    return inside[0] / 1.04, inside[-1] * 1.12
+
+
+def pareto_plot(rows: list[dict], path: str | Path, title: str = "") -> Path | None:
+    """Plot perplexity relative to dense against ``cache_mib``; one panel per experiment with perplexities.
+
+    Each strategy is a line through its grid points (sorted by memory) on a log y axis of ``ppl`` divided by the
+    dense ``dynamic`` row's (1.0, a dashed line and a black star), labelled with its keep ratio, budget or bits
+    (placed without overlap by adjustText); a panel without a dense row plots ``ppl`` itself. Points above
+    :func:`y_limits` are drawn as arrows at the top edge with their value. The legend gives each strategy's peak
+    memory (CUDA ``max_memory_allocated`` on GPU, peak RSS on CPU, model weights included).
+
+    Args:
+        rows (`list[dict]`): rows of a run (``experiment``, ``strategy``, ``ppl``, ``cache_mib``, ``status``, and
+            ``device_peak_mib`` / ``peak_rss_mib`` when measured).
         path (`str` or `Path`): the PNG to write.
         title (`str`, *optional*): the figure title.
 
@@ -39,37 +86,17 @@ def pareto_plot(rows: list[dict], path: str | Path, title: str = "") -> Path | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("ppl") is not None]
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("ppl") is not None and r["ppl"] > 0]
     experiments = list(dict.fromkeys(r["experiment"] for r in ok))
     if not experiments:
         return None
     columns = min(2, len(experiments))
-    rows_ = -(-len(experiments) // columns)
-    fig, axes = plt.subplots(rows_, columns, figsize=(7.5 * columns, 5.5 * rows_), squeeze=False)
+    lines = -(-len(experiments) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(8 * columns, 6 * lines), squeeze=False)
     for ax in axes.flat[len(experiments):]:
         ax.set_visible(False)
-    for ax, experiment in zip(axes.flat, experiments):
-        here = [r for r in ok if r["experiment"] == experiment]
-        strategies = list(dict.fromkeys(r["strategy"] for r in here))
-        for i, strategy in enumerate(s for s in strategies if s != "dynamic"):
-            points = sorted((r for r in here if r["strategy"] == strategy), key=lambda r: r["cache_mib"])
-            x, y = [r["cache_mib"] for r in points], [r["ppl"] for r in points]
-            ax.plot(x, y, marker=MARKERS[i % len(MARKERS)], label=strategy, linewidth=1.5)
-            for r in points:
-                ax.annotate(_short(r), (r["cache_mib"], r["ppl"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        for r in (r for r in here if r["strategy"] == "dynamic"):
-            ax.axhline(r["ppl"], color="black", linestyle="--", linewidth=1, alpha=0.6)
-            ax.plot([r["cache_mib"]], [r["ppl"]], "k*", markersize=13, label=f"dense (dynamic): {r['ppl']:.3g}")
-        values = [r["ppl"] for r in here]
-        if max(values) / max(min(values), 1e-9) > 3:
-            ax.set_yscale("log")
-        protocol = here[0].get("protocol", "")
-        ax.set_title(experiment if experiment == protocol else f"{experiment} ({protocol})", fontsize=11)
-        ax.set_xlabel("KV cache held (MiB)")
-        answer = "answer " if protocol == "passkey" else ""
-        ax.set_ylabel(f"{answer}perplexity (lower is better)")
-        ax.grid(True, alpha=0.3, which="both")
-        ax.legend(fontsize=8, loc="best")
+    for ax, experiment in zip(axes.flat, experiments, strict=False):
+        _panel(ax, [r for r in ok if r["experiment"] == experiment], experiment)
     if title:
         fig.suptitle(title, fontsize=12)
     fig.tight_layout()
@@ -78,3 +105,48 @@ def pareto_plot(rows: list[dict], path: str | Path, title: str = "") -> Path | N
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _panel(ax, here: list[dict], experiment: str) -> None:
+    import matplotlib
+    import matplotlib.ticker
+    from adjustText import adjust_text
+
+    dense = next((r for r in here if r["strategy"] == "dynamic"), None)
+    base = dense["ppl"] if dense else 1.0
+    low, high = y_limits([r["ppl"] / base for r in here])
+    ax.set_yscale("log")
+    ax.set_ylim(low, high)
+    texts, edge, placed = [], [], []
+    strategies = [s for s in dict.fromkeys(r["strategy"] for r in here) if s != "dynamic"]
+    for i, strategy in enumerate(strategies):
+        points = sorted((r for r in here if r["strategy"] == strategy), key=lambda r: r["cache_mib"])
+        x, y = [r["cache_mib"] for r in points], [min(r["ppl"] / base, high) for r in points]
+        label = f"{strategy} ({_peak(points)})" if _peak(points) else strategy
+        (line,) = ax.plot(x, y, marker=MARKERS[i % len(MARKERS)], label=label, linewidth=1.5)
+        placed += list(zip(x, y, strict=True))
+        for r, shown in zip(points, y, strict=True):
+            if r["ppl"] / base > high / 1.04:  # an outlier: an arrow at the edge with its value
+                ax.plot([r["cache_mib"]], [shown], marker="^", color=line.get_color(), markersize=10)
+                edge.append(ax.annotate(f"{strategy} {_short(r)}: {r['ppl'] / base:.1f}x", (r["cache_mib"], shown),
+                                        xytext=(0, -14), textcoords="offset points", ha="center", fontsize=7,
+                                        color=line.get_color()))
+            elif _short(r):
+                texts.append(ax.text(r["cache_mib"], shown, _short(r), fontsize=7, color=line.get_color()))
+    if dense:
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1, alpha=0.6)
+        ax.plot([dense["cache_mib"]], [1.0], "k*", markersize=13,
+                label=f"dense (dynamic): ppl {dense['ppl']:.3g}" + (f", {_peak([dense])}" if _peak([dense]) else ""))
+    ticks = [t for t in TICKS if low <= t <= high]
+    ax.set_yticks(ticks, [f"{t:g}x" if dense else f"{t:g}" for t in ticks])
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    if texts:  # labels move off each other and off the points; a grey line leads back when one moved far
+        adjust_text(texts, x=[p[0] for p in placed], y=[p[1] for p in placed], ax=ax,
+                    arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
+    protocol = here[0].get("protocol", "")
+    ax.set_title(experiment if experiment == protocol else f"{experiment} ({protocol})", fontsize=11)
+    ax.set_xlabel("KV cache held (MiB)")
+    answer = "answer " if protocol == "passkey" else ""
+    ax.set_ylabel(f"{answer}perplexity / dense (log; lower is better)" if dense else f"{answer}perplexity (log)")
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper right")

@@ -64,11 +64,25 @@ PROTOCOL_LINES = {
 }
 
 
+PEAK_GPU, PEAK_RSS = "peak GPU MiB", "peak RSS MiB"
+PEAK_LINES = {
+    PEAK_GPU: f"{PEAK_GPU}: CUDA `max_memory_allocated` while the grid point ran (model weights included).",
+    PEAK_RSS: f"{PEAK_RSS}: the process's resident-set high-water mark while the grid point ran (model weights "
+              "and Python included; reset per point on Linux).",
+}
+
+
+def peak_column(rows: list[dict]) -> str:
+    """``"peak GPU MiB"`` when any row ran on CUDA (``device_peak_mib``), else ``"peak RSS MiB"``."""
+    return PEAK_GPU if any(r.get("device_peak_mib") is not None for r in rows) else PEAK_RSS
+
+
 def _display(row: dict) -> dict:
     shown = dict(row)
     ratio, saved = row.get("ppl_vs_dense"), row.get("memory_saved")
     shown["vs dense"] = f"{ratio:.3f}x" if ratio is not None else None
     shown["saved"] = f"{saved:.0%}" if saved is not None else None
+    shown[PEAK_GPU], shown[PEAK_RSS] = row.get("device_peak_mib"), row.get("peak_rss_mib")
     return shown
 
 
@@ -109,8 +123,9 @@ def summary_markdown(recipe, rows: list[dict], excluded: list[dict] | None = Non
         ok = [r for r in rows if r.get("experiment") == experiment.name and r.get("status") == "ok"]
         described = PROTOCOL_LINES[experiment.protocol].format(**experiment.options)
         title = experiment.name if experiment.name == experiment.protocol else f"{experiment.name} ({experiment.protocol})"
-        lines += [f"## {title}\n", described + "\n",
-                  markdown_table([_display(r) for r in ok], COLUMNS[experiment.protocol])]
+        peak = peak_column(ok)
+        lines += [f"## {title}\n", described + " " + PEAK_LINES[peak] + "\n",
+                  markdown_table([_display(r) for r in ok], COLUMNS[experiment.protocol] + [peak])]
         if experiment.protocol == "streaming":
             every = experiment.options["report_every"]
             lines += [f"Perplexity and cache MiB of each {every}-token window:\n", markdown_table(_curve(ok, every))]

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from ..hooks import detach
-from ..registry import get_spec, make_cache
 from ..memory import peak_memory, reset_peak_memory
+from ..registry import get_spec, make_cache
 from .data import load_token_ids
 from .grid import Point, expand_grid
 from .perplexity import MIB, _progress
@@ -128,7 +128,9 @@ def run_recipe(recipe, out: str | Path | None = None, progress: bool = True, mod
 
     Returns:
         `dict`: ``rows`` (every grid point, in grid order; empty on processes other than the main one),
-        ``excluded`` (strategies the recipe leaves out, with reasons), ``folder``, ``seconds``.
+        ``excluded`` (strategies the recipe leaves out, with reasons), ``folder``, ``seconds``, ``reused`` (points
+        already in the folder) and ``measured`` (points this process ran). When every point is already there, no
+        model is loaded. A local data file that does not exist raises ``FileNotFoundError`` before the model loads.
 
     Example:
 
@@ -159,6 +161,11 @@ def _run(recipe, out, progress, model, tokenizer, ids, device, dtype) -> dict:
     excluded = [x for _, xs in expanded for x in xs]
     if processes.rank == 0 and recipe.text:
         (folder.path / "recipe.yaml").write_text(recipe.text)
+    done = folder.done_keys({p.key: fingerprint(recipe, p) for p in points})
+    if model is None and all(p.key in done for p in points):
+        return _finished(recipe, folder, points, excluded, processes, started)
+    if ids is None:
+        recipe.data.check_files()  # a missing data file fails here, before the model loads
     if model is None:
         from .models import load_model_and_tokenizer
 
@@ -171,7 +178,6 @@ def _run(recipe, out, progress, model, tokenizer, ids, device, dtype) -> dict:
         if processes.rank == 0:
             processes.barrier()
     protocols = {e.name: e.protocol for e in recipe.experiments}
-    done = folder.done_keys({p.key: fingerprint(recipe, p) for p in points})
     mine = [p for i, p in enumerate(points) if i % processes.world_size == processes.rank and p.key not in done]
     reasons = {p.key: check_point(model, p) for p in points}
     for point in points:  # a value the recipe names explicitly must work: fail before measuring anything
@@ -196,4 +202,18 @@ def _run(recipe, out, progress, model, tokenizer, ids, device, dtype) -> dict:
 
         write_report(folder.path, recipe, rows, excluded)
     processes.barrier()
-    return {"rows": rows, "excluded": excluded, "folder": folder.path, "seconds": time.perf_counter() - started}
+    return {"rows": rows, "excluded": excluded, "folder": folder.path, "seconds": time.perf_counter() - started,
+            "reused": len([p for p in points if p.key in done]), "measured": len(mine)}
+
+
+def _finished(recipe, folder, points, excluded, processes, started) -> dict:
+    """Every point is already in the run folder: gather, report, and load no model."""
+    processes.barrier()
+    rows = folder.merge([p.key for p in points]) if processes.rank == 0 else []
+    if processes.rank == 0:
+        from .report import write_report
+
+        write_report(folder.path, recipe, rows, excluded)
+    processes.barrier()
+    return {"rows": rows, "excluded": excluded, "folder": folder.path, "seconds": time.perf_counter() - started,
+            "reused": len(points), "measured": 0}
