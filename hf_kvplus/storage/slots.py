@@ -86,6 +86,7 @@ class SlotStore(SlotStoreBase):
         for p in range(seen - recent, seen + 1):  # the recent tokens, then the free slot for token `seen`
             self.entries[p % (recent + 1)].fill_(budget - (seen - p))
         self.extra: dict[str, torch.Tensor] = {}  # buffers of the strategy's own slot step (SnapKV)
+        self.state_in_extra: dict[str, tuple[str, int]] = {}  # state held inside an extra buffer (see share_state)
         self._views()
 
     def _views(self) -> None:
@@ -103,6 +104,16 @@ class SlotStore(SlotStoreBase):
         self._ones = None
         self.output = self._output3 = None  # attention output of a step (see output_buffer)
         self.extra_views: dict[str, torch.Tensor] = {}  # views of `extra`, made by the strategy when empty
+
+    def share_state(self, name: str, buffer: str, index: int) -> None:
+        """Hold ``state[name]`` inside ``extra[buffer]`` (``[batch, kv_heads, parts, slots]``) as its part ``index``,
+        so a strategy can gather it with other per-slot rows in one op. Kept so through :meth:`select_batch`."""
+        batch, heads, capacity = self.state[name].shape
+        view = self.extra[buffer].select(2, index)  # [batch, kv_heads, slots]
+        view.copy_(self.state[name])
+        self.state[name], self.state_in_extra[name] = view, (buffer, index)
+        self.bits[name] = view.view(torch.int32)
+        self.rows3[name] = view.view(batch * heads, 1, capacity)
 
     def output_buffer(self, q_heads: int, value_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention output of a step, ``[batch, 1, q_heads, value_dim]`` (made at the first step, then reused),
@@ -206,8 +217,9 @@ class SlotStore(SlotStoreBase):
         self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
         self.pos, self.score = self.pos.index_select(0, index), self.score.index_select(0, index)
         self.entries = self.entries.index_select(1, index)
-        self.state = {name: t.index_select(0, index) for name, t in self.state.items()}
-        self.extra = {name: t.index_select(0, index) if t.dim() == 3 else t for name, t in self.extra.items()}
+        self.extra = {name: t.index_select(0, index) if t.dim() >= 3 else t for name, t in self.extra.items()}
+        self.state = {name: self.extra[self.state_in_extra[name][0]].select(2, self.state_in_extra[name][1])
+                      if name in self.state_in_extra else t.index_select(0, index) for name, t in self.state.items()}
         ones, output = self._ones, self.output
         self._views()
         if ones is not None:  # made again for the new rows, so the bytes held stay what predict_nbytes says

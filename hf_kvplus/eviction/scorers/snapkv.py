@@ -47,7 +47,8 @@ class SnapKVLayer(EvictingLayer):
         return self.token_state["snap"]
 
     # slot storage: pooling needs neighbours in position order, so a step ranks slots by position (one sort of
-    # budget + 1 positions), pools and scores in that order, evicts there and writes the scores back to slots.
+    # budget + 1 positions), gathers this step's attention and the old scores into that order in one gather, pools
+    # and scores there (the same avg_pool1d as `on_attention`), evicts there and writes the scores back to slots.
     slot_protects = False
 
     def slot_score(self, slots):  # not used by slot_evict below; marks this strategy as slot-capable
@@ -58,39 +59,35 @@ class SnapKVLayer(EvictingLayer):
 
     def enter_slots(self, slots):
         batch, heads, capacity = slots.state["snap"].shape
-        half = self.kernel_size // 2
-        rank = torch.arange(capacity, device=slots.score.device)
-        count = (rank + half).clamp(max=capacity - 1) - (rank - half).clamp(min=0) + 1  # neighbours in the window
         decay = slots.score.new_full((capacity,), (1.0 - 1.0 / self.window))
         decay[-1] = 0.0
         slots.extra.update(
-            mass=slots.score.new_zeros(batch, heads, capacity),  # this step's attention, slot order
-            padded=slots.score.new_zeros(batch, heads, capacity + 2 * half),  # the same in position order, zero-padded
-            pooled=slots.score.new_zeros(batch, heads, capacity),
-            ranked=slots.score.new_zeros(batch, heads, capacity),  # scores in position order
+            both=slots.score.new_zeros(batch, heads, 2, capacity),  # [batch, kv_heads, (mass, snap), slots]
+            ranked2=slots.score.new_zeros(batch, heads, 2, capacity),  # `both` in position order
+            ranked=slots.score.new_zeros(batch, heads, capacity),  # new scores in position order
             sorted=slots.pos.new_zeros(slots.pos.shape),
             order=slots.pos.new_zeros(slots.pos.shape),  # [batch, rows, slots]: the slot of each rank
             victim=slots.pos.new_zeros(*slots.pos.shape[:2], 1),
-            count=count.to(torch.float32),  # [slots]
             decay=decay,  # [slots]
         )
+        slots.share_state("snap", "both", 1)  # the scores live in `both`, beside this step's attention
 
     def slot_extra_nbytes(self, batch, kv_heads, capacity):
         rows = kv_heads if self.per_head else 1
-        floats = batch * kv_heads * (4 * capacity + 2 * (self.kernel_size // 2))
-        return 4 * floats + 8 * (2 * batch * rows * capacity + batch * rows) + 2 * 4 * capacity
+        floats = batch * kv_heads * 4 * capacity  # mass in `both` (its snap half is the state), ranked2, ranked
+        return 4 * floats + 8 * (2 * batch * rows * capacity + batch * rows) + 4 * capacity
 
     def _views(self, slots):
         x, views = slots.extra, slots.extra_views
         if not views:
-            batch, heads, capacity = x["mass"].shape
-            half = self.kernel_size // 2
+            batch, heads, _, capacity = x["both"].shape
             sinks, recent = slots.sinks, slots.recent
             views.update(
-                mass3=x["mass"].view(batch * heads, 1, capacity),
-                padded=x["padded"][..., half : half + capacity],
-                windows=x["padded"].unfold(-1, self.kernel_size, 1),  # [batch, heads, slots, kernel]
+                mass3=x["both"][:, :, 0].view(batch * heads, 1, capacity),
+                order2=x["order"].unsqueeze(2).expand(batch, heads, 2, capacity),
                 order=x["order"].expand(batch, heads, capacity),
+                mass_ranked=x["ranked2"][:, :, 0].view(batch * heads, 1, capacity),
+                snap_ranked=x["ranked2"][:, :, 1],
                 candidates=(x["ranked"] if self.per_head else slots.score)[..., sinks : capacity - recent],
                 candidate_slots=x["order"][..., sinks:],
             )
@@ -100,11 +97,11 @@ class SnapKVLayer(EvictingLayer):
         x, v = slots.extra, self._views(slots)
         v["mass3"].baddbmm_(slots.ones(probs.shape[1]), probs, beta=0.0, alpha=1.0 / probs.shape[1])
         torch.sort(slots.pos, dim=-1, out=(x["sorted"], x["order"]))  # [batch, rows, slots]: rank -> slot
-        torch.gather(x["mass"], 2, v["order"], out=v["padded"])
-        torch.sum(v["windows"], dim=-1, out=x["pooled"])
-        x["pooled"].div_(x["count"])  # average pooling without the padding
-        torch.gather(slots.state["snap"], 2, v["order"], out=x["ranked"])
-        torch.addcmul(x["pooled"], x["ranked"], x["decay"], out=x["ranked"])  # snap * decay + pooled
+        torch.gather(x["both"], 3, v["order2"], out=x["ranked2"])  # attention and scores, position order
+        half = self.kernel_size // 2
+        pooled = torch.nn.functional.avg_pool1d(v["mass_ranked"], self.kernel_size, stride=1, padding=half,
+                                                count_include_pad=False)  # [batch * kv_heads, 1, slots]
+        torch.addcmul(pooled.view(x["ranked"].shape), v["snap_ranked"], x["decay"], out=x["ranked"])
 
     def slot_evict(self, slots):
         x, v = slots.extra, self._views(slots)
