@@ -108,7 +108,11 @@ class SnapKVLayer(EvictingLayer):
         if not self.per_head:
             torch.mean(x["ranked"], dim=1, keepdim=True, out=slots.score)  # [batch, 1, slots]
         torch.argmin(v["candidates"], dim=-1, keepdim=True, out=x["victim"])  # ties: the older (lower rank)
-        torch.gather(v["candidate_slots"], 2, x["victim"], out=slots.at[slots.seen % (slots.recent + 1)])
+        entry = slots.entry(slots.seen)  # [batch, rows, 1]: receives the victim's slot, the next token's
+        if torch.compiler.is_compiling():  # a symbolic offset: fake tensors cannot check an out= for overlap
+            entry.copy_(torch.gather(v["candidate_slots"], 2, x["victim"]))
+        else:
+            torch.gather(v["candidate_slots"], 2, x["victim"], out=entry)
         slots.state["snap"].scatter_(2, v["order"], x["ranked"])  # back to slot order
 
 
