@@ -126,6 +126,11 @@ class SnapKVCache(ScoredCache):
         kernel_size (`int`, *optional*, defaults to 5): width of the average pooling over tokens (odd).
         recent_window (`int`, *optional*): newest tokens always kept; defaults to ``window`` (the
             observation window itself is kept, as in the paper).
+
+    Raises:
+        ValueError: at a budget at or below ``window + num_sink_tokens`` with the default ``recent_window``, or
+            any setting with ``num_sink_tokens + recent_window >= budget``: no token would be kept by score (the
+            plain ``window`` or ``sink`` cache). Pass a smaller ``window=`` or ``recent_window=``.
         **kwargs: ``num_sink_tokens``, ``per_head`` and storage keywords (see :class:`ScoredCache`).
 
     Example:
@@ -145,7 +150,16 @@ class SnapKVCache(ScoredCache):
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (the pooling is centred on each token), got {kernel_size}")
         if recent_window is None and "heavy_ratio" not in kwargs:
-            recent_window = min(window, budget) if isinstance(budget, int) else window
+            budget = check_int("budget", budget)
+            sinks = check_int("num_sink_tokens", kwargs.get("num_sink_tokens", 0), minimum=0)
+            if budget - sinks <= window:  # degenerate: the window fills the budget, nothing is chosen by score
+                raise ValueError(
+                    f"SnapKVCache budget={budget} (num_sink_tokens={sinks}) is at or below its observation window "
+                    f"(window={window}): the default recent_window (the window itself) leaves no token to choose by "
+                    f"score, so it would be the plain {'sink' if sinks else 'window'} cache. Allowed: budget > window + "
+                    f"num_sink_tokens, a smaller window=, or recent_window= below budget - num_sink_tokens"
+                )
+            recent_window = window
         super().__init__(config, budget, window=window, kernel_size=kernel_size, recent_window=recent_window, **kwargs)
 
 
