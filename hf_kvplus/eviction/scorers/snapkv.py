@@ -36,10 +36,16 @@ class SnapKVLayer(EvictingLayer):
 
     def on_attention(self, mass: torch.Tensor) -> None:
         batch, heads, kept = mass.shape
-        pooled = torch.nn.functional.avg_pool1d(
-            mass.view(batch * heads, 1, kept), self.kernel_size, stride=1, padding=self.kernel_size // 2,
-            count_include_pad=False,
-        ).view(batch, heads, kept)
+        pool = (self.kernel_size, 1, self.kernel_size // 2)  # kernel, stride, padding
+        if self.context.padded:  # left padding held in a row is no neighbour: average over real tokens only
+            real = (self.pos.expand(batch, heads, kept) >= self.context.pad_len.to(mass.device).view(-1, 1, 1)).float()
+            sums = torch.nn.functional.avg_pool1d((mass * real).view(batch * heads, 1, kept), *pool)
+            counts = torch.nn.functional.avg_pool1d(real.view(batch * heads, 1, kept), *pool)
+            pooled = (sums / counts.clamp(min=1e-30)).view(batch, heads, kept) * real  # [batch, kv_heads, kept]
+        else:
+            pooled = torch.nn.functional.avg_pool1d(
+                mass.view(batch * heads, 1, kept), *pool, count_include_pad=False
+            ).view(batch, heads, kept)
         decay = (1.0 - 1.0 / self.window) ** self._new
         self.token_state["snap"] = self.token_state["snap"] * decay + pooled
 
