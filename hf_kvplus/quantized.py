@@ -8,9 +8,12 @@ eviction strategy: ``make_cache("sink", model, budget=256, nbits=4)``.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from transformers import PreTrainedConfig
 
+from .config import text_config
 from .eviction.cache import KVPlusCache
 from .eviction.layer import EvictingLayer
 from .quant import check_nbits
@@ -76,6 +79,16 @@ class QuantizedKVCache(KVPlusCache):
     ):
         self.nbits, self.group_size, self.residual_length = check_nbits(nbits), group_size, residual_length
         factory = quantized_store_factory(nbits, group_size, residual_length, scale_dtype, backend, scratch=True)
+        context = getattr(text_config(config), "max_position_embeddings", None)
+        if isinstance(context, int) and residual_length + group_size > context:  # degenerate: nothing is quantized
+            warnings.warn(
+                f"QuantizedKVCache with residual_length={residual_length} and group_size={group_size} quantizes "
+                f"nothing within the model's context (max_position_embeddings={context}): the residual flushes at "
+                f"residual_length + group_size tokens, so every token stays in full precision, as in DynamicCache. "
+                f"Use residual_length + group_size <= {context}",
+                UserWarning,
+                stacklevel=2,
+            )
         super().__init__(config, store_factory=factory)
 
 

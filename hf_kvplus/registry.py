@@ -229,8 +229,6 @@ def make_cache(name: str, model_or_config, **kwargs) -> Cache:
         config = getattr(model, "config", None)
         if not isinstance(config, PreTrainedConfig):
             raise TypeError(f"make_cache needs a transformers model or config, got {type(model).__name__}")
-        if spec.name != "dynamic":
-            attach(model, attention_scores=spec.attention_scores, split_attention=spec.split_attention)
         if spec.uses_rope and "rope" not in kwargs and kwargs.get("rerotate_keys", True):
             from ._compat import rope_parameters
 
@@ -246,7 +244,10 @@ def make_cache(name: str, model_or_config, **kwargs) -> Cache:
             f"make_cache needs a transformers model or PreTrainedConfig, got {type(model_or_config).__name__}"
         )
     decoder_config(config)  # every strategy, "dynamic" included, needs attention heads
-    return spec.factory(config, **kwargs)
+    cache = spec.factory(config, **kwargs)  # refuses bad or degenerate settings before the model is touched
+    if model_or_config is not config and spec.name != "dynamic":
+        attach(model_or_config, attention_scores=spec.attention_scores, split_attention=spec.split_attention)
+    return cache
 
 
 def _probe_config() -> PreTrainedConfig:

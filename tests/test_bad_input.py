@@ -197,7 +197,7 @@ KV_CACHES = {
     "h2o": dict(budget=8),
     "tova": dict(budget=8),
     "keynorm": dict(budget=8),
-    "snapkv": dict(budget=8),
+    "snapkv": dict(budget=8, window=4),  # the default window (32) would leave nothing to score: refused
     "quantized": dict(nbits=4, group_size=4, residual_length=4),
     "prefix": {},
 }

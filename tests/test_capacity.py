@@ -16,7 +16,7 @@ from hf_kvplus.planner import load_config, plan
 
 PLANNED = [("dynamic", {}), ("int8", {}), ("int4", {}), ("int2", {}), ("quantized", {"nbits": 4, "group_size": 8,
            "residual_length": 16}), ("sink", {"budget": 20}), ("window", {"budget": 20}), ("h2o", {"budget": 20}),
-           ("tova", {"budget": 20}), ("keynorm", {"budget": 20}), ("snapkv", {"budget": 20}),
+           ("tova", {"budget": 20}), ("keynorm", {"budget": 20}), ("snapkv", {"budget": 20, "window": 4}),
            ("sink", {"budget": 200})]
 
 

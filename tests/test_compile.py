@@ -1,5 +1,6 @@
 """``torch.compile`` of a decoding step (inductor on CPU, a tiny Llama): the same tokens as eager, no graph
-break in our code, and no recompilation once the budget is full (slot storage: fixed shapes, device cursors).
+break in our code, and no recompilation once the budget is full (slot storage: fixed shapes, device cursors or
+slot entries selected by a position dynamo treats as a symbol), for recency (ring) and scored (slot) caches.
 """
 
 from __future__ import annotations
@@ -12,13 +13,18 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import hf_kvplus
 from hf_kvplus._compat import cache_kwargs
 from hf_kvplus.storage.ring import RingStore
+from hf_kvplus.storage.slots import SlotStore
 
 PROMPT, STEPS, WARMUP = 40, 12, 3
-# name -> make_cache keywords: the caches whose full steady state is slot storage.
+# case -> (strategy, make_cache keywords): the caches whose full steady state is slot storage.
 COMPILED = {
-    "sink": {"budget": 16},  # sinks re-rotated every step (StreamingLLM's position shift)
-    "window": {"budget": 16},
-    "sink-no-rerotation": {"budget": 16, "rerotate_keys": False},
+    "sink": ("sink", {"budget": 16}),  # sinks re-rotated every step (StreamingLLM's position shift)
+    "window": ("window", {"budget": 16}),
+    "sink-no-rerotation": ("sink", {"budget": 16, "rerotate_keys": False}),
+    "h2o": ("h2o", {"budget": 16, "num_sink_tokens": 1}),  # per head, protected sinks and recent tokens
+    "tova": ("tova", {"budget": 16}),  # one ranking shared by the heads
+    "keynorm": ("keynorm", {"budget": 16}),  # no attention needed
+    "snapkv": ("snapkv", {"budget": 16, "window": 4}),  # sorted into position order and pooled every step
 }
 
 
@@ -32,8 +38,8 @@ def _model():
 @torch.no_grad()
 def _decode(model, name: str, forward) -> tuple[list[int], list[int], object]:
     """Greedy tokens of STEPS one-token steps after a prompt, and the number of compiled graphs after each step."""
-    strategy = name.removesuffix("-no-rerotation")
-    cache = hf_kvplus.make_cache(strategy, model, **COMPILED[name])
+    strategy, options = COMPILED[name]
+    cache = hf_kvplus.make_cache(strategy, model, **options)
     ids = torch.randint(3, 90, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     token = model(ids, attention_mask=mask, **cache_kwargs(cache, model)).logits[:, -1:].argmax(-1)
@@ -54,7 +60,7 @@ def test_a_compiled_decoding_step_gives_the_eager_tokens_without_recompiling(nam
     counters.clear()
     compiled, graphs, cache = _decode(model, name, torch.compile(model.forward, backend="inductor"))
     assert compiled == eager
-    assert all(isinstance(layer.store, RingStore) for layer in cache.layers)
+    assert all(isinstance(layer.store, (RingStore, SlotStore)) for layer in cache.layers)
     assert graphs[WARMUP:] == [graphs[WARMUP]] * (STEPS - WARMUP), f"recompiled in the steady state: {graphs}"
     assert dict(counters["graph_break"]) == {}
 

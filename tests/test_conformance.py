@@ -29,6 +29,8 @@ BUDGET = 12
 # name -> (make_cache keywords, absolute logit tolerance) under which an unlimited cache must reproduce DynamicCache.
 # int8 measured max |logit diff| 3.4e-4 (int4: 8e-3, so int4 would fail this parity).
 PARITY = {"quantized": (dict(nbits=8, group_size=4, residual_length=4), 1e-3)}
+# Keywords a strategy needs at a small budget: snapkv's default observation window (32) would fill it (refused).
+SMALL_BUDGET = {"snapkv": {"window": 4}}
 # (name, budget): every cache unlimited, and every evicting cache under a small budget.
 CASES = [pytest.param(name, None, id=f"{name}-unlimited") for name in NAMES] + [
     pytest.param(name, BUDGET, id=f"{name}-budget") for name in EVICTING
@@ -40,6 +42,8 @@ def build(name: str, model, budget: int | None = None):
     kwargs = dict(PARITY.get(name, ({}, 0))[0]) if budget is None else {}
     if spec.evicting:
         kwargs["budget"] = UNLIMITED if budget is None else budget
+    if budget is not None:
+        kwargs.update(SMALL_BUDGET.get(name, {}))
     return hf_kvplus.make_cache(name, model, **kwargs)
 
 

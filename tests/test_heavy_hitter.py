@@ -77,11 +77,12 @@ def test_scores_never_arriving_raise_instead_of_falling_back_to_recency(name):
     model = tiny_model("llama-gqa")
     hf_kvplus.attach(model)  # padding hook only: the model still uses SDPA, which reports nothing
     spec = hf_kvplus.get_spec(name)
-    cache = spec.factory(model.config, budget=8)
+    small = {"window": 4} if name == "snapkv" else {}  # the default window (32) would fill the budget: refused
+    cache = spec.factory(model.config, budget=8, **small)
     with pytest.raises(RuntimeError, match=r"attach\(model, attention_scores=True\)"):
         model(prompt(length=12), **cache_kwargs(cache), use_cache=True)
     hf_kvplus.attach(model, attention_scores=True)
-    cache = spec.factory(model.config, budget=8)
+    cache = spec.factory(model.config, budget=8, **small)
     model(prompt(length=12), **cache_kwargs(cache), use_cache=True)
     assert cache.max_held == 8
 

@@ -99,7 +99,8 @@ operation = st.one_of(
 )
 def test_scored_cache_keeps_what_the_reference_keeps(kind, storage, budget, sinks, recent, per_head, pads, operations,
                                                      seed):
-    sinks, recent = min(sinks, budget - 1), min(recent, budget - min(sinks, budget - 1))
+    sinks = min(sinks, budget - 1)
+    recent = min(recent, budget - sinks - 1)  # at least one token kept by score (else refused: degenerate)
     packed = dict(nbits=8, group_size=2, residual_length=2) if storage == "int8" else {}
     cache_class = hf_kvplus.KeyNormCache if kind == "keynorm" else hf_kvplus.HeavyHitterCache
     cache = cache_class(CONFIG, budget=budget, num_sink_tokens=sinks, recent_window=recent, per_head=per_head, **packed)

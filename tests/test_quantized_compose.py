@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import prompt, tiny_model
-from test_conformance import BUDGET, EVICTING, BudgetProbe, _reachable_tensor_bytes
+from test_conformance import BUDGET, EVICTING, SMALL_BUDGET, BudgetProbe, _reachable_tensor_bytes
 from transformers import DynamicCache, LogitsProcessorList
 
 import hf_kvplus
@@ -20,7 +20,7 @@ STORAGE = dict(group_size=4, residual_length=4)
 
 
 def build(name, model, nbits, budget=BUDGET):
-    return hf_kvplus.make_cache(name, model, budget=budget, nbits=nbits, **STORAGE)
+    return hf_kvplus.make_cache(name, model, budget=budget, nbits=nbits, **STORAGE, **SMALL_BUDGET.get(name, {}))
 
 
 @pytest.mark.parametrize("name", EVICTING)

@@ -121,7 +121,9 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(tmp_path, tiny_dir, monke
     monkeypatch.setattr(runner_module, "run_point", lambda *a, **k: (calls.append(a[4].key), real(*a, **k))[1])
     result = run_recipe(load_recipe(path), out=tmp_path / "run", progress=False)
     assert not set(calls) & set(done)  # nothing measured twice
-    assert len(calls) + len(done) == len(result["rows"]) == len(read_csv(tmp_path / "run" / "results.csv"))
+    measured = [r for r in result["rows"] if r.get("status") != "skipped"]  # snapkv at 12 or 24 tokens: degenerate
+    assert len(calls) + len(done) == len(measured)
+    assert len(result["rows"]) == len(read_csv(tmp_path / "run" / "results.csv"))
     calls[:] = []
     run_recipe(load_recipe(path), out=tmp_path / "run", progress=False)
     assert calls == []  # a finished run is not measured again

@@ -227,15 +227,16 @@ class EvictingLayer(SlotMode, Deferral, KeepRule, StrategyHooks, CacheLayerMixin
 
     @property
     def is_compileable(self) -> bool:
-        """True inside a compiled region while the layer is in slot storage: its budget full, shapes fixed,
-        slot numbers and RoPE shifts device tensors or integers dynamo treats as symbols, so a compiled
-        decoding step replays without recompiling (``torch.compile(model.forward)``; tested on CPU).
+        """True inside a compiled region while the layer is in slot storage (a :class:`RingStore` for sink and
+        window, a :class:`SlotStore` for the scorers): its budget full, shapes fixed, slot numbers device tensors or
+        entries selected by integers dynamo treats as symbols, so a compiled decoding step replays without
+        recompiling (``torch.compile(model.forward)``; tested on CPU with inductor for every slot-capable strategy).
 
         Outside compilation it is False on purpose: transformers never skips the mask of a compileable
         cache, and an eager one-token step over every kept key needs none (an explicit mask costs four
         ops per layer in SDPA). So ``generate`` does not compile by itself; compile the forward instead.
         """
-        return isinstance(self.store, RingStore) and torch.compiler.is_compiling()
+        return isinstance(self.store, (RingStore, SlotStore)) and torch.compiler.is_compiling()
 
     @property
     def is_croppable(self) -> bool:

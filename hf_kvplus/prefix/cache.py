@@ -14,12 +14,13 @@ step stays the same windows.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
 from transformers import PreTrainedConfig
 
-from ..config import check_storage_keywords
+from ..config import check_storage_keywords, text_config
 from ..eviction.cache import KVPlusCache
 from .layer import PrefixContext, PrefixLayer, PrefixLease, trim_storage
 from .pool import PrefixPool
@@ -55,6 +56,15 @@ class PrefixSharedCache(KVPlusCache):
         if store is not None and not isinstance(store, PrefixPool):
             raise TypeError(f"store must be a hf_kvplus.PrefixStore or None, got {type(store).__name__}")
         check_storage_keywords("PrefixSharedCache", storage, ["store"])
+        context = getattr(text_config(config), "max_position_embeddings", None)
+        if store is not None and isinstance(context, int) and store.block_size > context:  # degenerate: no whole block
+            warnings.warn(
+                f"PrefixSharedCache with a store of block_size={store.block_size} shares nothing within the model's "
+                f"context (max_position_embeddings={context}): only whole blocks are shared, so it is a private "
+                f"DynamicCache. Use a PrefixStore with block_size <= {context}",
+                UserWarning,
+                stacklevel=2,
+            )
         super().__init__(config, **storage)
         self.context = PrefixContext()
         for layer in self.layers:

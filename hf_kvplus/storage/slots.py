@@ -82,27 +82,46 @@ class SlotStore(SlotStoreBase):
             self.state[name][..., :budget].copy_(value)
         self.score = self.keys.new_zeros(batch, rows, capacity, dtype=torch.float32)  # scores computed per step
         self.no_bias = self.keys.new_zeros(1, 1, 1)  # attention logits' additive input when there is no mask
-        self.entries = self.pos.new_empty(recent + 1, batch, rows, 1)  # slot of each recent token
+        # Slot of each recent token, entry 1 + position % (recent + 1): row 0 is never used, so no entry a step
+        # selects starts at offset 0 (compiled, an offset that is sometimes 0 would be specialised on, and recompiled).
+        self.entries = self.pos.new_zeros(recent + 2, batch, rows, 1)
         for p in range(seen - recent, seen + 1):  # the recent tokens, then the free slot for token `seen`
-            self.entries[p % (recent + 1)].fill_(budget - (seen - p))
+            self.entry(p).fill_(budget - (seen - p))
         self.extra: dict[str, torch.Tensor] = {}  # buffers of the strategy's own slot step (SnapKV)
+        self.state_in_extra: dict[str, tuple[str, int]] = {}  # state held inside an extra buffer (see share_state)
         self._views()
 
     def _views(self) -> None:
-        """Views made once, so a step runs no view op: scores as int32 bits, 3-D views, each entry expanded per tensor."""
+        """Views made once, so a step makes fewer: 3-D views of the state, keys and values."""
         batch, heads, capacity, head_dim = self.keys.shape
-        self.bits = {name: t.view(torch.int32) for name, t in [*self.state.items(), ("score", self.score)]}
         self.rows3 = {name: t.view(batch * heads, 1, capacity) for name, t in self.state.items()}  # [b*h, 1, slots]
         self.keys_t3 = self.keys.view(batch * heads, capacity, head_dim).transpose(1, 2)  # [b*h, head_dim, slots]
         self.values3 = self.values.view(batch * heads, capacity, -1)  # [b*h, slots, value_dim]
-        entries = list(self.entries)  # recent + 1 views [batch, rows, 1]
-        self.at = entries
-        self.at_keys = [e.unsqueeze(-1).expand(batch, heads, 1, head_dim) for e in entries]
-        self.at_values = [e.unsqueeze(-1).expand(batch, heads, 1, self.values.shape[-1]) for e in entries]
-        self.at_heads = [e.expand(batch, heads, 1) for e in entries]
         self._ones = None
         self.output = self._output3 = None  # attention output of a step (see output_buffer)
         self.extra_views: dict[str, torch.Tensor] = {}  # views of `extra`, made by the strategy when empty
+
+    def share_state(self, name: str, buffer: str, index: int) -> None:
+        """Hold ``state[name]`` inside ``extra[buffer]`` (``[batch, kv_heads, parts, slots]``) as its part ``index``,
+        so a strategy can gather it with other per-slot rows in one op. Kept so through :meth:`select_batch`."""
+        batch, heads, capacity = self.state[name].shape
+        view = self.extra[buffer].select(2, index)  # [batch, kv_heads, slots]
+        view.copy_(self.state[name])
+        self.state[name], self.state_in_extra[name] = view, (buffer, index)
+        self.rows3[name] = view.view(batch * heads, 1, capacity)
+
+    def entry(self, position: int) -> torch.Tensor:
+        """The ``[batch, rows, 1]`` entry (a view) for the token at ``position``: its slot once written, the slot it is
+        written to before. Selected with the integer itself (no list of views), so a compiled step treats ``position``
+        as a symbol and replays without recompiling."""
+        return self.entries[1 + position % (self.recent + 1)]
+
+    def _entry_as(self, position: int, like: torch.Tensor) -> torch.Tensor:
+        """:meth:`entry` expanded to index ``like`` along dim 2 (``[batch, kv_heads, 1, ...]``, a view)."""
+        index = self.entry(position)  # [batch, rows, 1]
+        if like.dim() == 4:
+            index = index.unsqueeze(-1)
+        return index.expand(*like.shape[:2], 1, *like.shape[3:])
 
     def output_buffer(self, q_heads: int, value_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention output of a step, ``[batch, 1, q_heads, value_dim]`` (made at the first step, then reused),
@@ -124,22 +143,21 @@ class SlotStore(SlotStoreBase):
     # ----------------------------------------------------------------- the step
     def write(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
         """Put the token at ``position`` (``[batch, kv_heads, 1, head_dim]``) into the free slots."""
-        j = position % (self.recent + 1)
-        self.keys.scatter_(2, self.at_keys[j], keys)
-        self.values.scatter_(2, self.at_values[j], values)
-        self.pos.scatter_(2, self.at[j], position + (PROTECTED if self.recent and self.protect else 0))
+        self.keys.scatter_(2, self._entry_as(position, self.keys), keys)
+        self.values.scatter_(2, self._entry_as(position, self.values), values)
+        self.pos.scatter_(2, self.entry(position), position + (PROTECTED if self.recent and self.protect else 0))
         self.seen = position + 1
         self.full = True
 
     def write_state(self, name: str, value, position: int) -> None:
         """Set ``state[name]`` of the token just written: a number, or ``[batch, kv_heads, 1]``."""
-        self.state[name].scatter_(2, self.at_heads[position % (self.recent + 1)], value)
+        self.state[name].scatter_(2, self._entry_as(position, self.state[name]), value)
 
     def release(self) -> None:
         """The token leaving the recent window (written ``recent`` steps ago) competes from now on: its position
         loses the protection. Called after a write, before the scores are computed."""
         if self.recent:
-            entry = self.at[self.seen % (self.recent + 1)]  # the slot of the token leaving (the next free entry)
+            entry = self.entry(self.seen)  # the slot of the token leaving (the next free entry)
             self.pos.scatter_(2, entry, self.seen - 1 - self.recent)
 
     def evict(self, name: str, direction: int) -> None:
@@ -148,9 +166,10 @@ class SlotStore(SlotStoreBase):
         ``name``: the state (or ``"score"``) holding the scores, one sign for every candidate; ``direction``
         is ``1`` when a larger magnitude means a higher score (scores >= 0, or their negation), else ``-1``.
         """
-        entry = self.at[self.seen % (self.recent + 1)]  # receives the victim's slot: the next token's
-        key = torch.add(self.pos, self.bits[name], alpha=direction * POSITION_LIMIT)  # [batch, rows, slots]
-        torch.argmin(key, dim=-1, keepdim=True, out=entry)
+        scores = self.score if name == "score" else self.state[name]  # float32 [batch, rows, slots]
+        bits = scores.view(torch.int32)  # a view made here: compiled, a step takes no input aliased across dtypes
+        key = torch.add(self.pos, bits, alpha=direction * POSITION_LIMIT)  # [batch, rows, slots]
+        torch.argmin(key, dim=-1, keepdim=True, out=self.entry(self.seen))  # the victim's slot: the next token's
         self.full = False
 
     # ------------------------------------------------------------- bookkeeping
@@ -158,7 +177,7 @@ class SlotStore(SlotStoreBase):
         """Slots of the kept tokens in position order, ``[batch, rows, kept]`` (not for the decoding step)."""
         pos = self.positions_by_slot()
         if not self.full:  # the free slot holds an evicted token: sort it last
-            pos = pos.scatter(2, self.at[self.seen % (self.recent + 1)], torch.iinfo(torch.long).max)
+            pos = pos.scatter(2, self.entry(self.seen), torch.iinfo(torch.long).max)
         return pos.sort(dim=-1, stable=True).indices[..., : self.length]
 
     def positions_by_slot(self) -> torch.Tensor:
@@ -196,7 +215,7 @@ class SlotStore(SlotStoreBase):
         value_dim]`` output buffer (``groups=0``: a strategy that needs no attention)."""
         rows = 1 if shared else kv_heads
         state = sum(size * batch * kv_heads * capacity for size in state_itemsizes)
-        held = 8 * batch * rows * capacity + 4 * batch * rows * capacity + 8 * (recent + 1) * batch * rows
+        held = 8 * batch * rows * capacity + 4 * batch * rows * capacity + 8 * (recent + 2) * batch * rows
         output = batch * kv_heads * groups * value_dim * dtype.itemsize  # the attention output buffer
         return held + dtype.itemsize + state + 4 * groups + output
 
@@ -206,8 +225,9 @@ class SlotStore(SlotStoreBase):
         self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
         self.pos, self.score = self.pos.index_select(0, index), self.score.index_select(0, index)
         self.entries = self.entries.index_select(1, index)
-        self.state = {name: t.index_select(0, index) for name, t in self.state.items()}
-        self.extra = {name: t.index_select(0, index) if t.dim() == 3 else t for name, t in self.extra.items()}
+        self.extra = {name: t.index_select(0, index) if t.dim() >= 3 else t for name, t in self.extra.items()}
+        self.state = {name: self.extra[self.state_in_extra[name][0]].select(2, self.state_in_extra[name][1])
+                      if name in self.state_in_extra else t.index_select(0, index) for name, t in self.state.items()}
         ones, output = self._ones, self.output
         self._views()
         if ones is not None:  # made again for the new rows, so the bytes held stay what predict_nbytes says

@@ -38,6 +38,10 @@ class ScoredCache(KVPlusCache):
         **layer_kwargs: the strategy's own keywords, then storage keywords (``nbits=``,
             ``store_factory=``) forwarded to :func:`~hf_kvplus.storage.base.make_store_factory`.
 
+    Raises:
+        ValueError: a bad value (naming it and the allowed range), or a degenerate split: ``num_sink_tokens +
+            recent_window`` equal to the budget keeps no token by score (the plain ``sink``/``window`` cache).
+
     Example (a scorer is a layer class with ``score``; see ``docs/strategies/heavy_hitter.md``):
 
     ```python
@@ -77,6 +81,13 @@ class ScoredCache(KVPlusCache):
             raise ValueError(
                 f"num_sink_tokens ({num_sink_tokens}) + recent_window ({recent_window}) must not exceed the budget "
                 f"({budget})"
+            )
+        if num_sink_tokens + recent_window == budget:  # degenerate: nothing is chosen by score
+            raise ValueError(
+                f"{type(self).__name__} with budget={budget}, num_sink_tokens={num_sink_tokens} and recent_window="
+                f"{recent_window} (heavy_ratio={heavy_ratio}) keeps no token by score: it would be the plain "
+                f"{'sink' if num_sink_tokens else 'window'} cache. Allowed: num_sink_tokens + recent_window < budget "
+                f"(a heavy_ratio above 0), or make_cache('{'sink' if num_sink_tokens else 'window'}', ...) for that cache"
             )
         if not isinstance(per_head, bool):
             raise ValueError(f"per_head must be True or False, got {per_head!r}")
