@@ -5,9 +5,10 @@ history. Here one pointwise function of the packed buffers is compiled with ``to
 backend on CPU) into a single loop that reads each byte of codes and writes each restored value once, into the
 contiguous scratch view of :meth:`.fused.DequantScratch.restored`:
 
-``dst[s, b, h, t, c] = codes(s, t, c) * scale(s, t, c) + zero(s, t, c)`` for the ``nq`` history tokens (keys
-``s = 0`` per channel and group of tokens, values ``s = 1`` per token and group of channels: KIVI's layout,
-arXiv:2402.02750), then the residual buffer copied as is. Sizes are dynamic in the token dimensions (the history
+``keys[b, h, t, c] = code * scale + zero`` for the ``nq`` history tokens (scales per channel and group of tokens
+for keys, per token and group of channels for values: KIVI's layout, arXiv:2402.02750), then the residual buffer
+copied as is, the same for values; keys and values are the two halves of the scratch view, written whole (inductor
+writes a whole contiguous output in place, but goes through a temporary for a strided one). Sizes are dynamic in the token dimensions (the history
 grows every ``group_size`` steps and its buffers double), so one graph serves a whole generation; a kernel is
 compiled lazily, once per (bits, groups, dtype, device, batch, heads, head_dim, residual slots).
 
@@ -74,33 +75,37 @@ def _kernel(nbits: int, group_size: int, value_group: int):
     """The pointwise restoration (plain torch, so it also runs eagerly: the reference of the compiled kernel)."""
     k, mask = codes_per_byte(nbits), (1 << nbits) - 1
 
-    def restore(dst, codes, key_params, value_params, res):
-        # dst [2, b, h, nq + slots, d] (written); codes [2, b, h, capacity, d / k] uint8; key_params
-        # [2 (scale, zero), b, h, row capacity, d]; value_params [2, b, h, capacity, d / value_group]; res
-        # [2, b, h, slots, d] in the model dtype.
-        total, d = dst.shape[3], dst.shape[4]
+    def restore(keys, values, codes, key_params, value_params, res):
+        # keys, values [b, h, nq + slots, d] (written; contiguous); codes [2, b, h, capacity, d / k] uint8;
+        # key_params [2 (scale, zero), b, h, row capacity, d]; value_params [2, b, h, capacity, d / value_group];
+        # res [2, b, h, slots, d] in the model dtype.
+        total, d = keys.shape[2], keys.shape[3]
         nq = total - res.shape[3]
-        t = torch.arange(total, device=dst.device)  # [total]
+        t = torch.arange(total, device=keys.device)  # [total]
         held = t.clamp(max=nq - 1)  # the history token read at t (clamped: every read is in bounds)
         fresh = (t - nq).clamp(min=0)  # the residual slot read at t
-        packed = codes[:, :, :, held]  # [2, b, h, total, d / k]
-        if k > 1:  # split order (see .packing): channel c is in byte c % (d / k), bits (c // (d / k)) * nbits
-            shift = (torch.arange(d, device=dst.device) // (d // k) * nbits).to(torch.uint8)  # [d]
-            packed = (packed.repeat(1, 1, 1, 1, k) >> shift) & mask  # [2, b, h, total, d]
+        in_history = (t < nq).view(total, 1)
+        shift = (torch.arange(d, device=keys.device) // (d // k) * nbits).to(torch.uint8)  # [d]
+
+        def unpacked(packed):  # [b, h, capacity, d / k] -> codes at `held` as floats, [b, h, total, d]
+            packed = packed[:, :, held]
+            if k > 1:  # split order (see .packing): channel c is in byte c % (d / k), bits (c // (d / k)) * nbits
+                packed = (packed.repeat(1, 1, 1, k) >> shift) & mask
+            return packed.float()
+
         key_scale, key_zero = key_params[:, :, :, held // group_size].float()  # [b, h, total, d] each
-        channel_group = torch.arange(d, device=dst.device) // value_group  # [d]
+        channel_group = torch.arange(d, device=keys.device) // value_group  # [d]
         value_scale, value_zero = value_params[:, :, :, held][..., channel_group].float()  # [b, h, total, d] each
-        is_key = (torch.arange(2, device=dst.device) == 0).view(2, 1, 1, 1, 1)
-        restored = packed.float() * torch.where(is_key, key_scale, value_scale) + torch.where(is_key, key_zero,
-                                                                                             value_zero)
-        dst.copy_(torch.where((t < nq).view(total, 1), restored, res[:, :, :, fresh].float()))
+        keys.copy_(torch.where(in_history, unpacked(codes[0]) * key_scale + key_zero, res[0][:, :, fresh].float()))
+        values.copy_(torch.where(in_history, unpacked(codes[1]) * value_scale + value_zero,
+                                 res[1][:, :, fresh].float()))
 
     return restore
 
 
-def reference(dst, codes, key_params, value_params, res, nbits: int, group_size: int, value_group: int) -> None:
-    """The compiled kernel's function run eagerly (tests; many ops, not a hot path)."""
-    _kernel(nbits, group_size, value_group)(dst, codes, key_params, value_params, res)
+def reference(keys, values, codes, key_params, value_params, res, nbits: int, group_size: int, value_group: int):
+    """The compiled kernel's function run eagerly (the fallback of a failed compilation; many ops)."""
+    _kernel(nbits, group_size, value_group)(keys, values, codes, key_params, value_params, res)
 
 
 def _compiled(key: tuple):
@@ -120,19 +125,19 @@ def _first_call(fn, args) -> None:
     say the history capacity and the output length, must not be assumed equal later)."""
     from torch.fx.experimental import _config as shape_config  # private torch; checked on torch 2.13
 
-    for tensor in args[:4]:
-        torch._dynamo.mark_dynamic(tensor, 3)
+    for tensor, dim in zip(args[:5], (2, 2, 3, 3, 3), strict=False):
+        torch._dynamo.mark_dynamic(tensor, dim)
     with shape_config.patch(use_duck_shape=False), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "bf16 and fp16 are mixed", UserWarning)  # inductor's note on the scales
         fn(*args)
 
 
-def _restore_impl(dst, codes, key_params, value_params, res, nbits: int, group_size: int, value_group: int):
-    key = (nbits, group_size, value_group, dst.dtype, dst.device.type, *dst.shape[1:3], dst.shape[4], res.shape[3])
+def _restore_impl(keys, values, codes, key_params, value_params, res, nbits: int, group_size: int, value_group: int):
+    key = (nbits, group_size, value_group, keys.dtype, keys.device.type, *keys.shape[:2], keys.shape[3], res.shape[3])
     entry = _compiled(key)
-    args = (dst, codes, key_params, value_params, res)
-    if dst.device.type in _failed:
-        return reference(dst, codes, key_params, value_params, res, nbits, group_size, value_group)
+    args = (keys, values, codes, key_params, value_params, res)
+    if keys.device.type in _failed:
+        return reference(keys, values, codes, key_params, value_params, res, nbits, group_size, value_group)
     try:
         if entry[1]:
             entry[0](*args)
@@ -141,28 +146,30 @@ def _restore_impl(dst, codes, key_params, value_params, res, nbits: int, group_s
             entry[1] = True
     except Exception as error:  # no C++ compiler, an inductor failure...: the eager path from now on
         reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-        _failed[dst.device.type] = reason
+        _failed[keys.device.type] = reason
         warnings.warn(f"hf_kvplus: compiled dequantization is unavailable ({reason}); using the eager path",
                       RuntimeWarning, stacklevel=2)
-        logger.warning("compiled dequantization unavailable on %s: %s", dst.device.type, reason)
-        reference(dst, codes, key_params, value_params, res, nbits, group_size, value_group)
+        logger.warning("compiled dequantization unavailable on %s: %s", keys.device.type, reason)
+        reference(keys, values, codes, key_params, value_params, res, nbits, group_size, value_group)
 
 
 _library = torch.library.Library("hf_kvplus", "DEF")  # noqa: TOR901 (a fresh namespace, ours)
 _library.define(
-    "restore_packed(Tensor(a!) dst, Tensor codes, Tensor key_params, Tensor value_params, Tensor res, int nbits, "
+    "restore_packed(Tensor(a!) keys, Tensor(b!) values, Tensor codes, Tensor key_params, Tensor value_params, Tensor res, int nbits, "
     "int group_size, int value_group) -> ()"
 )
 _library.impl("restore_packed", _restore_impl, "CPU")
 
 
-def restore_packed(dst, codes, key_params, value_params, res, nbits: int, group_size: int, value_group: int) -> None:
-    """Write a layer's restored history and residual into ``dst`` (one op; see the module docstring for shapes).
+def restore_packed(keys, values, codes, key_params, value_params, res, nbits: int, group_size: int,
+                   value_group: int) -> None:
+    """Write a layer's restored history and residual into ``keys`` and ``values`` (one op; shapes in ``_kernel``).
 
     Falls back to :func:`reference` (with one ``RuntimeWarning`` naming the reason) where compilation fails;
     :func:`wanted` keeps later steps on the eager path then. Inside a compiled model the function is traced
     instead, so the outer compilation fuses it into its own graph.
     """
     if torch.compiler.is_compiling():
-        return reference(dst, codes, key_params, value_params, res, nbits, group_size, value_group)
-    torch.ops.hf_kvplus.restore_packed(dst, codes, key_params, value_params, res, nbits, group_size, value_group)
+        return reference(keys, values, codes, key_params, value_params, res, nbits, group_size, value_group)
+    torch.ops.hf_kvplus.restore_packed(keys, values, codes, key_params, value_params, res, nbits, group_size,
+                                       value_group)

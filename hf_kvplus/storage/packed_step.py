@@ -68,7 +68,8 @@ class PackedDecodeStep:
         )
         planes = int4_planes(views[0], codes, views[2]) if self.nbits == 4 else None
         use_compiled = self.backend == "torch" and compiled.wanted(self.dequant, nq, gs, out.device)
-        kernel_args = (out, self._codes, self._key_params, self._value_params, self._res) if use_compiled else None
+        kernel_args = (out[0], out[1], self._codes, self._key_params, self._value_params, self._res) if use_compiled \
+            else None
         views = (*views, planes, kernel_args)
         self._views = (key, views)
         self.scratch._users.add(self)
