@@ -18,11 +18,8 @@ from .eviction.cache import KVPlusCache
 from .eviction.layer import EvictingLayer
 from .quant import check_nbits
 from .registry import CacheSpec, register_cache, register_preset
-from .storage.packed import (
-    DEFAULT_GROUP_SIZE,
-    DEFAULT_RESIDUAL_LENGTH,
-    quantized_store_factory,
-)
+from .storage.factory import quantized_store_factory
+from .storage.packed import DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL_LENGTH
 
 
 class QuantizedLayer(EvictingLayer):
@@ -55,6 +52,10 @@ class QuantizedKVCache(KVPlusCache):
         scale_dtype (`torch.dtype`, *optional*, defaults to `torch.float16`): dtype of scales and zero points.
         backend (`str`, *optional*, defaults to ``"torch"``): quantization kernels; ``"quanto"`` uses
             optimum-quanto's (same storage, same features; needs ``pip install "hf_kvplus[quanto]"``).
+        dequant (`str`, *optional*, defaults to ``"auto"``): how a decoding step restores the packed history:
+            ``"eager"`` (a few aten ops), ``"compiled"`` (one pass compiled with ``torch.compile`` on CPU; falls back to
+            eager, with one warning, where compilation fails) or ``"auto"`` (compiled on CPU once a layer holds
+            4096 packed tokens, where the seconds of compilation pay; eager elsewhere, and on GPUs for now).
 
     Example:
 
@@ -76,9 +77,11 @@ class QuantizedKVCache(KVPlusCache):
         residual_length: int = DEFAULT_RESIDUAL_LENGTH,
         scale_dtype: torch.dtype = torch.float16,
         backend: str = "torch",
+        dequant: str = "auto",
     ):
         self.nbits, self.group_size, self.residual_length = check_nbits(nbits), group_size, residual_length
-        factory = quantized_store_factory(nbits, group_size, residual_length, scale_dtype, backend, scratch=True)
+        factory = quantized_store_factory(nbits, group_size, residual_length, scale_dtype, backend, scratch=True,
+                                          dequant=dequant)
         context = getattr(text_config(config), "max_position_embeddings", None)
         if isinstance(context, int) and residual_length + group_size > context:  # degenerate: nothing is quantized
             warnings.warn(

@@ -45,6 +45,13 @@ CASES = {
     "int2": ({"group_size": 16, "residual_length": 16}, 8, True),
     "prefix": ({}, 4, True),
 }
+# Settings of registered caches counted beside the table: name -> (registered name, make_cache keywords, budget).
+# The compiled dequantization is one op (``hf_kvplus::restore_packed``, one inductor kernel) in place of the
+# eager path's six (int2's numerics are in tests/test_quant_compiled.py); the table above counts the eager path,
+# which "auto" runs at these short histories.
+VARIANTS = {
+    "int4-compiled": ("int4", {"group_size": 16, "residual_length": 16, "dequant": "compiled"}, 8),
+}
 
 
 def test_the_table_covers_every_registered_cache_and_preset():
@@ -83,6 +90,8 @@ def _build(name: str, model):
         store = hf_kvplus.PrefixStore(block_size=16)
         _STORES.append(store)  # a cache holds its store weakly: keep it alive
         return store.cache_for(model, torch.randint(3, 90, (1, PROMPT), generator=torch.Generator().manual_seed(0)))
+    if name in VARIANTS:
+        return hf_kvplus.make_cache(VARIANTS[name][0], model, **VARIANTS[name][1])
     return hf_kvplus.make_cache(name, model, **CASES[name][0])
 
 
@@ -153,3 +162,17 @@ def test_the_counter_sees_what_a_step_costs():
     dense = _one_step("dense", with_mask=True)
     assert dense["cat"] >= 2 * LAYERS  # DynamicCache appends keys and values in every layer
     assert _one_step("sink", with_mask=True)["index_copy_"] == 2 * LAYERS  # one write each of keys and values
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_compiled_dequantization_is_one_op_per_layer(name):
+    """The compiled path: the token written into the residual (two ``index_copy_``) and one restoring op per layer,
+    none of the eager unpacking ops, no host sync; the eager path of the same cache runs its ops instead."""
+    ops, eager = _one_step(name, with_mask=True), _one_step(VARIANTS[name][0], with_mask=True)
+    assert ops["restore_packed"] == LAYERS and eager["restore_packed"] == 0
+    assert not {"bitwise_and", "addcmul", "mul_"} & set(ops) and {"bitwise_and", "add_"} <= set(eager)
+    assert ops["index_copy_"] == eager["index_copy_"] == 2 * LAYERS
+    assert _syncs(_one_step(name, with_mask=False)) == 0
+    per_layer, per_forward = _extra_ops(name)
+    assert per_layer <= VARIANTS[name][2] and per_forward <= FORWARD_BUDGET, (per_layer, per_forward)
+    assert per_layer < _extra_ops(VARIANTS[name][0])[0]  # fewer than the eager path's

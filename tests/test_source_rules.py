@@ -67,6 +67,7 @@ HOST_ON_PURPOSE = {  # file -> why it names the CPU
     "prefix/cache.py": "token ids are bookkeeping kept on the host (compared with Python lists)",
     "prefix/layer.py": "the same token ids, reordered on the host",
     "prefix/io.py": "files are written from and read into host memory, then moved to the model's device",
+    "quant/compiled.py": "the compiled dequantization has only run on CPU so far: other devices take the eager path",
 }
 
 

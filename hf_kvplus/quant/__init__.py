@@ -1,4 +1,5 @@
-"""Quantization kernels in plain torch: bit packing and KIVI-style min/max (de)quantization."""
+"""Quantization kernels in plain torch: bit packing and KIVI-style min/max (de)quantization (eager); the decode
+hot path's fused eager ops live in :mod:`.fused`, its one-pass compiled kernel in :mod:`.compiled`."""
 
 from .minmax import (
     BACKENDS,

@@ -27,24 +27,27 @@ from .packing import codes_per_byte
 class DequantScratch:
     """Buffers shared by the layers of one cache: the restored keys and values, and unpacked codes.
 
-    ``out`` is ``[2, batch, kv_heads, capacity, head_dim]`` in the model dtype (keys at 0, values at 1) and
-    ``codes`` ``[2, batch, kv_heads, history capacity, head_dim]`` ``uint8`` (int4/int2 only). Both grow to the
-    largest layer's need (never shrink), so after a layer's attention the next layer overwrites them: what
-    a store returns from them is valid until the next layer's ``update``. ``generation`` changes whenever
-    they are reallocated, so stores know when their cached views went stale.
+    ``out`` is a flat buffer in the model dtype; :meth:`restored` views its first elements as a contiguous
+    ``[2, batch, kv_heads, tokens, head_dim]`` (keys at 0, values at 1), so a compiled kernel writes one whole
+    tensor (:mod:`.compiled`). ``codes`` is ``[2, batch, kv_heads, history capacity, head_dim]`` ``uint8``
+    (int4/int2 eager path only). Both grow to the largest layer's need (never shrink), so after a layer's
+    attention the next layer overwrites them: what a store returns from them is valid until the next layer's
+    ``update``. ``generation`` changes whenever they are reallocated, so stores know when their cached views
+    went stale.
 
     Example:
 
     ```python
     >>> scratch = DequantScratch()
     >>> scratch.ensure(1, 2, 64, torch.float32, "cpu", tokens=320, history=256, unpacked=True)
-    >>> scratch.out.shape
-    torch.Size([2, 1, 2, 320, 64])
+    >>> scratch.restored(1, 2, 300, 64).shape
+    torch.Size([2, 1, 2, 300, 64])
     ```
     """
 
     def __init__(self) -> None:
-        self.out: torch.Tensor | None = None  # [2, batch, kv_heads, tokens, head_dim], model dtype
+        self.out: torch.Tensor | None = None  # [2 * batch * kv_heads * tokens * head_dim], model dtype
+        self._geometry: tuple | None = None  # (batch, kv_heads, head_dim, dtype, device) of `out`
         self.codes: torch.Tensor | None = None  # [2, batch, kv_heads, history, head_dim] uint8
         self.generation = 0
         self._constants: dict = {}
@@ -86,11 +89,13 @@ class DequantScratch:
                unpacked: bool) -> None:
         """Make ``out`` hold ``tokens`` and ``codes`` ``history`` tokens (reallocating, never shrinking)."""
         out, codes = self.out, self.codes
-        same = out is not None and out.shape[1:3] == (batch, heads) and out.shape[-1] == head_dim and \
-            out.dtype == dtype and out.device == torch.device(device)
-        if not same or out.shape[3] < tokens:
-            size = tokens if not same else max(tokens, out.shape[3])
-            self.out = torch.zeros(2, batch, heads, size, head_dim, dtype=dtype, device=device)
+        geometry = (batch, heads, head_dim, dtype, torch.device(device))
+        same = out is not None and self._geometry == geometry
+        held = 0 if out is None else out.numel() // (2 * batch * heads * head_dim)
+        if not same or held < tokens:
+            size = tokens if not same else max(tokens, held)
+            self.out = torch.zeros(2 * batch * heads * size * head_dim, dtype=dtype, device=device)
+            self._geometry = geometry
             self._reallocated()
             if not same:
                 self.codes = codes = None
@@ -98,6 +103,10 @@ class DequantScratch:
             size = history if codes is None else max(history, codes.shape[3])
             self.codes = torch.zeros(2, batch, heads, size, head_dim, dtype=torch.uint8, device=device)
             self._reallocated()
+
+    def restored(self, batch: int, heads: int, tokens: int, head_dim: int) -> torch.Tensor:
+        """The first elements of ``out`` as a contiguous ``[2, batch, heads, tokens, head_dim]`` (after :meth:`ensure`)."""
+        return self.out[: 2 * batch * heads * tokens * head_dim].view(2, batch, heads, tokens, head_dim)
 
     def constants(self, nbits: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``masks`` ``[k, 1]`` (``uint8``) and ``factors`` ``[k, 1]`` (``dtype``) of :func:`dequantize_history`."""

@@ -5,8 +5,8 @@ use any storage: ``make_cache("h2o", model, budget=256, nbits=4)``.
 """
 
 from .base import DenseStore, KVStore, gather_tokens
-from .factory import STORAGE_KEYWORDS, make_store_factory
-from .packed import QuantizedStore, quantized_store_factory
+from .factory import STORAGE_KEYWORDS, make_store_factory, quantized_store_factory
+from .packed import QuantizedStore
 from .ring import RingStore
 from .split import SplitKV
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from .base import DenseStore
-from .packed import quantized_store_factory
+import functools
 
-STORAGE_KEYWORDS = ("nbits", "group_size", "residual_length", "scale_dtype", "backend")
+import torch
+
+from ..quant.fused import DequantScratch
+from .base import DenseStore
+from .packed import DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL_LENGTH, QuantizedStore
+
+STORAGE_KEYWORDS = ("nbits", "group_size", "residual_length", "scale_dtype", "backend", "dequant")
 
 
 def make_store_factory(store_factory=None, nbits=None, **quantization):
@@ -16,7 +21,7 @@ def make_store_factory(store_factory=None, nbits=None, **quantization):
         nbits (`int`, *optional*): ``None`` keeps tokens in the model's dtype; 8, 4 or 2 packs them
             (:class:`~hf_kvplus.storage.packed.QuantizedStore`).
         **quantization: ``group_size``, ``residual_length``, ``scale_dtype`` and ``backend`` of the
-            quantized store (see :func:`~hf_kvplus.quantized.quantized_store_factory`).
+            quantized store (see :func:`quantized_store_factory`).
 
     Example:
 
@@ -43,3 +48,41 @@ def make_store_factory(store_factory=None, nbits=None, **quantization):
         return DenseStore
 
     return quantized_store_factory(nbits=nbits, **given)
+
+
+def quantized_store_factory(nbits: int, group_size=None, residual_length=None, scale_dtype=None, backend=None,
+                            scratch: bool = False, dequant=None):
+    """A factory of :class:`QuantizedStore`, arguments checked now rather than at the first token.
+
+    Args:
+        nbits (`int`): 8, 4 or 2.
+        group_size (`int`, *optional*, defaults to 64): key tokens / value channels per group.
+        residual_length (`int`, *optional*, defaults to 128): newest tokens kept in full precision.
+        scale_dtype (`torch.dtype`, *optional*, defaults to `torch.float16`): scales and zero points.
+        backend (`str`, *optional*, defaults to ``"torch"``): the kernels, ``"torch"`` or ``"quanto"``
+            (optimum-quanto's rounding and unpacking on the same layout; ``pip install "hf_kvplus[quanto]"``).
+        scratch (`bool`, defaults to `False`): give the stores one shared
+            :class:`~hf_kvplus.quant.fused.DequantScratch`, so decoding steps restore the history in a few ops
+            into it (layers that never evict; an evicting layer re-lays out its history at every eviction).
+        dequant (`str`, *optional*, defaults to ``"auto"``): ``"auto"``, ``"compiled"`` or ``"eager"``: how those
+            steps restore it (see :class:`~hf_kvplus.storage.packed.QuantizedStore`).
+
+    Example:
+
+    ```python
+    >>> factory = quantized_store_factory(nbits=2, group_size=32, residual_length=64)
+    >>> store = factory()
+    ```
+    """
+    kwargs = dict(
+        backend="torch" if backend is None else backend,
+        nbits=nbits,
+        group_size=DEFAULT_GROUP_SIZE if group_size is None else group_size,
+        residual_length=DEFAULT_RESIDUAL_LENGTH if residual_length is None else residual_length,
+        scale_dtype=torch.float16 if scale_dtype is None else scale_dtype,
+        dequant="auto" if dequant is None else dequant,
+    )
+    QuantizedStore(**kwargs)  # validates
+    if scratch:  # one per factory, so per cache: every layer restores its history into the same buffers
+        kwargs["scratch"] = DequantScratch()
+    return functools.partial(QuantizedStore, **kwargs)

@@ -12,8 +12,6 @@ scale row, which tokens find through ``key_groups``. See ``docs/strategies/quant
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from ..quant import (
@@ -23,6 +21,7 @@ from ..quant import (
     quantize_keys,
     quantize_values,
 )
+from ..quant.compiled import check_dequant
 from ..quant.fused import DequantScratch
 from ..quant.minmax import check_backend
 from ..validate import check_int
@@ -46,6 +45,12 @@ class QuantizedStore(PackedDecodeStep, PackedEviction, KVStore):
         scale_dtype (`torch.dtype`, defaults to `torch.float16`): dtype of scales and zero points.
         backend (`str`, defaults to ``"torch"``): ``"quanto"`` runs code rounding and unpacking in
             optimum-quanto; the stored layout is the same.
+        scratch (`DequantScratch`, *optional*): shared buffers that enable the decoding hot path.
+        dequant (`str`, defaults to ``"auto"``): how a decoding step restores the history into the scratch:
+            ``"eager"`` (a few aten ops, :func:`~hf_kvplus.quant.fused.dequantize_history`), ``"compiled"`` (one
+            pass compiled by ``torch.compile``, :mod:`hf_kvplus.quant.compiled`; CPU, falls back to eager with a warning
+            where compilation fails) or ``"auto"`` (compiled on CPU once the history holds
+            :data:`~hf_kvplus.quant.compiled.AUTO_MIN_TOKENS` tokens, where it pays for its compilation).
 
     Example:
 
@@ -57,8 +62,8 @@ class QuantizedStore(PackedDecodeStep, PackedEviction, KVStore):
     """
 
     def __init__(self, nbits=4, group_size=64, residual_length=128, scale_dtype=torch.float16, backend="torch",
-                 scratch: DequantScratch | None = None):
-        self.nbits = check_nbits(nbits)
+                 scratch: DequantScratch | None = None, dequant: str = "auto"):
+        self.nbits, self.dequant = check_nbits(nbits), check_dequant(dequant)
         group_size = check_int("group_size", group_size)
         residual_length = check_int("residual_length", residual_length, minimum=0)
         if residual_length % group_size:
@@ -288,38 +293,3 @@ class QuantizedStore(PackedDecodeStep, PackedEviction, KVStore):
         self._key_params[0, :, :, :rows], self._key_params[1, :, :, :rows] = held[2], held[3]
         self._value_params[0, :, :, :nq], self._value_params[1, :, :, :nq] = held[4], held[5]
         self._point(nq, rows)
-
-
-def quantized_store_factory(nbits: int, group_size=None, residual_length=None, scale_dtype=None, backend=None,
-                            scratch: bool = False):
-    """A factory of :class:`QuantizedStore`, arguments checked now rather than at the first token.
-
-    Args:
-        nbits (`int`): 8, 4 or 2.
-        group_size (`int`, *optional*, defaults to 64): key tokens / value channels per group.
-        residual_length (`int`, *optional*, defaults to 128): newest tokens kept in full precision.
-        scale_dtype (`torch.dtype`, *optional*, defaults to `torch.float16`): scales and zero points.
-        backend (`str`, *optional*, defaults to ``"torch"``): the kernels, ``"torch"`` or ``"quanto"``
-            (optimum-quanto's rounding and unpacking on the same layout; ``pip install "hf_kvplus[quanto]"``).
-        scratch (`bool`, defaults to `False`): give the stores one shared
-            :class:`~hf_kvplus.quant.fused.DequantScratch`, so decoding steps restore the history in a few ops
-            into it (layers that never evict; an evicting layer re-lays out its history at every eviction).
-
-    Example:
-
-    ```python
-    >>> factory = quantized_store_factory(nbits=2, group_size=32, residual_length=64)
-    >>> store = factory()
-    ```
-    """
-    kwargs = dict(
-        backend="torch" if backend is None else backend,
-        nbits=nbits,
-        group_size=DEFAULT_GROUP_SIZE if group_size is None else group_size,
-        residual_length=DEFAULT_RESIDUAL_LENGTH if residual_length is None else residual_length,
-        scale_dtype=torch.float16 if scale_dtype is None else scale_dtype,
-    )
-    QuantizedStore(**kwargs)  # validates
-    if scratch:  # one per factory, so per cache: every layer restores its history into the same buffers
-        kwargs["scratch"] = DequantScratch()
-    return functools.partial(QuantizedStore, **kwargs)

@@ -1,10 +1,12 @@
-"""The decoding step of packed storage: one token into the residual, the history restored in a few ops into a shared scratch."""
+"""The decoding step of packed storage: one token into the residual, the history restored into a shared scratch in
+one compiled pass (:mod:`~hf_kvplus.quant.compiled`) or a few eager ops (:mod:`~hf_kvplus.quant.fused`)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..quant import (
+    compiled,
     dequantize_keys,
     dequantize_values,
 )
@@ -39,11 +41,10 @@ class PackedDecodeStep:
         if self._views is not None and self._views[0] == key:
             return self._views[1]
         nq, b, h = self.quantized_length, *self._res.shape[1:3]
-        d, k, gs = self._res.shape[-1], 8 // self.nbits, self.group_size
+        d, k, gs, slots = self._res.shape[-1], 8 // self.nbits, self.group_size, self.residual_capacity
         capacity = self._codes.shape[3]  # the whole history capacity: the scratch grows with it, not per flush
-        self.scratch.ensure(b, h, d, self.dtype, self._res.device, capacity + self.residual_capacity, capacity,
-                            self.nbits < 8)
-        out = self.scratch.out  # [2, b, h, capacity, d]
+        self.scratch.ensure(b, h, d, self.dtype, self._res.device, capacity + slots, capacity, self.nbits < 8)
+        out = self.scratch.restored(b, h, nq + slots, d)  # [2, b, h, nq + slots, d], contiguous
         history = out[:, :, :, :nq]  # [2, b, h, nq, d]
         codes = None if self.nbits == 8 else self.scratch.codes[:, :, :, :nq].view(2, b, h, nq, k, d // k)
         masks, factors = (None, None) if self.nbits == 8 else self.scratch.constants(self.nbits, self.dtype, out.device)
@@ -59,20 +60,24 @@ class PackedDecodeStep:
             self.value_zero.unsqueeze(-1),
             masks,
             factors,
-            out[:, :, :, nq : nq + self.residual_capacity],  # where the residual goes, [2, b, h, slots, d]
-            out[0],  # [b, h, capacity, d]
+            out[:, :, :, nq:],  # where the residual goes, [2, b, h, slots, d]
+            out[0],  # [b, h, nq + slots, d]
             out[1],
             self._res[0],  # [b, h, slots, d]
             self._res[1],
         )
         planes = int4_planes(views[0], codes, views[2]) if self.nbits == 4 else None
-        views = (*views, planes)
+        use_compiled = self.backend == "torch" and compiled.wanted(self.dequant, nq, gs, out.device)
+        kernel_args = (out[0], out[1], self._codes, self._key_params, self._value_params, self._res) if use_compiled \
+            else None
+        views = (*views, planes, kernel_args)
         self._views = (key, views)
         self.scratch._users.add(self)
         return views
 
     def _step(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoding token: about nine aten ops, no host sync, nothing allocated that grows with the context."""
+        """One decoding token: two writes and one compiled op (or eight eager ones), no host sync, nothing allocated
+        that grows with the context."""
         nq, r = self.quantized_length, self._r
         if nq and nq % self.group_size:
             out = self._reconstruct(keys, values)
@@ -90,8 +95,11 @@ class PackedDecodeStep:
         if nq == 0:
             out = res_keys[:, :, :r], res_values[:, :, :r]
         else:
-            views[11].copy_(self._res)  # the whole residual buffer, [2, b, h, slots, d]
-            dequantize_history(*views[:9], masks=views[9], factors=views[10], planes=views[16])
+            if views[17] is not None and compiled.unavailable(views[17][0].device) is None:
+                compiled.restore_packed(*views[17], self.nbits, self.group_size, self.value_group)  # + residual
+            else:
+                views[11].copy_(self._res)  # the whole residual buffer, [2, b, h, slots, d]
+                dequantize_history(*views[:9], masks=views[9], factors=views[10], planes=views[16])
             out = views[12][:, :, : nq + r], views[13][:, :, : nq + r]  # [b, h, nq + r, d]
         if r == self.residual_capacity:  # flush the oldest group into the history, residual into a fresh buffer
             self._push(self._res[0, :, :, : self.group_size], self._res[1, :, :, : self.group_size])
