@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import warnings
 
 import torch
@@ -37,8 +38,9 @@ from packaging.version import Version
 # for calls that need no attention mass, so those outputs are identical to `attn_implementation="sdpa"`.
 from transformers.integrations.sdpa_attention import sdpa_attention_forward as _sdpa_attention_forward
 
-# The boolean mask builder registered for "sdpa"; we register the same builder for our name.
-from transformers.masking_utils import sdpa_mask
+# The mask builders registered for "sdpa" (boolean) and "eager" (additive); we register the same builders for
+# the scoring attention of each (`attention.py`, `attention_eager.py`).
+from transformers.masking_utils import eager_mask, sdpa_mask
 
 __all__ = [
     "CACHE_KEYWORD",
@@ -47,12 +49,15 @@ __all__ = [
     "cache_from_call",
     "cache_kwargs",
     "check_transformers_version",
+    "eager_attention",
+    "eager_mask",
     "layer_dtypes",
     "output_cache",
     "quantized_layer_history",
     "rope_parameters",
     "sdpa_attention",
     "sdpa_mask",
+    "set_attn_implementation",
     "transformers_version",
 ]
 
@@ -152,6 +157,31 @@ def layer_dtypes(layer) -> tuple[torch.dtype | None, torch.dtype | None]:
 def attn_implementation(model) -> str | None:
     """The attention implementation a model runs with (its config's private ``_attn_implementation``, 5.20-5.24)."""
     return getattr(model.config, "_attn_implementation", None)
+
+
+def set_attn_implementation(model, name: str) -> None:
+    """Point ``model`` (and its sub-configs) at attention implementation ``name``, already registered and checked.
+
+    ``PreTrainedModel.set_attn_implementation`` validates and walks every submodule on each call; hooks that switch
+    for one forward and back (:mod:`hf_kvplus.hooks`) set the config's ``_attn_implementation`` (a private property
+    whose setter recurses into sub-configs, 5.20-5.24) directly, which is what attention modules read per call.
+    """
+    model.config._attn_implementation = name
+
+
+@functools.cache
+def _fallback_eager():
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward
+
+
+def eager_attention(module):
+    """The eager attention function of ``module``'s model: the module-level ``eager_attention_forward`` of its
+    ``modeling_*.py`` (models differ: soft-capping, attention sinks), which attention modules fall back to when
+    the implementation is ``"eager"`` (5.20-5.24); Llama's when the model's file defines none."""
+    forward = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    return forward if callable(forward) else _fallback_eager()
 
 
 def sdpa_attention(module, query, key, value, attention_mask, **kwargs):

@@ -29,9 +29,9 @@ class KeepRule:
     def _check_attention_arrived(self) -> None:
         if self._awaiting_attention:
             raise RuntimeError(
-                f"{type(self).__name__} (layer {self.layer_idx}) received no attention scores: the model does not use "
-                "the 'kvplus' attention. Build the cache with hf_kvplus.make_cache(name, model, ...) or call "
-                "hf_kvplus.attach(model, attention_scores=True) once before generating."
+                f"{type(self).__name__} (layer {self.layer_idx}) received no attention scores: the model did not run "
+                "the scoring attention. Build the cache with hf_kvplus.make_cache(name, model, ...) or call "
+                "hf_kvplus.attach(model) once, and call the model itself (model(...), generate), not model.forward."
             )
 
     def _commit(self, dropped: int) -> None:

@@ -30,12 +30,13 @@ from ..storage.ring import RingStore
 from ..storage.slots import POSITION_LIMIT, SlotStore
 from .context import CacheContext
 from .deferral import Deferral
+from .journal import Journal, roll_back
 from .keep import KeepRule
 from .slot_mode import SlotMode
 from .strategy import StrategyHooks
 
 
-class EvictingLayer(SlotMode, Deferral, KeepRule, StrategyHooks, CacheLayerMixin):
+class EvictingLayer(SlotMode, Deferral, KeepRule, Journal, StrategyHooks, CacheLayerMixin):
     """One decoder layer's cache: a store, the positions of what it keeps, and an eviction rule.
 
     Args:
@@ -245,7 +246,20 @@ class EvictingLayer(SlotMode, Deferral, KeepRule, StrategyHooks, CacheLayerMixin
 
     # --------------------------------------------------------------- contract
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append new keys/values; return what attention uses: ``[batch, kv_heads, kept + new, head_dim]``."""
+        """Append new keys/values; return what attention uses: ``[batch, kv_heads, kept + new, head_dim]``.
+
+        A refusal (or any error) here puts every layer of the cache back as it was before this forward
+        (:mod:`hf_kvplus.eviction.journal`)."""
+        self.journal_open()
+        try:
+            out = self._update(key_states, value_states)
+        except BaseException:
+            roll_back(self.context)
+            raise
+        self.journal_close()
+        return out
+
+    def _update(self, key_states: torch.Tensor, value_states: torch.Tensor):
         self._check_compatible(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
