@@ -22,7 +22,7 @@ import inspect
 import torch
 from transformers import PreTrainedModel
 
-from ._compat import attn_implementation, cache_from_call, set_attn_implementation
+from ._compat import attn_implementation, cache_from_call, rope_switch, set_attn_implementation
 from .attention_eager import VARIANTS, register_variants
 
 _HOOK_ATTR = "_hf_kvplus_input_hook"
@@ -41,6 +41,27 @@ def scoring_implementation(current: str | None) -> str:
         f"implementations; the model uses {current!r}. Load it with attn_implementation='sdpa' or 'eager' "
         "(model.set_attn_implementation('sdpa')), or use a strategy that does not score by attention."
     )
+
+
+def check_stable_rope(model: torch.nn.Module) -> None:
+    """Refuse a model whose rotary embedding switches frequencies mid-sequence (LongRoPE, the Phi-3 family).
+
+    Past the switch, every key held was rotated with the old frequencies, and Phi-3's ``generate`` drops the cache
+    to recompute them into a new ``DynamicCache``: a hf_kvplus cache would be bypassed (its budget, storage and
+    sharing no longer apply) or would hold stale keys. Neither can be followed from a cache, so it is refused.
+
+    Raises:
+        ValueError: the model uses LongRoPE.
+    """
+    switch = rope_switch(model)
+    if switch is not None:
+        raise ValueError(
+            f"{type(model).__name__} uses LongRoPE (rope_type='longrope'): past {switch} tokens its rotary embedding "
+            "switches to other frequencies, and transformers then recomputes every key into a new DynamicCache, "
+            "bypassing a hf_kvplus cache (its budget and storage would silently stop applying). hf_kvplus refuses "
+            "such models: use transformers' DynamicCache, or load the model with rope_parameters of the short "
+            f"factors only (rope_type='default' or 'linear') if prompt and generation stay within {switch} tokens."
+        )
 
 
 def _switch_attention(model: torch.nn.Module) -> None:
@@ -128,6 +149,7 @@ def attach(model: PreTrainedModel, attention_scores: bool = False) -> PreTrained
         raise TypeError(f"attach() expects a transformers model (torch.nn.Module), got {type(model).__name__}")
     if attention_scores:
         scoring_implementation(attn_implementation(model))  # refuse before anything changes
+    check_stable_rope(model)
     register_variants()
     if getattr(model, _HOOK_ATTR, None) is None:
         handle = model.register_forward_pre_hook(_observe_inputs, with_kwargs=True)

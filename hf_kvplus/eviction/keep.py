@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..rope import shift_keys
+from ..rope import layout_of, shift_keys
 from ..storage.base import gather_tokens
 from ..storage.slots import SlotStore
 
@@ -146,7 +146,7 @@ class KeepRule:
             if not self.sinks_displaced or not sinks:
                 return keys
             shift = torch.full((sinks,), self.seen - length, device=self.device)  # [sinks]; pos of sink i is i
-            shifted = shift_keys(keys[:, :, :sinks], shift, self.rope[0])
+            shifted = shift_keys(keys[:, :, :sinks], shift, self.rope[0], layout_of(self.rope))
             return torch.cat([shifted, keys[:, :, sinks:]], dim=-2)
         slots = torch.arange(self.seen - length, self.seen, device=self.device)
-        return shift_keys(keys, slots - self.pos, self.rope[0])  # [batch, kv_heads, n] shifts
+        return shift_keys(keys, slots - self.pos, self.rope[0], layout_of(self.rope))  # [batch, kv_heads, n] shifts
