@@ -274,7 +274,7 @@ def _head_dim(config) -> int:
 
 
 def rope_switch(model) -> int | None:
-    """Length past which ``model``'s rotary embedding switches to other frequencies (LongRoPE), or ``None``.
+    """Length past which ``model``'s (or a config's) rotary embedding switches to other frequencies (LongRoPE), or ``None``.
 
     transformers' ``longrope_frequency_update`` (``modeling_rope_utils.py``, 5.20-5.24) rewrites the rotary
     module's ``inv_freq`` in place from ``long_factor`` once positions pass
@@ -282,6 +282,13 @@ def rope_switch(model) -> int | None:
     drops the cache so the forward recomputes every key into a new ``DynamicCache``. Read from the rotary
     module's ``rope_type`` (a string, or one per layer type) and its config's ``rope_parameters``.
     """
+    if not isinstance(model, torch.nn.Module):  # a config: its rope_parameters
+        config = model.get_text_config(decoder=True)
+        params = getattr(config, "rope_parameters", None) or {}
+        if params.get("rope_type") != "longrope":
+            return None
+        switch = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+        return int(switch or 0)
     for module in model.modules():
         rope_type = getattr(module, "rope_type", None)
         kinds = rope_type if isinstance(rope_type, dict) else {None: rope_type}

@@ -43,8 +43,8 @@ def scoring_implementation(current: str | None) -> str:
     )
 
 
-def check_stable_rope(model: torch.nn.Module) -> None:
-    """Refuse a model whose rotary embedding switches frequencies mid-sequence (LongRoPE, the Phi-3 family).
+def check_stable_rope(model) -> None:
+    """Refuse a model (or config) whose rotary embedding switches frequencies mid-sequence (LongRoPE, the Phi-3 family).
 
     Past the switch, every key held was rotated with the old frequencies, and Phi-3's ``generate`` drops the cache
     to recompute them into a new ``DynamicCache``: a hf_kvplus cache would be bypassed (its budget, storage and
@@ -56,7 +56,7 @@ def check_stable_rope(model: torch.nn.Module) -> None:
     switch = rope_switch(model)
     if switch is not None:
         raise ValueError(
-            f"{type(model).__name__} uses LongRoPE (rope_type='longrope'): past {switch} tokens its rotary embedding "
+            f"{type(model).__name__.removesuffix('Config')} uses LongRoPE (rope_type='longrope'): past {switch} tokens its rotary embedding "
             "switches to other frequencies, and transformers then recomputes every key into a new DynamicCache, "
             "bypassing a hf_kvplus cache (its budget and storage would silently stop applying). hf_kvplus refuses "
             "such models: use transformers' DynamicCache, or load the model with rope_parameters of the short "

@@ -104,6 +104,8 @@ def test_a_model_that_switches_rope_frequencies_and_recreates_the_cache_is_refus
     with pytest.raises(ValueError, match=r"LongRoPE.*past 4 tokens.*DynamicCache"):
         hf_kvplus.make_cache(name, model, **kwargs)
     assert getattr(model, "_hf_kvplus_input_hook", None) is None and attn_implementation(model) == "sdpa"
+    with pytest.raises(ValueError, match=r"LongRoPE.*past 4 tokens"):  # a cache built from the config alone
+        hf_kvplus.make_cache(name, model.config, **kwargs)
 
 
 @torch.no_grad()
