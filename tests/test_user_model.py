@@ -105,3 +105,17 @@ def test_a_failing_forward_leaves_the_users_attention():
     with pytest.raises(IndexError):
         model(torch.full((1, 3), 10_000), **cache_kwargs(cache), use_cache=True)  # token ids out of the vocabulary
     assert attn_implementation(model) == "eager"
+
+
+@pytest.mark.parametrize("name", ["h2o", "tova", "snapkv"])
+@torch.no_grad()
+def test_eager_scoring_with_left_padding_generates_what_the_row_generates_alone(name):
+    """Padding query rows (fully masked in eager's additive mask) add no attention mass."""
+    model = _model("eager")
+    ids = prompt(batch=2, length=12, seed=3)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    batch = model.generate(ids, attention_mask=mask, **cache_kwargs(_make(name, model)), max_new_tokens=8,
+                           do_sample=False)
+    alone = model.generate(ids[:1, 3:], **cache_kwargs(_make(name, model)), max_new_tokens=8, do_sample=False)
+    assert batch[0, 12:].tolist() == alone[0, 9:].tolist()

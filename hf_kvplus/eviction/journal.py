@@ -16,7 +16,7 @@ or shapes than earlier ones) leaves the cache marked unusable: every later forwa
 
 from __future__ import annotations
 
-import copy
+import torch
 
 from ..storage.base import KVStore
 from ..storage.ring import RingStore
@@ -24,6 +24,9 @@ from ..storage.slots import SlotStore
 
 _LAYER_FIELDS = ("store", "seen", "_pos", "max_held", "_awaiting_attention", "uncommitted", "sinks_displaced",
                  "is_initialized", "record_past")
+
+
+_PLAIN = frozenset({torch.Tensor, int, float, bool, str, type(None), tuple, torch.dtype, torch.device})
 
 
 def _store_state(store):
@@ -34,9 +37,14 @@ def _store_state(store):
         return ("slots", store.seen, store.full)
     if store is None:
         return None
-    held = vars(store)
-    nested = {k: _store_state(v) for k, v in held.items() if isinstance(v, KVStore)}  # a prefix store's private one
-    return ("attrs", {k: copy.copy(v) if isinstance(v, (list, dict)) else v for k, v in held.items()}, nested)
+    held, nested = dict(vars(store)), {}
+    for name, value in held.items():
+        kind = type(value)
+        if kind is list or kind is dict:
+            held[name] = kind(value)
+        elif kind not in _PLAIN and isinstance(value, KVStore):  # a prefix store's private store
+            nested[name] = _store_state(value)
+    return ("attrs", held, nested)
 
 
 def _restore_attrs(store, state) -> None:
@@ -49,6 +57,19 @@ def _restore_attrs(store, state) -> None:
 
 class Journal:
     """Snapshot and rollback for :class:`~hf_kvplus.eviction.layer.EvictingLayer` (a mixin)."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Append new keys/values; return what attention uses: ``[batch, kv_heads, kept + new, head_dim]``.
+
+        A refusal (or any error) here puts every layer of the cache back as it was before this forward."""
+        self.journal_open()
+        try:
+            out = self._update(key_states, value_states)
+        except BaseException:
+            roll_back(self.context)
+            raise
+        self.journal_close()
+        return out
 
     def journal_open(self) -> None:
         """Record this layer's state unless already recorded in this forward (call before any change)."""

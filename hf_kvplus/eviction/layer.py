@@ -30,7 +30,7 @@ from ..storage.ring import RingStore
 from ..storage.slots import POSITION_LIMIT, SlotStore
 from .context import CacheContext
 from .deferral import Deferral
-from .journal import Journal, roll_back
+from .journal import Journal
 from .keep import KeepRule
 from .slot_mode import SlotMode
 from .strategy import StrategyHooks
@@ -245,21 +245,9 @@ class EvictingLayer(SlotMode, Deferral, KeepRule, Journal, StrategyHooks, CacheL
         return self.budget is None or self.record_past
 
     # --------------------------------------------------------------- contract
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append new keys/values; return what attention uses: ``[batch, kv_heads, kept + new, head_dim]``.
-
-        A refusal (or any error) here puts every layer of the cache back as it was before this forward
-        (:mod:`hf_kvplus.eviction.journal`)."""
-        self.journal_open()
-        try:
-            out = self._update(key_states, value_states)
-        except BaseException:
-            roll_back(self.context)
-            raise
-        self.journal_close()
-        return out
-
     def _update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """``update`` (see :class:`~hf_kvplus.eviction.journal.Journal`): append new keys/values, return what
+        attention uses, ``[batch, kv_heads, kept + new, head_dim]``."""
         self._check_compatible(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
