@@ -30,7 +30,9 @@ the split attention of a shared prefix merges by -> :func:`attention_with_lse`.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
+import sys
 import warnings
 
 import torch
@@ -41,8 +43,9 @@ from packaging.version import Version
 # for calls that need no attention mass, so those outputs are identical to `attn_implementation="sdpa"`.
 from transformers.integrations.sdpa_attention import sdpa_attention_forward as _sdpa_attention_forward
 
-# The boolean mask builder registered for "sdpa"; we register the same builder for our name.
-from transformers.masking_utils import sdpa_mask
+# The mask builders registered for "sdpa" (boolean) and "eager" (additive); we register the same builders for
+# the scoring attention of each (`attention.py`, `attention_eager.py`).
+from transformers.masking_utils import eager_mask, sdpa_mask
 
 __all__ = [
     "CACHE_KEYWORD",
@@ -52,12 +55,16 @@ __all__ = [
     "cache_from_call",
     "cache_kwargs",
     "check_transformers_version",
+    "eager_attention",
+    "eager_mask",
     "layer_dtypes",
     "output_cache",
     "quantized_layer_history",
+    "rope_switch",
     "rope_parameters",
     "sdpa_attention",
     "sdpa_mask",
+    "set_attn_implementation",
     "transformers_version",
 ]
 
@@ -159,6 +166,31 @@ def attn_implementation(model) -> str | None:
     return getattr(model.config, "_attn_implementation", None)
 
 
+def set_attn_implementation(model, name: str) -> None:
+    """Point ``model`` (and its sub-configs) at attention implementation ``name``, already registered and checked.
+
+    ``PreTrainedModel.set_attn_implementation`` validates and walks every submodule on each call; hooks that switch
+    for one forward and back (:mod:`hf_kvplus.hooks`) set the config's ``_attn_implementation`` (a private property
+    whose setter recurses into sub-configs, 5.20-5.24) directly, which is what attention modules read per call.
+    """
+    model.config._attn_implementation = name
+
+
+@functools.cache
+def _fallback_eager():
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    return eager_attention_forward
+
+
+def eager_attention(module):
+    """The eager attention function of ``module``'s model: the module-level ``eager_attention_forward`` of its
+    ``modeling_*.py`` (models differ: soft-capping, attention sinks), which attention modules fall back to when
+    the implementation is ``"eager"`` (5.20-5.24); Llama's when the model's file defines none."""
+    forward = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    return forward if callable(forward) else _fallback_eager()
+
+
 def sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' SDPA attention: ``(output [batch, q, q_heads, head_dim], None)``.
 
@@ -168,39 +200,114 @@ def sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     return _sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
-def rope_parameters(model_or_config) -> tuple[torch.Tensor, float] | None:
-    """Inverse frequencies and attention scaling of the model's rotary embedding, or ``None``.
+def rope_parameters(model_or_config) -> tuple[torch.Tensor, float, str] | None:
+    """Inverse frequencies, attention scaling and channel layout of the model's rotary embedding, or ``None``.
 
-    With a model, the buffers of its rotary module are read (they include any RoPE scaling).
-    With a config, they are computed as transformers computes them. ``None`` means the model has
-    no rotary embedding we know how to reproduce (re-rotating keys is then refused).
+    The rotary module (a module with ``inv_freq`` and ``attention_scaling``: the model's own, or built from the
+    config by the class its ``modeling_*.py`` defines) gives the frequencies, RoPE scaling included. The layout
+    (:data:`hf_kvplus.rope.LAYOUTS`) is the one whose re-rotation reproduces the model's own rotation
+    (``apply_rotary_pos_emb`` of its ``modeling_*.py``, 5.20-5.24) of random keys moved by a few positions, to
+    1e-4. ``None`` means re-rotation cannot be reproduced (and is then refused): no rotary module, frequencies
+    that change with the sequence length (``dynamic``, ``longrope``), or a rotation neither layout matches
+    (multimodal sections, a layout of its own).
     """
+    from .rope import LAYOUTS, shift_keys
+
+    parts = _rotary_parts(model_or_config)
+    if parts is None:
+        return None
+    rotary, apply, head_dim = parts
+    kinds = rotary.rope_type.values() if isinstance(rotary.rope_type, dict) else [rotary.rope_type]
+    if any(kind in ("dynamic", "longrope") for kind in kinds) or apply is None:
+        return None  # frequencies change with the sequence length
+    inv_freq = rotary.inv_freq.detach().float().cpu().clone()
+    try:
+        with torch.no_grad():
+            keys = torch.randn(1, 2, 4, head_dim, generator=torch.Generator().manual_seed(0))  # [b, heads, n, d]
+            positions = torch.tensor([[1, 5, 11, 23]])
+            base, moved = (_model_rotation(rotary, apply, keys, at) for at in (positions, positions + 7))
+    except Exception:  # a rotary module or apply function taking other inputs (multimodal sections)
+        return None
+    for layout in LAYOUTS:
+        if base.shape == moved.shape == keys.shape and 2 * inv_freq.shape[-1] <= head_dim:
+            shifted = shift_keys(base, torch.tensor(7), inv_freq, layout)
+            if torch.allclose(shifted, moved, atol=1e-4, rtol=1e-4):
+                return inv_freq, float(rotary.attention_scaling), layout
+    return None
+
+
+def _model_rotation(rotary, apply, keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """``keys`` rotated at ``positions`` as the model rotates them (``[b, heads, n, d]``)."""
+    cos, sin = rotary(keys, positions)  # [b, n, rot]
+    rot = cos.shape[-1]
+    try:  # functions that split partial rotary themselves (GPT-NeoX, GLM), and full rotary
+        return apply(keys, keys, cos, sin)[1]
+    except RuntimeError:  # the attention module splits (Phi): [b, heads, n, rot] in, the rest passes through
+        return torch.cat([apply(keys[..., :rot], keys[..., :rot], cos, sin)[1], keys[..., rot:]], dim=-1)
+
+
+def _rotary_parts(model_or_config):
+    """``(rotary module, apply_rotary_pos_emb or None, head_dim)`` of a model or config, or ``None``."""
     if isinstance(model_or_config, torch.nn.Module):
+        config = model_or_config.config.get_text_config(decoder=True)
         for module in model_or_config.modules():
-            inv_freq = getattr(module, "inv_freq", None)
-            if isinstance(inv_freq, torch.Tensor) and hasattr(module, "attention_scaling"):
-                if getattr(module, "rope_type", "default") == "dynamic":
-                    return None  # frequencies change with the sequence length
-                return inv_freq.detach().float().cpu().clone(), float(module.attention_scaling)
+            if isinstance(getattr(module, "inv_freq", None), torch.Tensor) and hasattr(module, "attention_scaling"):
+                apply = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
+                return module, apply, _head_dim(config)
         return None
     config = model_or_config.get_text_config(decoder=True)
     params = getattr(config, "rope_parameters", None)
-    if not params or "rope_theta" not in params:
+    if not params:
         return None
-    rope_type = params.get("rope_type", "default")
-    if rope_type == "dynamic":
+    model_type = getattr(config, "model_type", "")
+    try:
+        modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
         return None
-    if rope_type == "default":
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
-        inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-        return inv_freq, 1.0
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    for name, value in vars(modeling).items():
+        if name.endswith("RotaryEmbedding") and isinstance(value, type) and "Vision" not in name:
+            try:
+                rotary = value(config=config)
+            except Exception:
+                continue
+            return rotary, getattr(modeling, "apply_rotary_pos_emb", None), _head_dim(config)
+    return None
 
-    if rope_type not in ROPE_INIT_FUNCTIONS:
-        return None
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
-    return inv_freq.float(), float(scaling)
+
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def rope_switch(model) -> int | None:
+    """Length past which ``model``'s (or a config's) rotary embedding switches to other frequencies (LongRoPE), or ``None``.
+
+    transformers' ``longrope_frequency_update`` (``modeling_rope_utils.py``, 5.20-5.24) rewrites the rotary
+    module's ``inv_freq`` in place from ``long_factor`` once positions pass
+    ``rope_parameters["original_max_position_embeddings"]``; Phi-3's ``prepare_inputs_for_generation`` then
+    drops the cache so the forward recomputes every key into a new ``DynamicCache``. Read from the rotary
+    module's ``rope_type`` (a string, or one per layer type) and its config's ``rope_parameters``.
+    """
+    if not isinstance(model, torch.nn.Module):  # a config: its rope_parameters
+        config = model.get_text_config(decoder=True)
+        params = getattr(config, "rope_parameters", None) or {}
+        if params.get("rope_type") != "longrope":
+            return None
+        switch = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+        return int(switch or 0)
+    for module in model.modules():
+        rope_type = getattr(module, "rope_type", None)
+        kinds = rope_type if isinstance(rope_type, dict) else {None: rope_type}
+        for layer_type, kind in kinds.items():
+            if kind != "longrope":
+                continue
+            config = getattr(module, "config", None) or getattr(model, "config", None)
+            params = getattr(config, "rope_parameters", None) or {}
+            params = params.get(layer_type, params) if layer_type is not None else params
+            switch = params.get("original_max_position_embeddings")
+            if switch is None:
+                switch = getattr(config, "original_max_position_embeddings", None)
+            return int(switch) if switch is not None else 0
+    return None
 
 
 def quantized_layer_history(layer) -> list[torch.Tensor]:

@@ -5,10 +5,17 @@ Two public extension points, nothing patched:
 * a forward pre-hook on the user's model instance (``torch.nn.Module.register_forward_pre_hook``)
   hands each hf_kvplus cache the 2-D (or 4-D) attention mask of the call, so evicting caches know
   which columns are left padding (and, to caches with ``observes_input_ids = True``, the call's ids);
-* the ``"kvplus"`` attention of :mod:`hf_kvplus.attention`, set on the model only when a cache
-  scores tokens by attention, or reads a shared prefix without copying it (prefix caches).
+* for a forward that carries a cache scoring tokens by attention (H2O, TOVA, SnapKV), the same hook
+  switches the model to the scoring attention matching the user's own implementation (``"sdpa"`` ->
+  ``"kvplus"``, ``"eager"`` -> ``"kvplus_eager"``: same outputs, same returned attention weights), and a
+  forward hook that runs even when the forward raises switches it back. Between forwards, and for calls
+  with any other cache, the model runs exactly the implementation the user chose;
+* the same per-forward switch to ``"kvplus"`` for a prefix-shared cache on a model running ``"sdpa"``, whose
+  attention then reads the shared prefix in place (:mod:`hf_kvplus.cascade`: what SDPA computes, without the
+  per-step copy); any other implementation is left as it is and reads the concatenated keys.
 
-``make_cache(name, model)`` calls :func:`attach` for you.
+``make_cache(name, model)`` calls :func:`attach` for you. The switch is per model and per call: one model
+shared by threads that run scoring and non-scoring caches at once would see each other's switch.
 """
 
 from __future__ import annotations
@@ -18,10 +25,71 @@ import inspect
 import torch
 from transformers import PreTrainedModel
 
-from ._compat import attn_implementation, cache_from_call
-from .attention import ATTN_IMPLEMENTATION, register_attention
+from ._compat import attn_implementation, cache_from_call, rope_switch, set_attn_implementation
+from .attention_eager import VARIANTS, register_variants
 
 _HOOK_ATTR = "_hf_kvplus_input_hook"
+_RESTORE_ATTR = "_hf_kvplus_restore_hook"
+_SWITCHED_ATTR = "_hf_kvplus_switched_from"  # the user's implementation while a forward runs on ours
+
+
+def scoring_implementation(current: str | None) -> str:
+    """The scoring attention computing what ``current`` computes (``ValueError`` when there is none)."""
+    if current in VARIANTS.values():  # the user set a scoring attention themselves
+        return current
+    if current in VARIANTS:
+        return VARIANTS[current]
+    raise ValueError(
+        f"caches that score tokens by attention (h2o, tova, snapkv) support the 'sdpa' and 'eager' attention "
+        f"implementations; the model uses {current!r}. Load it with attn_implementation='sdpa' or 'eager' "
+        "(model.set_attn_implementation('sdpa')), or use a strategy that does not score by attention."
+    )
+
+
+def check_stable_rope(model) -> None:
+    """Refuse a model (or config) whose rotary embedding switches frequencies mid-sequence (LongRoPE, the Phi-3 family).
+
+    Past the switch, every key held was rotated with the old frequencies, and Phi-3's ``generate`` drops the cache
+    to recompute them into a new ``DynamicCache``: a hf_kvplus cache would be bypassed (its budget, storage and
+    sharing no longer apply) or would hold stale keys. Neither can be followed from a cache, so it is refused.
+
+    Raises:
+        ValueError: the model uses LongRoPE.
+    """
+    switch = rope_switch(model)
+    if switch is not None:
+        raise ValueError(
+            f"{type(model).__name__.removesuffix('Config')} uses LongRoPE (rope_type='longrope'): past {switch} tokens its rotary embedding "
+            "switches to other frequencies, and transformers then recomputes every key into a new DynamicCache, "
+            "bypassing a hf_kvplus cache (its budget and storage would silently stop applying). hf_kvplus refuses "
+            "such models: use transformers' DynamicCache, or load the model with rope_parameters of the short "
+            f"factors only (rope_type='default' or 'linear') if prompt and generation stay within {switch} tokens."
+        )
+
+
+def _switch_attention(model: torch.nn.Module) -> None:
+    current = attn_implementation(model)
+    target = scoring_implementation(current)
+    if target != current:
+        setattr(model, _SWITCHED_ATTR, current)
+        set_attn_implementation(model, target)
+
+
+def _switch_to_split_attention(model: torch.nn.Module) -> None:
+    if attn_implementation(model) == "sdpa":
+        setattr(model, _SWITCHED_ATTR, "sdpa")
+        set_attn_implementation(model, VARIANTS["sdpa"])  # "kvplus": SDPA's math, and the prefix read in place
+
+
+def _after_forward(model: torch.nn.Module, args: tuple, kwargs: dict, output) -> None:
+    """Runs after every forward, also one that raised (``output`` is then ``None``): the user's attention back,
+    and the cache's forward ended (rolled back when it failed)."""
+    previous = model.__dict__.pop(_SWITCHED_ATTR, None)
+    if previous is not None:
+        set_attn_implementation(model, previous)
+    context = model.__dict__.pop("_hf_kvplus_context", None)
+    if context is not None:
+        context.end_forward(failed=output is None)
 
 
 def _bound_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -41,8 +109,22 @@ def _bound_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
 def _observe_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     inputs = _bound_inputs(module, args, kwargs)
     cache = cache_from_call(inputs)
-    if cache is None or not hasattr(cache, "observe_inputs"):
+    if cache is None:
         return None
+    context = getattr(cache, "context", None)
+    if hasattr(context, "begin_forward"):  # a refused forward is rolled back (eviction/journal.py)
+        context.begin_forward()
+        module._hf_kvplus_context = context
+    if hasattr(cache, "observe_inputs"):
+        _observe(cache, inputs)
+    if getattr(cache, "needs_attention", False):  # last: nothing after it may raise before the forward hook is armed
+        _switch_attention(module)
+    elif getattr(cache, "split_attention", False):
+        _switch_to_split_attention(module)
+    return None
+
+
+def _observe(cache, inputs: dict) -> None:
     tokens = inputs.get("input_ids")
     if tokens is None:
         tokens = inputs.get("inputs_embeds")
@@ -51,7 +133,6 @@ def _observe_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             cache.observe_inputs(inputs.get("attention_mask"), tokens.shape[1], input_ids=inputs.get("input_ids"))
         else:
             cache.observe_inputs(inputs.get("attention_mask"), tokens.shape[1])
-    return None
 
 
 def attach(model: PreTrainedModel, attention_scores: bool = False, split_attention: bool = False) -> PreTrainedModel:
@@ -59,16 +140,17 @@ def attach(model: PreTrainedModel, attention_scores: bool = False, split_attenti
 
     Args:
         model (`PreTrainedModel`): the model the caches will run with.
-        attention_scores (`bool`, *optional*, defaults to `False`): also switch the model to the
-            ``"kvplus"`` attention implementation, needed by caches that score keys by the
-            attention they receive (H2O, TOVA). Its outputs are SDPA's up to float rounding.
-        split_attention (`bool`, *optional*, defaults to `False`): switch to the ``"kvplus"`` attention when
-            the model runs ``"sdpa"`` (what it computes), so a prefix-shared cache's prefix is attended without
-            being copied (:mod:`hf_kvplus.cascade`). Any other implementation is left as it is (it reads
-            the concatenated keys, as before); nothing is refused.
+        attention_scores (`bool`, *optional*, defaults to `False`): check now that the model's attention
+            implementation has a scoring variant (``"sdpa"`` or ``"eager"``), needed by caches that score keys
+            by the attention they receive (H2O, TOVA, SnapKV); the switch itself happens per forward.
+        split_attention (`bool`, *optional*, defaults to `False`): accepted for prefix-shared caches, which need
+            nothing checked: their forwards on an ``"sdpa"`` model run the ``"kvplus"`` attention, which reads
+            the shared prefix without copying it (:mod:`hf_kvplus.cascade`); other implementations are left as
+            they are.
 
     Raises:
-        ValueError: ``attention_scores`` on a model whose attention is neither ``"sdpa"`` nor ``"eager"``.
+        TypeError: ``model`` is not a ``torch.nn.Module``.
+        ValueError: ``attention_scores`` and an implementation with no scoring variant (flash attention, ...).
 
     Example:
 
@@ -80,25 +162,20 @@ def attach(model: PreTrainedModel, attention_scores: bool = False, split_attenti
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"attach() expects a transformers model (torch.nn.Module), got {type(model).__name__}")
-    register_attention()
+    if attention_scores:
+        scoring_implementation(attn_implementation(model))  # refuse before anything changes
+    check_stable_rope(model)
+    register_variants()
     if getattr(model, _HOOK_ATTR, None) is None:
         handle = model.register_forward_pre_hook(_observe_inputs, with_kwargs=True)
         setattr(model, _HOOK_ATTR, handle)
-    if attention_scores and attn_implementation(model) != ATTN_IMPLEMENTATION:
-        current = attn_implementation(model)
-        if current not in (None, "sdpa", "eager"):
-            raise ValueError(
-                f"attention scores need the 'kvplus' attention (SDPA-based); the model uses {current!r}. "
-                "Load the model with attn_implementation='sdpa' (or 'eager') first."
-            )
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    if split_attention and attn_implementation(model) in (None, "sdpa"):
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+        restore = model.register_forward_hook(_after_forward, with_kwargs=True, always_call=True)
+        setattr(model, _RESTORE_ATTR, restore)
     return model
 
 
 def detach(model: PreTrainedModel) -> None:
-    """Remove what :func:`attach` installed and return the model to ``"sdpa"`` attention.
+    """Remove what :func:`attach` installed; the model keeps the attention implementation it had before.
 
     Args:
         model (`PreTrainedModel`): a model passed to :func:`attach` (or to ``make_cache``) before;
@@ -107,12 +184,14 @@ def detach(model: PreTrainedModel) -> None:
     Example:
 
     ```python
-    >>> cache = hf_kvplus.make_cache("h2o", model, budget=256)  # attaches, switches to "kvplus" attention
-    >>> hf_kvplus.detach(model)  # hook removed, attention back to "sdpa"
+    >>> cache = hf_kvplus.make_cache("h2o", model, budget=256)  # attaches: hooks only
+    >>> hf_kvplus.detach(model)  # hooks removed; attention as the user loaded it
     ```"""
-    handle = getattr(model, _HOOK_ATTR, None)
-    if handle is not None:
-        handle.remove()
-        setattr(model, _HOOK_ATTR, None)
-    if attn_implementation(model) == ATTN_IMPLEMENTATION:
-        model.set_attn_implementation("sdpa")
+    for name in (_HOOK_ATTR, _RESTORE_ATTR):
+        handle = getattr(model, name, None)
+        if handle is not None:
+            handle.remove()
+            setattr(model, name, None)
+    previous = model.__dict__.pop(_SWITCHED_ATTR, None)
+    if previous is not None:
+        set_attn_implementation(model, previous)

@@ -14,7 +14,7 @@ import torch
 from transformers import Cache, DynamicCache, PreTrainedConfig
 
 from .config import decoder_config
-from .hooks import attach
+from .hooks import attach, check_stable_rope
 
 
 @dataclass(frozen=True)
@@ -239,6 +239,8 @@ def make_cache(name: str, model_or_config, **kwargs) -> Cache:
             kwargs = {**spec.from_model(model), **kwargs}
     elif isinstance(model_or_config, PreTrainedConfig):
         config = model_or_config
+        if spec.name != "dynamic":
+            check_stable_rope(config)
     else:
         raise TypeError(
             f"make_cache needs a transformers model or PreTrainedConfig, got {type(model_or_config).__name__}"

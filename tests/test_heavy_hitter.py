@@ -74,14 +74,13 @@ def test_kept_tokens_are_the_protected_and_highest_scored(name, per_head):
 
 @pytest.mark.parametrize("name", ["h2o", "tova", "snapkv"])
 def test_scores_never_arriving_raise_instead_of_falling_back_to_recency(name):
-    model = tiny_model("llama-gqa")
-    hf_kvplus.attach(model)  # padding hook only: the model still uses SDPA, which reports nothing
+    model = tiny_model("llama-gqa")  # never attached: no hook switches to the scoring attention, SDPA reports nothing
     spec = hf_kvplus.get_spec(name)
     small = {"window": 4} if name == "snapkv" else {}  # the default window (32) would fill the budget: refused
     cache = spec.factory(model.config, budget=8, **small)
-    with pytest.raises(RuntimeError, match=r"attach\(model, attention_scores=True\)"):
+    with pytest.raises(RuntimeError, match=r"hf_kvplus.attach\(model\)"):
         model(prompt(length=12), **cache_kwargs(cache), use_cache=True)
-    hf_kvplus.attach(model, attention_scores=True)
+    hf_kvplus.attach(model)  # the hook switches attention for the forwards carrying a scoring cache
     cache = spec.factory(model.config, budget=8, **small)
     model(prompt(length=12), **cache_kwargs(cache), use_cache=True)
     assert cache.max_held == 8

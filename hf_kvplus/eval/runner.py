@@ -97,7 +97,7 @@ def run_point(model, tokenizer, ids, protocol: str, point: Point, progress: bool
         )
     finally:
         if get_spec(point.strategy).attention_scores:
-            detach(model)  # back to "sdpa", so the next strategies run (and are timed) on plain attention
+            detach(model)  # hooks removed, so the next strategies run (and are timed) without them
     peaks = peak_memory(model.device)
     row = {key: value for key, value in metrics.items() if not key.startswith("cache_bytes")}
     row["cache_mib"] = metrics["cache_bytes"] / MIB

@@ -46,6 +46,11 @@ class KVPlusCache(Cache):
         for layer in layers:
             layer.query_groups = max(1, heads // self.num_kv_heads)
         super().__init__(layers=layers)
+        #: Whether forwards through this cache need the scoring attention (read by the model hook, see hooks.py).
+        self.needs_attention = any(layer.needs_attention for layer in layers)
+        #: Whether forwards read a shared prefix in parts through the "kvplus" attention (prefix caches, see hooks.py).
+        self.split_attention = any(getattr(layer, "split_attention", False) for layer in layers)
+        self.context.last_layer = num_layers - 1
 
     def predict_nbytes(self, tokens: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int | None:
         """Bytes :func:`hf_kvplus.cache_nbytes` will count once ``tokens`` tokens went through this (fresh) cache.

@@ -29,6 +29,11 @@ class CacheContext:
         self.observed = False
         self.awaiting = None  # the EvictingLayer whose attention scores are due
         self.rope_memo = None  # RopeAngles: cos and sin of the sinks' shift, shared by the layers of one step
+        self.journal: dict = {}  # layer index -> what it held before this forward (eviction/journal.py)
+        self.broken: str | None = None  # why every forward is refused until reset(), after a rollback that was not exact
+        self.in_forward = False  # the model hook began this forward and will end it
+        self.last_layer: int | None = None  # the journal is dropped after this layer's update when no hook ends the forward
+        self.before_forward: dict | None = None  # padding state when the hook began the forward
 
     def set_padding(self, pad_len: torch.Tensor | None) -> None:
         """Record each row's left padding (``[batch]`` long); reads it on the host once, outside decoding steps."""
@@ -40,7 +45,27 @@ class CacheContext:
         if self.pad_len is not None:
             self.set_padding(self.pad_len.index_select(0, index.to(self.pad_len.device)))
 
+    _PADDING_FIELDS = ("pad_len", "pad_host", "padded", "mask_length", "observed")
+
+    def begin_forward(self) -> None:
+        """Called by the model hook before the forward (and before it reads the call's padding)."""
+        self.journal = {}
+        self.in_forward = True
+        self.before_forward = {name: getattr(self, name) for name in self._PADDING_FIELDS}
+
+    def end_forward(self, failed: bool) -> None:
+        """Called by the model hook after the forward, also when it raised: a failed forward is rolled back."""
+        from .journal import roll_back
+
+        if failed and self.journal:
+            roll_back(self)
+        if failed and self.before_forward is not None:
+            for name, value in self.before_forward.items():
+                setattr(self, name, value)
+        self.journal, self.in_forward, self.before_forward = {}, False, None
+
     def reset(self) -> None:
+        self.journal, self.broken, self.in_forward, self.before_forward = {}, None, False, None
         self.set_padding(None)
         self.mask_length = None
         self.observed = False

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..rope import shift_keys
+from ..rope import layout_of, shift_keys
 from ..storage.base import gather_tokens
 from ..storage.slots import SlotStore
 
@@ -29,9 +29,9 @@ class KeepRule:
     def _check_attention_arrived(self) -> None:
         if self._awaiting_attention:
             raise RuntimeError(
-                f"{type(self).__name__} (layer {self.layer_idx}) received no attention scores: the model does not use "
-                "the 'kvplus' attention. Build the cache with hf_kvplus.make_cache(name, model, ...) or call "
-                "hf_kvplus.attach(model, attention_scores=True) once before generating."
+                f"{type(self).__name__} (layer {self.layer_idx}) received no attention scores: the model did not run "
+                "the scoring attention. Build the cache with hf_kvplus.make_cache(name, model, ...) or call "
+                "hf_kvplus.attach(model) once, and call the model itself (model(...), generate), not model.forward."
             )
 
     def _commit(self, dropped: int) -> None:
@@ -146,7 +146,7 @@ class KeepRule:
             if not self.sinks_displaced or not sinks:
                 return keys
             shift = torch.full((sinks,), self.seen - length, device=self.device)  # [sinks]; pos of sink i is i
-            shifted = shift_keys(keys[:, :, :sinks], shift, self.rope[0])
+            shifted = shift_keys(keys[:, :, :sinks], shift, self.rope[0], layout_of(self.rope))
             return torch.cat([shifted, keys[:, :, sinks:]], dim=-2)
         slots = torch.arange(self.seen - length, self.seen, device=self.device)
-        return shift_keys(keys, slots - self.pos, self.rope[0])  # [batch, kv_heads, n] shifts
+        return shift_keys(keys, slots - self.pos, self.rope[0], layout_of(self.rope))  # [batch, kv_heads, n] shifts

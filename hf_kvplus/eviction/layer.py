@@ -30,12 +30,13 @@ from ..storage.ring import RingStore
 from ..storage.slots import POSITION_LIMIT, SlotStore
 from .context import CacheContext
 from .deferral import Deferral
+from .journal import Journal
 from .keep import KeepRule
 from .slot_mode import SlotMode
 from .strategy import StrategyHooks
 
 
-class EvictingLayer(SlotMode, Deferral, KeepRule, StrategyHooks, CacheLayerMixin):
+class EvictingLayer(SlotMode, Deferral, KeepRule, Journal, StrategyHooks, CacheLayerMixin):
     """One decoder layer's cache: a store, the positions of what it keeps, and an eviction rule.
 
     Args:
@@ -245,8 +246,9 @@ class EvictingLayer(SlotMode, Deferral, KeepRule, StrategyHooks, CacheLayerMixin
         return self.budget is None or self.record_past
 
     # --------------------------------------------------------------- contract
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append new keys/values; return what attention uses: ``[batch, kv_heads, kept + new, head_dim]``."""
+    def _update(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """``update`` (see :class:`~hf_kvplus.eviction.journal.Journal`): append new keys/values, return what
+        attention uses, ``[batch, kv_heads, kept + new, head_dim]``."""
         self._check_compatible(key_states, value_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)

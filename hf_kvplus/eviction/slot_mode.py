@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..attention import request_attention
+from ..rope import layout_of
 from ..storage.base import DenseStore
 from ..storage.ring import RingStore, RopeAngles
 from ..storage.slots import POSITION_LIMIT, SlotStore
@@ -45,7 +46,7 @@ class SlotMode:
         keys, values = self.store.get()  # [batch, kv_heads, budget, head_dim], position order
         sinks = min(self.num_sink_tokens, self.budget)
         rotary_dim = None if self.rope is None else 2 * self.rope[0].shape[-1]
-        self.store = RingStore(keys, values, sinks, rotary_dim)
+        self.store = RingStore(keys, values, sinks, rotary_dim, None if self.rope is None else layout_of(self.rope))
         self._pos = None
         if self.store.sink_keys is not None:
             self._rope_angles(self.seen + 1 - self.store.capacity)  # the next step's angles: always held in slot mode
@@ -167,5 +168,5 @@ class SlotMode:
     def _rope_angles(self, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
         angles = self.context.rope_memo
         if angles is None or angles.device != self.device:
-            angles = self.context.rope_memo = RopeAngles(self.rope[0], self.head_dim, self.device)
+            angles = self.context.rope_memo = RopeAngles(self.rope[0], self.head_dim, self.device, layout_of(self.rope))
         return angles.at(shift)

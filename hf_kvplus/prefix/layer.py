@@ -36,6 +36,8 @@ class PrefixLease:
 class PrefixContext(CacheContext):
     """Padding plus the token id of every column (``[batch, seen]``, CPU), learnt through :func:`hf_kvplus.attach`."""
 
+    _PADDING_FIELDS = (*CacheContext._PADDING_FIELDS, "token_ids", "ids_known")  # put back after a failed forward
+
     def __init__(self) -> None:
         super().__init__()
         self.token_ids: torch.Tensor | None = None

@@ -19,14 +19,14 @@ eviction is deferred (assisted decoding), and when autograd records the forward.
 
 With key re-rotation (StreamingLLM's position shift), the sink slots hold the sinks rotated to sit
 just before the window; :meth:`RingStore.shift_sinks` rewrites them from the keys as first cached
-(``sink_keys``, float32, with their ``rotate_half`` precomputed), so nothing drifts.
+(``sink_keys``, float32, with their ``rotate_half`` of the model's channel layout precomputed), so nothing drifts.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..rope import rotate_half
+from ..rope import channel_freq, rotate
 from .base import SlotStoreBase
 
 
@@ -40,6 +40,7 @@ class RingStore(SlotStoreBase):
         sinks (`int`): leading tokens never evicted.
         rotary_dim (`int`, *optional*): channels RoPE rotates (``2 * len(inv_freq)``); given when sink
             keys are re-rotated, ``None`` otherwise.
+        layout (`str`, *optional*, defaults to ``"half"``): RoPE channel layout (:data:`hf_kvplus.rope.LAYOUTS`).
 
     Example:
 
@@ -54,7 +55,8 @@ class RingStore(SlotStoreBase):
 
     evict_with = "evict_oldest()"
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, sinks: int, rotary_dim: int | None = None):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, sinks: int, rotary_dim: int | None = None,
+                 layout: str | None = "half"):
         batch, heads, budget, head_dim = keys.shape
         self.capacity = budget + 1
         self.keys = keys.new_empty(batch, heads, self.capacity, head_dim)  # [batch, kv_heads, budget + 1, head_dim]
@@ -79,7 +81,7 @@ class RingStore(SlotStoreBase):
         if rotary_dim is not None and sinks:
             sink = keys[:, :, :sinks].to(torch.float32, copy=True)  # [batch, kv_heads, sinks, head_dim], owned
             half = torch.zeros_like(sink)
-            half[..., :rotary_dim] = rotate_half(sink[..., :rotary_dim])
+            half[..., :rotary_dim] = rotate(sink[..., :rotary_dim], layout or "half")
             self.sink_keys, self.sink_half = sink, half
 
     # ----------------------------------------------------------------- the step
@@ -144,14 +146,12 @@ class RopeAngles:
 
     Angles are ``shift * inv_freq`` in float64 (as ``shift_keys`` computes them; float32 angles would be off
     by milliradians after 100k positions), rounded to float32 once; channels past ``2 * len(inv_freq)``
-    (partial rotary) get ``cos = 1``, ``sin = 0``. Four small ops per step, shared by every layer of a cache.
+    (partial rotary) get ``cos = 1``, ``sin = 0``; ``layout`` places each frequency on its channels. Four small ops per step, shared by every layer of a cache.
     """
 
-    def __init__(self, inv_freq: torch.Tensor, head_dim: int, device):
+    def __init__(self, inv_freq: torch.Tensor, head_dim: int, device, layout: str = "half"):
         freq = torch.zeros(head_dim, dtype=torch.float32, device=device)  # [head_dim]: pass-through channels at 0
-        half = inv_freq.shape[-1]
-        freq[:half] = inv_freq
-        freq[half : 2 * half] = inv_freq
+        freq[: 2 * inv_freq.shape[-1]] = channel_freq(inv_freq.to(device, torch.float32), layout)
         self.freq, self.device, self.shift = freq, device, None
         self.cos = torch.ones(head_dim, dtype=torch.float32, device=device)
         self.sin = torch.zeros(head_dim, dtype=torch.float32, device=device)

@@ -111,8 +111,10 @@ class SinkCache(KVPlusCache):
             rope = rope_parameters(config)
             if rope is None:
                 raise ValueError(
-                    "rerotate_keys=True needs the model's rotary embedding, which this config does not describe "
-                    "(no rope_parameters, or dynamic RoPE); pass rerotate_keys=False"
+                    "rerotate_keys=True needs to reproduce the model's rotary embedding exactly, and cannot for this "
+                    "model: no rotary module, frequencies that change with the sequence length (dynamic, longrope), "
+                    "or a rotation neither channel layout (half-split, interleaved pairs) reproduces (multimodal "
+                    "sections); pass rerotate_keys=False"
                 )
         self.num_sink_tokens = num_sink_tokens
         self.window_length = budget - num_sink_tokens
