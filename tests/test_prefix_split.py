@@ -109,21 +109,25 @@ def _warm_store(model, prefix_len, block_size=4):
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-def test_split_path_matches_dynamic_cache_and_the_concatenated_path(batch):
+def test_split_path_matches_dynamic_cache_and_the_concatenated_path(batch, monkeypatch):
     """Prefill of the suffix (many queries) and decode, against DynamicCache and the same cache read concatenated."""
+    built = []
+    full = SplitKV.full
+    monkeypatch.setattr(SplitKV, "full", lambda self: built.append(self.numel()) or full(self))
     model = tiny_model("llama-gqa")
     store = _warm_store(model, 20)
     ids = torch.cat([prompt(length=20, seed=0).expand(batch, -1), prompt(batch=batch, length=6, seed=3)], dim=1)
     cache = store.cache_for(model, ids)
-    assert cache.shared_length == 20 and attn_implementation(model) == "kvplus"
+    assert cache.shared_length == 20 and attn_implementation(model) == "sdpa"  # switched only during its forwards
     split_logits, split_tokens = _run(model, cache, ids, 8)
+    assert built == [] and attn_implementation(model) == "sdpa"  # the split path ran; the user's "sdpa" is back
     # One row adopts the block its prefill completed; decoding steps publish copies and keep reading their own tokens.
     assert cache.shared_length == (24 if batch == 1 else 20)
     assert cache.shared_length + cache.layers[0].store.private.length == 26 + 8
 
     dense_logits, dense_tokens = _run(model, DynamicCache(config=model.config), ids, 8)
-    concat_cache = _warm_store(model, 20).cache_for(model, ids)  # the same state, read by transformers' SDPA:
-    model.set_attn_implementation("sdpa")  # it gets the concatenation the parts build (the path before the split)
+    concat_cache = _warm_store(model, 20).cache_for(model, ids)  # the same state, read by transformers' eager
+    model.set_attn_implementation("eager")  # attention: it gets the concatenation the parts build (no split path)
     concat_logits, concat_tokens = _run(model, concat_cache, ids, 8)
     assert torch.equal(split_tokens, dense_tokens) and torch.equal(split_tokens, concat_tokens)
     for got, dense, concat in zip(split_logits, dense_logits, concat_logits, strict=True):
@@ -199,7 +203,8 @@ def _decode_step_cost(model, prefix_len: int, attention: str = "kvplus") -> _All
 
 def test_a_decoding_step_copies_no_prefix(monkeypatch):
     """Ops and allocated elements of a step do not depend on the prefix length, and no concatenation is built;
-    transformers' SDPA, given the same parts, builds the concatenation (the whole prefix, per row) in every layer."""
+    transformers' eager attention, given the same parts, builds the concatenation (the whole prefix, per row) in every
+    layer. (An "sdpa" model runs the split path: the model hook switches it to "kvplus" for the cache's forwards.)"""
     built = []
     full = SplitKV.full
     monkeypatch.setattr(SplitKV, "full", lambda self: built.append(self.numel()) or full(self))
@@ -208,7 +213,7 @@ def test_a_decoding_step_copies_no_prefix(monkeypatch):
     assert short.ops == long.ops and short.elements == long.elements
     assert short.ops["_scaled_dot_product_flash_attention_for_cpu"] == 2 * 2  # prefix and own part, in each layer
     assert built == []
-    _decode_step_cost(model, 256, "sdpa")
+    _decode_step_cost(model, 256, "eager")
     assert len(built) >= 2 * 2 and min(built) >= 4 * 2 * 256 * 16  # keys and values of 2 layers: 4 rows x 256+ tokens
 
 

@@ -20,7 +20,7 @@ from hf_kvplus._compat import cache_kwargs
 
 # Every registered cache but transformers' own DynamicCache (it refuses nothing: torch.cat promotes dtypes).
 NAMES = [name for name in hf_kvplus.list_caches() if name != "dynamic"]
-KWARGS = {"quantized": dict(nbits=8, group_size=4, residual_length=4)}
+KWARGS = {"quantized": dict(nbits=8, group_size=4, residual_length=4), "snapkv": dict(window=4)}  # window < budget: it scores
 BUDGET = 12
 
 

@@ -19,7 +19,7 @@ from hf_kvplus._compat import attn_implementation, cache_kwargs
 PROMPT, NEW, BUDGET = 10, 4, 6
 # Every registered strategy (the scoring ones switch attention per forward), "dynamic" excluded: it is the reference.
 STRATEGIES = [name for name in hf_kvplus.list_caches() if name != "dynamic"]
-KWARGS = {"quantized": dict(nbits=8, group_size=4, residual_length=4)}
+KWARGS = {"quantized": dict(nbits=8, group_size=4, residual_length=4), "snapkv": dict(window=2)}  # window < budget: it scores
 
 
 def _model(implementation: str):
