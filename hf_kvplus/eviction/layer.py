@@ -267,6 +267,8 @@ class EvictingLayer(SlotMode, Deferral, KeepRule, StrategyHooks, CacheLayerMixin
                 self.pos = torch.cat([self._pos, new_pos])
             else:
                 self.pos = torch.cat([self._pos, new_pos.expand(*self._pos.shape[:2], new)], dim=-1)
+        if self.context.padded:  # a store whose format depends on where each row's real tokens start
+            self.store = self.store.for_padding(self.context.pad_host, self.seen)
         keys, values = self.store.update(key_states, value_states)
         self.seen += new
         self._extend_state(key_states, value_states)
