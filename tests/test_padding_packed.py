@@ -32,8 +32,16 @@ TOLERANCE = 1e-5
 def wide():
     """Large weights (initializer_range=0.2): a key group spanning padding changes the logits by about 1e-3."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(config).eval().double()
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
     return model
@@ -47,8 +55,15 @@ def _batch(pad: int, length: int = 14):
 
 
 def _logits(model, make, ids, mask):
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, **cache_kwargs(make()))
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=NEW,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **cache_kwargs(make()),
+    )
     return torch.stack(out.logits, dim=1)  # [batch, NEW, vocab]
 
 
@@ -62,10 +77,14 @@ def _rows_match_alone(model, make, pad):
 
 # The quantized cache: every bit width x padding shorter than, equal to and longer than a key group (4 tokens);
 # every evicting strategy: every bit width, each with one of those paddings.
-CASES = [pytest.param("quantized", None, nbits, pad, id=f"quantized-int{nbits}-pad{pad}")
-         for nbits in (8, 4, 2) for pad in (1, 4, 6)] + [
+CASES = [
+    pytest.param("quantized", None, nbits, pad, id=f"quantized-int{nbits}-pad{pad}")
+    for nbits in (8, 4, 2)
+    for pad in (1, 4, 6)
+] + [
     pytest.param(name, BUDGET, nbits, pad, id=f"{name}-budget-int{nbits}-pad{pad}")
-    for name in EVICTING for nbits, pad in ((8, 1), (4, 6), (2, 3))
+    for name in EVICTING
+    for nbits, pad in ((8, 1), (4, 6), (2, 3))
 ]
 
 
@@ -88,8 +107,16 @@ def test_presets_with_their_default_groups(preset, wide):
 def test_issue_input_residual_zero(wide):
     """The reported input: int4, groups of 2, no residual, a 4-token row and a 3-token row padded by 1."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        pad_token_id=0,
+    )
     model = LlamaForCausalLM(config).eval().double()
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
     ids = torch.randint(2, 90, (2, 4), generator=torch.Generator().manual_seed(1))
@@ -112,7 +139,7 @@ def test_padded_batch_holds_each_row_in_its_own_store(wide):
     wide.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, **cache_kwargs(cache))
     alone = hf_kvplus.make_cache("quantized", wide, nbits=4, group_size=4, residual_length=4)
     wide.generate(ids[1:, 3:], max_new_tokens=NEW, do_sample=False, **cache_kwargs(alone))
-    for layer, single in zip(cache.layers, alone.layers):
+    for layer, single in zip(cache.layers, alone.layers, strict=True):
         store = layer.store
         assert isinstance(store, RowAlignedStore) and store.pad_held == [0, 3]
         row = store.rows[1]
@@ -120,7 +147,9 @@ def test_padded_batch_holds_each_row_in_its_own_store(wide):
         assert row.quantized_length == single.store.quantized_length
         assert torch.equal(row.key_codes, single.store.key_codes)
         assert torch.equal(row.key_scale, single.store.key_scale)
-        assert torch.allclose(row.res_keys, single.store.res_keys, rtol=0, atol=1e-12)  # the model's own rounding
+        assert torch.allclose(
+            row.res_keys, single.store.res_keys, rtol=0, atol=1e-12
+        )  # the model's own rounding
         keys, _ = store.get()  # [2, kv_heads, 3 + 18, head_dim]: row 1 starts with its 3 padding columns
         assert keys.shape[2] == 3 + row.length and not keys[1, :, :3].any()
         assert hf_kvplus.cache_nbytes(cache) >= sum(t.numel() * t.element_size() for t in store.tensors())

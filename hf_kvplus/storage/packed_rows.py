@@ -56,7 +56,9 @@ class RowAlignedStore(KVStore):
     def _split(self, keys: torch.Tensor, values: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each row's real tokens of a chunk (``[1, kv_heads, real, head_dim]``), counting the padding it starts with."""
         if keys.shape[0] != len(self.rows):
-            raise ValueError(f"this store holds {len(self.rows)} rows but received keys of shape {tuple(keys.shape)}")
+            raise ValueError(
+                f"this store holds {len(self.rows)} rows but received keys of shape {tuple(keys.shape)}"
+            )
         self._like = keys.new_empty(0)
         parts = []
         for b in range(len(self.rows)):
@@ -78,13 +80,13 @@ class RowAlignedStore(KVStore):
         return keys, values
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        for row, (k, v) in zip(self.rows, self._split(keys, values)):
+        for row, (k, v) in zip(self.rows, self._split(keys, values), strict=True):
             if k.shape[2]:
                 row.append(k, v)
 
     def update(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         parts = []
-        for row, (k, v) in zip(self.rows, self._split(keys, values)):
+        for row, (k, v) in zip(self.rows, self._split(keys, values), strict=True):
             parts.append(row.update(k, v) if k.shape[2] else row.get() if row.length else None)
         return self._assemble(parts, (keys.shape[1], self.length, keys.shape[3]))
 
@@ -106,7 +108,9 @@ class RowAlignedStore(KVStore):
             else:
                 kept = int(kept_pad.max())
                 if int(kept_pad.min()) != kept:
-                    raise RuntimeError(f"row {b}: heads keep different numbers of padding columns ({kept_pad.tolist()})")
+                    raise RuntimeError(
+                        f"row {b}: heads keep different numbers of padding columns ({kept_pad.tolist()})"
+                    )
             real = rows_index[..., kept:] - pad
             self.pad_held[b] = kept
             if real.shape[-1] < row.length:  # sorted and unique: fewer means some real token goes
