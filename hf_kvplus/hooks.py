@@ -43,6 +43,13 @@ def _observe_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     cache = cache_from_call(inputs)
     if cache is None or not hasattr(cache, "observe_inputs"):
         return None
+    context = getattr(cache, "context", None)
+    if context is not None and hasattr(context, "draft_rows"):
+        # generate keeps the logits of the draft tokens it verifies and the row before them: the rows after the
+        # first ``logits_to_keep - 1`` are drafts plain decoding would have run one at a time.
+        keep = inputs.get("logits_to_keep")
+        context.draft_rows = keep - 1 if isinstance(keep, int) and keep > 1 else 0
+        context.attention = attn_implementation(module)
     tokens = inputs.get("input_ids")
     if tokens is None:
         tokens = inputs.get("inputs_embeds")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Cache, DynamicCache, PreTrainedConfig
 
+from ._compat import attn_implementation
 from .config import decoder_config
 from .hooks import attach
 
@@ -241,7 +242,11 @@ def make_cache(name: str, model_or_config, **kwargs) -> Cache:
             f"make_cache needs a transformers model or PreTrainedConfig, got {type(model_or_config).__name__}"
         )
     decoder_config(config)  # every strategy, "dynamic" included, needs attention heads
-    return spec.factory(config, **kwargs)
+    cache = spec.factory(config, **kwargs)
+    context = getattr(cache, "context", None)
+    if model_or_config is not config and hasattr(context, "attention"):  # what assisted decoding will run on
+        context.attention = attn_implementation(model_or_config)
+    return cache
 
 
 def _probe_config() -> PreTrainedConfig:

@@ -231,7 +231,7 @@ def test_presets_left_padded_rows_generate_as_alone(name):
 @pytest.mark.parametrize("name", PRESETS)
 @torch.no_grad()
 def test_presets_run_prompt_lookup_decoding(name):
-    model = tiny_model()
+    model = hf_kvplus.attach(tiny_model(), attention_scores=True)  # drafts are verified in the "kvplus" attention
     ids = prompt(length=20, seed=2).repeat(1, 2)
     cache = _preset(name, model)
     out = model.generate(ids, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3, **cache_kwargs(cache))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import Cache, PreTrainedConfig
 
+from ..attention import ATTN_IMPLEMENTATION
 from ..config import decoder_config, kv_geometry
 from ..storage.factory import STORAGE_KEYWORDS, make_store_factory
 from ..storage.ring import RopeAngles
@@ -82,6 +83,26 @@ class KVPlusCache(Cache):
     @property
     def budget(self) -> int | None:
         return self.layers[0].budget if self.layers else None
+
+    def activate_past_recording(self) -> None:
+        """Defer eviction in every layer until ``crop`` (assisted and speculative decoding start with this).
+
+        Drafts are then verified row by row, exactly as plain decoding would run them (:mod:`.verify`), which
+        takes the ``"kvplus"`` attention. Raises a ``ValueError`` before anything changes when an evicting layer
+        could not be verified exactly: a strategy that does not score by attention (sinks, key norm) on a model
+        not running the ``"kvplus"`` attention.
+        """
+        for layer in self.layers:
+            if not isinstance(layer, EvictingLayer) or layer.budget is None:
+                continue
+            if not layer.needs_attention and self.context.attention != ATTN_IMPLEMENTATION:
+                raise ValueError(
+                    f"{type(self).__name__} verifies draft tokens exactly only through the 'kvplus' attention, and the "
+                    f"model runs {self.context.attention!r}: call hf_kvplus.attach(model, attention_scores=True) "
+                    "before make_cache for assisted or speculative decoding."
+                )
+        for layer in self.layers:
+            layer.activate_past_recording()
 
     def end_stale_recording(self) -> None:
         """Stop deferring eviction once generation has left assisted decoding.

@@ -29,6 +29,8 @@ class CacheContext:
         self.observed = False
         self.awaiting = None  # the EvictingLayer whose attention scores are due
         self.rope_memo = None  # RopeAngles: cos and sin of the sinks' shift, shared by the layers of one step
+        self.draft_rows = 0  # draft tokens at the end of this forward (``logits_to_keep - 1``, from the model hook)
+        self.attention: str | None = None  # the attention implementation the model ran (or was set up with) last
 
     def set_padding(self, pad_len: torch.Tensor | None) -> None:
         """Record each row's left padding (``[batch]`` long); reads it on the host once, outside decoding steps."""
@@ -46,3 +48,4 @@ class CacheContext:
         self.observed = False
         self.awaiting = None
         self.rope_memo = None
+        self.draft_rows = 0

@@ -33,9 +33,10 @@ from .deferral import Deferral
 from .keep import KeepRule
 from .slot_mode import SlotMode
 from .strategy import StrategyHooks
+from .verify import DraftVerification
 
 
-class EvictingLayer(SlotMode, Deferral, KeepRule, StrategyHooks, CacheLayerMixin):
+class EvictingLayer(SlotMode, Deferral, DraftVerification, KeepRule, StrategyHooks, CacheLayerMixin):
     """One decoder layer's cache: a store, the positions of what it keeps, and an eviction rule.
 
     Args:
@@ -96,6 +97,7 @@ class EvictingLayer(SlotMode, Deferral, KeepRule, StrategyHooks, CacheLayerMixin
         self._pending_rows: list[torch.Tensor] = []
         self.uncommitted = False  # a forward ran while eviction was deferred and no crop has committed it yet
         self.sinks_displaced = False  # a recency eviction moved the sinks away from the window (1-D positions)
+        self.verifying, self._verified = 0, None  # draft verification (verify.py)
         self.is_initialized = False
 
     @property
@@ -276,7 +278,8 @@ class EvictingLayer(SlotMode, Deferral, KeepRule, StrategyHooks, CacheLayerMixin
             keys = self._shift_to_slots(keys)
         if self.record_past:
             self.uncommitted = True
-        if self.needs_attention:
+        self.verifying = self.verification_plan(new)  # drafts to verify row by row (needs the "kvplus" attention)
+        if self.needs_attention or self.verifying:
             self._awaiting_attention = True
             self.context.awaiting = self
             request_attention(self.layer_idx, self)
