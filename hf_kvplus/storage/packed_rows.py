@@ -60,6 +60,7 @@ class RowAlignedStore(KVStore):
                 f"this store holds {len(self.rows)} rows but received keys of shape {tuple(keys.shape)}"
             )
         self._like = keys.new_empty(0)
+        self._dims = keys.shape[1], keys.shape[3]  # kv_heads, head_dim
         parts = []
         for b in range(len(self.rows)):
             pad = min(self.pad_to_come[b], keys.shape[2])
@@ -92,10 +93,8 @@ class RowAlignedStore(KVStore):
 
     def get(self) -> tuple[torch.Tensor, torch.Tensor]:
         parts = [row.get() if row.length else None for row in self.rows]
-        held = next((p[0] for p in parts if p is not None), None)
-        if held is None:
-            raise RuntimeError("RowAlignedStore.get() on a store holding no real token")
-        return self._assemble(parts, (held.shape[1], self.length, held.shape[3]))
+        heads, head_dim = self._dims  # rows holding only padding (or nothing) come back as zeros
+        return self._assemble(parts, (heads, self.length, head_dim))
 
     def keep(self, index: torch.Tensor) -> None:
         """Keep the columns at ``index`` (``[m]`` or ``[batch, kv_heads, m]``, sorted); padding goes before real tokens."""
