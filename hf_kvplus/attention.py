@@ -232,6 +232,9 @@ def kvplus_attention_forward(module, query, key, value, attention_mask, **kwargs
             output = sdpa_attention(module, query, key, value, attention_mask, **kwargs)[0]
         layer.observe_slot_probs(probs)
         return output, None
+    if layer.verifying and plain:  # drafts verified row by row, over what each step would have kept
+        with torch.no_grad():
+            return layer.verify_attention(query, key, value, scaling), None
     reduction = layer.requested_reduction()
     window = None if reduction == "rows" else layer.attention_window()
     if plain:

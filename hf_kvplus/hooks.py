@@ -67,9 +67,11 @@ def check_stable_rope(model) -> None:
         )
 
 
-def _switch_attention(model: torch.nn.Module) -> None:
+def _switch_attention(model: torch.nn.Module, verify: bool = False) -> None:
     current = attn_implementation(model)
-    target = scoring_implementation(current)
+    target = scoring_implementation(current)  # raises for an implementation with no scoring variant
+    if verify:  # draft rows are replayed by the SDPA-based "kvplus" attention (eviction/verify.py)
+        target = VARIANTS["sdpa"]
     if target != current:
         setattr(model, _SWITCHED_ATTR, current)
         set_attn_implementation(model, target)
@@ -112,12 +114,21 @@ def _observe_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     if cache is None:
         return None
     context = getattr(cache, "context", None)
+    if context is not None and hasattr(context, "draft_rows"):
+        # generate keeps the logits of the draft tokens it verifies and the row before them: the rows after the
+        # first ``logits_to_keep - 1`` are drafts plain decoding would have run one at a time.
+        keep = inputs.get("logits_to_keep")
+        context.draft_rows = keep - 1 if isinstance(keep, int) and keep > 1 else 0
+        context.attention = attn_implementation(module)
     if hasattr(context, "begin_forward"):  # a refused forward is rolled back (eviction/journal.py)
         context.begin_forward()
         module._hf_kvplus_context = context
     if hasattr(cache, "observe_inputs"):
         _observe(cache, inputs)
-    if getattr(cache, "needs_attention", False):  # last: nothing after it may raise before the forward hook is armed
+    # last: nothing after a switch may raise before the forward hook is armed
+    if getattr(context, "draft_rows", 0) and getattr(cache, "evicts", False):
+        _switch_attention(module, verify=True)  # drafts are verified row by row in the "kvplus" attention
+    elif getattr(cache, "needs_attention", False):
         _switch_attention(module)
     elif getattr(cache, "split_attention", False):
         _switch_to_split_attention(module)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Cache, DynamicCache, PreTrainedConfig
 
+from ._compat import attn_implementation
 from .config import decoder_config
 from .hooks import attach, check_stable_rope
 
@@ -249,6 +250,9 @@ def make_cache(name: str, model_or_config, **kwargs) -> Cache:
     cache = spec.factory(config, **kwargs)  # refuses bad or degenerate settings before the model is touched
     if model_or_config is not config and spec.name != "dynamic":
         attach(model_or_config, attention_scores=spec.attention_scores, split_attention=spec.split_attention)
+    context = getattr(cache, "context", None)
+    if model_or_config is not config and hasattr(context, "attention"):  # what assisted decoding will run on
+        context.attention = attn_implementation(model_or_config)
     return cache
 
 

@@ -19,7 +19,8 @@ SUBSET="tests/test_compat.py tests/test_conformance.py tests/test_generation_mod
  tests/test_properties.py tests/test_properties_scored.py tests/test_properties_quantized.py tests/test_properties_prefix.py
  tests/test_prefix_threads.py tests/test_prefix_io.py tests/test_long_stream.py tests/test_source_rules.py
  tests/test_slot_storage.py tests/test_attention_pass.py tests/test_compile.py tests/test_decode_ops.py tests/test_quant_hot_path.py
- tests/test_user_model.py tests/test_refusal_rollback.py tests/test_rope_layouts.py"
+ tests/test_user_model.py tests/test_refusal_rollback.py tests/test_rope_layouts.py
+ tests/test_padding_packed.py tests/test_assisted_exact.py"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$ROOT"
 

@@ -178,7 +178,7 @@ def test_both_keywords_give_the_same_tokens(name):
 @torch.no_grad()
 def test_evicting_layers_are_croppable_only_while_eviction_is_deferred():
     """5.24's assisted decoding asks ``cache.is_croppable`` (all layers) after its first forward."""
-    model = tiny_model()
+    model = hf_kvplus.attach(tiny_model(), attention_scores=True)  # a sink cache verifies drafts in "kvplus" attention
     cache = hf_kvplus.make_cache("sink", model, budget=8)
     model(prompt(length=20), **cache_kwargs(cache, model), use_cache=True)  # evicted: a crop cannot restore
     assert not cache.is_croppable and not any(layer.is_croppable for layer in cache.layers)
@@ -231,7 +231,7 @@ def test_presets_left_padded_rows_generate_as_alone(name):
 @pytest.mark.parametrize("name", PRESETS)
 @torch.no_grad()
 def test_presets_run_prompt_lookup_decoding(name):
-    model = tiny_model()
+    model = hf_kvplus.attach(tiny_model(), attention_scores=True)  # drafts are verified in the "kvplus" attention
     ids = prompt(length=20, seed=2).repeat(1, 2)
     cache = _preset(name, model)
     out = model.generate(ids, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3, **cache_kwargs(cache))

@@ -16,6 +16,7 @@ from conftest import ARCHITECTURES, prompt, tiny_model
 from test_conformance import BUDGET, CASES, EVICTING, NAMES, build
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
+import hf_kvplus
 from hf_kvplus._compat import cache_kwargs, output_cache
 
 
@@ -68,6 +69,7 @@ ASSISTED = {
 @pytest.mark.parametrize(("name", "budget"), CASES)
 @torch.no_grad()
 def test_assisted_decoding_crops_and_keeps_the_budget(name, budget, how, llama, assistant):
+    hf_kvplus.attach(llama, attention_scores=True)  # evicting caches verify drafts in the "kvplus" attention
     ids = prompt(length=20, seed=2).repeat(1, 2)  # repeated text gives prompt lookup something to find
     mode = dict(do_sample=False, max_new_tokens=16, **ASSISTED[how](assistant))
     cache = build(name, llama, budget)
@@ -77,6 +79,9 @@ def test_assisted_decoding_crops_and_keeps_the_budget(name, budget, how, llama, 
     if budget is None:  # crops rolled back exactly the rejected tokens: the text is the dense cache's
         assert torch.equal(out, _reference(llama, ids, **mode))
         assert torch.equal(out, _reference(llama, ids, do_sample=False, max_new_tokens=16))
+    else:  # drafts were verified as plain decoding runs them: the text is plain greedy's with the same cache
+        plain = llama.generate(ids, **cache_kwargs(build(name, llama, budget)), do_sample=False, max_new_tokens=16)
+        assert torch.equal(out, plain)
 
 
 class HeldProbe(LogitsProcessor):

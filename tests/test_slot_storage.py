@@ -152,7 +152,7 @@ def test_crop_and_batch_operations_leave_or_keep_slots_consistently(name):
 @pytest.mark.parametrize("name", SLOTTED)
 @torch.no_grad()
 def test_beam_search_and_assisted_decoding_match_position_order(name):
-    model = tiny_model("llama-gqa")
+    model = hf_kvplus.attach(tiny_model("llama-gqa"), attention_scores=True)  # drafts verified in "kvplus" attention
     ids = prompt(length=24, seed=2).repeat(1, 2)
     outputs = []
     for slots in (True, False):

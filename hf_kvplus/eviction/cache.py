@@ -5,11 +5,15 @@ from __future__ import annotations
 import torch
 from transformers import Cache, PreTrainedConfig
 
+from ..attention_eager import VARIANTS
 from ..config import decoder_config, kv_geometry
 from ..storage.factory import STORAGE_KEYWORDS, make_store_factory
 from ..storage.ring import RopeAngles
 from .context import CacheContext
 from .layer import EvictingLayer
+
+#: Attention implementations under which drafts are verified row by row (the hook runs them on "kvplus").
+VERIFIABLE = frozenset(VARIANTS) | frozenset(VARIANTS.values())
 
 
 class KVPlusCache(Cache):
@@ -87,6 +91,29 @@ class KVPlusCache(Cache):
     @property
     def budget(self) -> int | None:
         return self.layers[0].budget if self.layers else None
+
+    def activate_past_recording(self) -> None:
+        """Defer eviction in every layer until ``crop`` (assisted and speculative decoding start with this).
+
+        Drafts are then verified row by row, exactly as plain decoding would run them (:mod:`.verify`), which
+        takes the ``"kvplus"`` attention. Raises a ``ValueError`` before anything changes when an evicting layer
+        could not be verified exactly: a model whose attention implementation has no ``"kvplus"`` variant (flash,
+        flex), or a cache never attached to its model (built from a config) for a strategy that does not score
+        by attention (sinks, key norm).
+        """
+        for layer in self.layers:
+            if not isinstance(layer, EvictingLayer) or layer.budget is None:
+                continue
+            known = self.context.attention is not None or not layer.needs_attention  # scorers fail loudly unattached
+            if known and self.context.attention not in VERIFIABLE:
+                raise ValueError(
+                    f"{type(self).__name__} verifies draft tokens exactly only through the 'kvplus' attention, which "
+                    f"stands in for {sorted(VERIFIABLE)}; the model runs {self.context.attention!r}: load it with "
+                    "attn_implementation='sdpa' (or 'eager') and build the cache with make_cache(name, model) for "
+                    "assisted or speculative decoding."
+                )
+        for layer in self.layers:
+            layer.activate_past_recording()
 
     def end_stale_recording(self) -> None:
         """Stop deferring eviction once generation has left assisted decoding.

@@ -34,6 +34,8 @@ class CacheContext:
         self.in_forward = False  # the model hook began this forward and will end it
         self.last_layer: int | None = None  # the journal is dropped after this layer's update when no hook ends the forward
         self.before_forward: dict | None = None  # padding state when the hook began the forward
+        self.draft_rows = 0  # draft tokens at the end of this forward (``logits_to_keep - 1``, from the model hook)
+        self.attention: str | None = None  # the attention implementation the model ran (or was set up with) last
 
     def set_padding(self, pad_len: torch.Tensor | None) -> None:
         """Record each row's left padding (``[batch]`` long); reads it on the host once, outside decoding steps."""
@@ -71,3 +73,4 @@ class CacheContext:
         self.observed = False
         self.awaiting = None
         self.rope_memo = None
+        self.draft_rows = 0

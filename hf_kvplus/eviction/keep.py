@@ -37,6 +37,8 @@ class KeepRule:
     def _commit(self, dropped: int) -> None:
         """Fold attention recorded while eviction was deferred (minus ``dropped`` rejected queries), then evict."""
         self.uncommitted = False
+        if self.commit_verified(dropped):
+            return self._evict()
         rows, self._pending_rows = self._pending_rows, []
         trimmed = []
         for block in reversed(rows):

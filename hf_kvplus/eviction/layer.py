@@ -34,9 +34,10 @@ from .journal import Journal
 from .keep import KeepRule
 from .slot_mode import SlotMode
 from .strategy import StrategyHooks
+from .verify import DraftVerification
 
 
-class EvictingLayer(SlotMode, Deferral, KeepRule, Journal, StrategyHooks, CacheLayerMixin):
+class EvictingLayer(SlotMode, Deferral, DraftVerification, KeepRule, Journal, StrategyHooks, CacheLayerMixin):
     """One decoder layer's cache: a store, the positions of what it keeps, and an eviction rule.
 
     Args:
@@ -97,6 +98,7 @@ class EvictingLayer(SlotMode, Deferral, KeepRule, Journal, StrategyHooks, CacheL
         self._pending_rows: list[torch.Tensor] = []
         self.uncommitted = False  # a forward ran while eviction was deferred and no crop has committed it yet
         self.sinks_displaced = False  # a recency eviction moved the sinks away from the window (1-D positions)
+        self.verifying, self._verified = 0, None  # draft verification (verify.py)
         self.is_initialized = False
 
     @property
@@ -270,6 +272,8 @@ class EvictingLayer(SlotMode, Deferral, KeepRule, Journal, StrategyHooks, CacheL
                 self.pos = torch.cat([self._pos, new_pos])
             else:
                 self.pos = torch.cat([self._pos, new_pos.expand(*self._pos.shape[:2], new)], dim=-1)
+        if self.context.padded:  # a store whose format depends on where each row's real tokens start
+            self.store = self.store.for_padding(self.context.pad_host, self.seen)
         keys, values = self.store.update(key_states, value_states)
         self.seen += new
         self._extend_state(key_states, value_states)
@@ -277,7 +281,8 @@ class EvictingLayer(SlotMode, Deferral, KeepRule, Journal, StrategyHooks, CacheL
             keys = self._shift_to_slots(keys)
         if self.record_past:
             self.uncommitted = True
-        if self.needs_attention:
+        self.verifying = self.verification_plan(new)  # drafts to verify row by row (needs the "kvplus" attention)
+        if self.needs_attention or self.verifying:
             self._awaiting_attention = True
             self.context.awaiting = self
             request_attention(self.layer_idx, self)

@@ -75,6 +75,14 @@ class KVStore:
         """Every tensor the store holds (for memory accounting)."""
         raise NotImplementedError
 
+    def for_padding(self, pad: list[int], seen: int) -> KVStore:
+        """The store to hold a batch whose rows start with ``pad[b]`` padding columns (``seen`` columns so far).
+
+        ``self`` by default; a store whose format depends on where a row's real tokens start returns one
+        that aligns to them (packed storage: :class:`~hf_kvplus.storage.packed_rows.RowAlignedStore`).
+        """
+        return self
+
     def predict_nbytes(self, batch: int, kv_heads: int, tokens: int, head_dim: int, dtype: torch.dtype) -> int | None:
         """Bytes :meth:`tensors` will hold after ``tokens`` tokens were appended (no eviction); ``None``: unknown."""
         return None

@@ -9,11 +9,20 @@ from ..quant import (
     pack,
     quantize_values,
 )
-from .base import gather_tokens
+from .base import KVStore, gather_tokens
+from .packed_rows import RowAlignedStore
 
 
 class PackedEviction:
     """What :class:`~hf_kvplus.storage.packed.QuantizedStore` does when tokens or rows go (a mixin)."""
+
+    def for_padding(self, pad: list[int], seen: int) -> KVStore:
+        """A left-padded batch, while nothing is held: one store per row, over its real tokens only, so key groups
+        start at each row's first real token and padding never enters a group's range (see ``packed_rows``)."""
+        if self.length or not any(pad):
+            return self
+        settings = (self.nbits, self.group_size, self.residual_length, self.scale_dtype, self.backend)
+        return RowAlignedStore(lambda: type(self)(*settings), [max(0, p - seen) for p in pad])
 
     # ------------------------------------------------------------- eviction
     def keep(self, index: torch.Tensor) -> None:
