@@ -230,6 +230,8 @@ def make_cache(name: str, model_or_config, **kwargs) -> Cache:
         config = getattr(model, "config", None)
         if not isinstance(config, PreTrainedConfig):
             raise TypeError(f"make_cache needs a transformers model or config, got {type(model).__name__}")
+        if spec.name != "dynamic":
+            check_stable_rope(model)  # before the settings: no setting makes a LongRoPE model work
         if spec.uses_rope and "rope" not in kwargs and kwargs.get("rerotate_keys", True):
             from ._compat import rope_parameters
 

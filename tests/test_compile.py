@@ -36,29 +36,36 @@ def _model():
 
 
 @torch.no_grad()
-def _decode(model, name: str, forward) -> tuple[list[int], list[int], object]:
-    """Greedy tokens of STEPS one-token steps after a prompt, and the number of compiled graphs after each step."""
+def _decode(model, name: str, compiled: bool) -> tuple[list[int], list[int], object]:
+    """Greedy tokens of STEPS one-token steps after a prompt, and the number of compiled graphs after each step.
+
+    Compiled as the quickstart shows (``model.forward = torch.compile(model.forward)``), so ``model(...)`` still runs
+    the model hooks (padding, and the scoring attention switched on for the forwards of a scoring cache)."""
     strategy, options = COMPILED[name]
     cache = hf_kvplus.make_cache(strategy, model, **options)
     ids = torch.randint(3, 90, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     token = model(ids, attention_mask=mask, **cache_kwargs(cache, model)).logits[:, -1:].argmax(-1)
+    if compiled:
+        model.forward = torch.compile(model.forward, backend="inductor")
     tokens, graphs = [], []
     for _ in range(STEPS):
         mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-        token = forward(input_ids=token, attention_mask=mask, **cache_kwargs(cache, model)).logits[:, -1:].argmax(-1)
+        token = model(input_ids=token, attention_mask=mask, **cache_kwargs(cache, model)).logits[:, -1:].argmax(-1)
         tokens.append(int(token))
         graphs.append(counters["stats"]["unique_graphs"])
+    if compiled:
+        del model.forward  # the class's forward again
     return tokens, graphs, cache
 
 
 @pytest.mark.parametrize("name", list(COMPILED))
 def test_a_compiled_decoding_step_gives_the_eager_tokens_without_recompiling(name):
     model = _model()
-    eager, _, _ = _decode(model, name, model.forward)
+    eager, _, _ = _decode(model, name, compiled=False)
     torch._dynamo.reset()
     counters.clear()
-    compiled, graphs, cache = _decode(model, name, torch.compile(model.forward, backend="inductor"))
+    compiled, graphs, cache = _decode(model, name, compiled=True)
     assert compiled == eager
     assert all(isinstance(layer.store, (RingStore, SlotStore)) for layer in cache.layers)
     assert graphs[WARMUP:] == [graphs[WARMUP]] * (STEPS - WARMUP), f"recompiled in the steady state: {graphs}"
@@ -68,7 +75,7 @@ def test_a_compiled_decoding_step_gives_the_eager_tokens_without_recompiling(nam
 def test_compileable_only_inside_compilation_and_in_slot_storage():
     """Eager steps keep transformers' mask skip (no explicit mask): ``is_compileable`` is False outside compile."""
     model = _model()
-    _, _, cache = _decode(model, "window", model.forward)
+    _, _, cache = _decode(model, "window", compiled=False)
     assert all(isinstance(layer.store, RingStore) for layer in cache.layers)
     assert cache.is_compileable is False
     assert hf_kvplus.make_cache("h2o", model, budget=16).is_compileable is False
