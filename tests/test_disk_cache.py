@@ -153,3 +153,39 @@ def test_cache_root_and_switch_follow_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv(disk_cache.ENV_SWITCH, "maybe")
     with pytest.raises(ValueError, match="HF_KVPLUS_DISK_CACHE='maybe'"):
         cache_enabled()
+
+
+@pytest.mark.integration
+def test_embedded_model_second_load_reads_the_entry_with_identical_logits(monkeypatch, tmp_path):
+    from hf_kvplus.eval.models import (
+        default_model_file,
+        load_default_model,
+        load_default_text,
+        load_default_tokenizer,
+    )
+
+    monkeypatch.setenv(disk_cache.ENV_DIR, str(tmp_path))
+    monkeypatch.delenv(disk_cache.ENV_SWITCH, raising=False)
+    entry = entry_path(default_model_file())
+    converted = load_default_model()  # no entry yet: converts the GGUF file and writes the entry
+    assert entry.parent == tmp_path and entry_valid(entry) and converted.name_or_path != str(entry)
+    cached = load_default_model()
+    assert cached.name_or_path == str(entry)  # read from the entry: no conversion ran
+    assert cached.dtype == torch.float32 and cached.config._attn_implementation == "sdpa"
+    ids = torch.arange(100, 164)[None]  # [1, 64]
+    with torch.no_grad():
+        assert torch.equal(converted(ids).logits, cached(ids).logits)
+
+    from_gguf, from_entry = load_default_tokenizer(disk_cache=False), load_default_tokenizer()
+    assert from_entry.name_or_path == str(entry) and from_gguf.name_or_path != str(entry)
+    text = load_default_text()[:20000]
+    assert from_gguf(text).input_ids == from_entry(text).input_ids
+    chat = [{"role": "user", "content": "What does the Python 'with' statement do?"}]
+    assert from_gguf.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == (
+        from_entry.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    )
+    assert (from_gguf.eos_token, from_gguf.bos_token, from_gguf.pad_token) == (
+        from_entry.eos_token,
+        from_entry.bos_token,
+        from_entry.pad_token,
+    )

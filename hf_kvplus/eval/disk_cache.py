@@ -120,6 +120,43 @@ def write_entry(entry: Path, objects: Sequence) -> Path:
     return entry
 
 
+class PlainWeights:
+    """A model's weights as one ``model.safetensors``, with its config and generation config.
+
+    ``save_pretrained`` refuses a model loaded from GGUF (transformers attaches a GGUF quantizer to it,
+    marked not serializable, even when every weight was de-quantized into a plain tensor); this writes
+    the same files from public pieces: the state dict (a tensor tied to an earlier one, such as a tied
+    ``lm_head``, is left out, as ``save_pretrained`` does, and re-tied on load) and the config without
+    its ``quantization_config``.
+
+    Args:
+        model (`PreTrainedModel`): a model whose state dict holds plain floating tensors.
+
+    Raises:
+        ValueError: a tensor in the state dict is not floating point (weights still packed)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def save_pretrained(self, folder) -> None:
+        from safetensors.torch import save_file
+
+        tensors, seen = {}, set()
+        for name, tensor in self.model.state_dict().items():
+            if not tensor.is_floating_point():
+                raise ValueError(f"{name} holds {tensor.dtype}: only de-quantized weights can be cached")
+            ident = (tensor.data_ptr(), tuple(tensor.shape))
+            if ident not in seen:
+                seen.add(ident)
+                tensors[name] = tensor.contiguous()
+        save_file(tensors, Path(folder) / "model.safetensors", metadata={"format": "pt"})
+        config = self.model.config.to_dict()
+        config.pop("quantization_config", None)
+        type(self.model.config).from_dict(config).save_pretrained(folder)
+        if getattr(self.model, "generation_config", None) is not None:
+            self.model.generation_config.save_pretrained(folder)
+
+
 def load_or_convert(
     source: Path,
     convert: Callable[[], Sequence],

