@@ -28,15 +28,14 @@ NEW = 8
 TOLERANCE = 1e-5
 
 
-@pytest.fixture(scope="module")
-def wide():
+def _wide_llama(layers: int):
     """Large weights (initializer_range=0.2): a key group spanning padding changes the logits by about 1e-3."""
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=96,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         initializer_range=0.2,
@@ -45,6 +44,11 @@ def wide():
     model = LlamaForCausalLM(config).eval().double()
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
     return model
+
+
+@pytest.fixture(scope="module")
+def wide():
+    return _wide_llama(2)
 
 
 def _batch(pad: int, length: int = 14):
@@ -108,27 +112,15 @@ def test_presets_with_their_default_groups(preset, wide):
 @torch.no_grad()
 def test_issue_input_residual_zero(wide):
     """The reported input: int4, groups of 2, no residual, a 4-token row and a 3-token row padded by 1."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM(config).eval().double()
-    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
+    model = _wide_llama(1)
     ids = torch.randint(2, 90, (2, 4), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     ids[1, 0], mask[1, 0] = 0, 0
     make = lambda: hf_kvplus.make_cache("quantized", model, nbits=4, group_size=2, residual_length=0)  # noqa: E731
     batch = _logits(model, make, ids, mask)
     alone = _logits(model, make, ids[1:, 1:], mask[1:, 1:])
-    dense = _logits(model, lambda: DynamicCache(config=config), ids, mask)
-    dense_alone = _logits(model, lambda: DynamicCache(config=config), ids[1:, 1:], mask[1:, 1:])
+    dense = _logits(model, lambda: DynamicCache(config=model.config), ids, mask)
+    dense_alone = _logits(model, lambda: DynamicCache(config=model.config), ids[1:, 1:], mask[1:, 1:])
     assert (dense[1] - dense_alone[0]).abs().max() < TOLERANCE
     assert (batch[1] - alone[0]).abs().max() < TOLERANCE  # was 5.8e-3 with groups starting at the padding
 

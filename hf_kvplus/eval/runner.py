@@ -195,19 +195,17 @@ def _run(recipe, out, progress, model, tokenizer, ids, device, dtype) -> dict:
             except (RuntimeError, ValueError, TypeError, NotImplementedError) as error:
                 row.update(status="error", reason=f"{type(error).__name__}: {error}")
         folder.append(row)
-    processes.barrier()
-    rows = folder.merge([p.key for p in points]) if processes.rank == 0 else []
-    if processes.rank == 0:
-        from .report import write_report
-
-        write_report(folder.path, recipe, rows, excluded)
-    processes.barrier()
-    return {"rows": rows, "excluded": excluded, "folder": folder.path, "seconds": time.perf_counter() - started,
-            "reused": len([p for p in points if p.key in done]), "measured": len(mine)}
+    return _gather(recipe, folder, points, excluded, processes, started,
+                   reused=len([p for p in points if p.key in done]), measured=len(mine))
 
 
 def _finished(recipe, folder, points, excluded, processes, started) -> dict:
     """Every point is already in the run folder: gather, report, and load no model."""
+    return _gather(recipe, folder, points, excluded, processes, started, reused=len(points), measured=0)
+
+
+def _gather(recipe, folder, points, excluded, processes, started, reused: int, measured: int) -> dict:
+    """Merge every process's rows (rank 0), write the report, and return the run's summary."""
     processes.barrier()
     rows = folder.merge([p.key for p in points]) if processes.rank == 0 else []
     if processes.rank == 0:
@@ -216,4 +214,4 @@ def _finished(recipe, folder, points, excluded, processes, started) -> dict:
         write_report(folder.path, recipe, rows, excluded)
     processes.barrier()
     return {"rows": rows, "excluded": excluded, "folder": folder.path, "seconds": time.perf_counter() - started,
-            "reused": len(points), "measured": 0}
+            "reused": reused, "measured": measured}
