@@ -36,8 +36,10 @@ def _observed(cache) -> list:
     for layer in cache.layers:
         keys, values = layer.keys, layer.values
         pos = layer.pos
+        scores = getattr(layer, "token_state", None) or {}  # accumulated attention, key norms... in position order
         state.append((layer.seen, layer.kept, None if keys is None else keys.clone(),
-                      None if values is None else values.clone(), None if pos is None else pos.clone()))
+                      None if values is None else values.clone(), None if pos is None else pos.clone(),
+                      *(scores[name].clone() for name in sorted(scores))))
     return state
 
 
@@ -72,26 +74,34 @@ def test_a_forward_refused_at_a_later_layer_leaves_every_layer_as_before(name, s
     with pytest.raises(ValueError, match=r"holds torch.float32 .* received torch.float64"):
         model(tokens, **cache_kwargs(cache), use_cache=True)
     handle.remove()
-    scored_slots = step == "decode" and hf_kvplus.get_spec(name).evicting and name != "sink"
-    if scored_slots and any(type(layer.store).__name__ == "SlotStore" for layer in cache.layers):
-        # The one documented exception: a scored slot step's in-place scores cannot be undone without a copy
-        # per step, so the cache refuses every later forward (clearly) until reset.
-        with pytest.raises(RuntimeError, match=r"unusable.*cache.reset\(\)"):
-            model(tokens, **cache_kwargs(cache), use_cache=True)
-        return
     _assert_same(before, _observed(cache))
-    ours = model(tokens, **cache_kwargs(cache), use_cache=True).logits
-    reference = model(tokens, **cache_kwargs(twin), use_cache=True).logits
-    assert torch.equal(ours, reference)
-    _assert_same(_observed(twin), _observed(cache))
+    # Exactly as before, scores and eviction bookkeeping included: the next steps evict what the twin evicts.
+    _decode_like_twin(model, cache, twin, ids[:, 24:30])
 
 
+def _decode_like_twin(model, cache, twin, ids):
+    """Decode ``ids`` one token at a time through both caches: same logits and same kept tokens at every step."""
+    for column in range(ids.shape[1]):
+        tokens = ids[:, column : column + 1]
+        ours = model(tokens, **cache_kwargs(cache), use_cache=True).logits
+        reference = model(tokens, **cache_kwargs(twin), use_cache=True).logits
+        assert torch.equal(ours, reference)
+        _assert_same(_observed(twin), _observed(cache))
+
+
+@pytest.mark.parametrize("step", ["chunk", "decode"])
+@pytest.mark.parametrize("name", NAMES)
 @torch.no_grad()
-def test_a_failure_inside_the_model_after_some_layers_updated_is_rolled_back():
-    """Not a refusal of ours: the model's own code fails after layer 0 stored the tokens (the model hook ends it)."""
+def test_a_failure_inside_the_model_after_some_layers_updated_is_rolled_back(name, step):
+    """Not a refusal of ours: the model's own code fails after layer 1's attention ran (a scored layer has scored
+    and evicted by then); the model hook ends the forward and every layer is put back."""
     model = tiny_model("llama-gqa")
-    cache = _make("sink", model)
-    model(prompt(length=16), **cache_kwargs(cache), use_cache=True)
+    cache = _make(name, model)
+    ids = prompt(length=30, seed=7)
+    model(ids[:, :20], **cache_kwargs(cache), use_cache=True)
+    for column in range(20, 24):
+        model(ids[:, column : column + 1], **cache_kwargs(cache), use_cache=True)
+    twin = copy.deepcopy(cache)
     before = _observed(cache)
 
     def fail(module, args, output):
@@ -99,9 +109,10 @@ def test_a_failure_inside_the_model_after_some_layers_updated_is_rolled_back():
 
     handle = model.model.layers[1].self_attn.o_proj.register_forward_hook(fail)
     with pytest.raises(RuntimeError, match="model code failed"):
-        model(prompt(length=4, seed=2), **cache_kwargs(cache), use_cache=True)
+        model(ids[:, 24:30] if step == "chunk" else ids[:, 24:25], **cache_kwargs(cache), use_cache=True)
     handle.remove()
     _assert_same(before, _observed(cache))
+    _decode_like_twin(model, cache, twin, ids[:, 24:30])
 
 
 @torch.no_grad()

@@ -67,7 +67,7 @@ class CacheContext:
         self.journal, self.in_forward, self.before_forward = {}, False, None
 
     def reset(self) -> None:
-        self.journal, self.broken, self.in_forward, self.before_forward = {}, None, False, None
+        self.journal, self.in_forward, self.before_forward = {}, False, None
         self.set_padding(None)
         self.mask_length = None
         self.observed = False

@@ -9,9 +9,11 @@ past what they hold) and, for the decoding slot stores, the few host numbers a s
 every recorded layer back. The record is dropped when the forward ends, so it holds references only while one
 runs (held tensors a forward replaces stay alive until its end).
 
-One change cannot be undone without copying every step: a scored slot store's in-place score update and
-eviction. A forward refused after such a step (only possible when later layers receive other dtypes, devices
-or shapes than earlier ones) leaves the cache marked unusable: every later forward refuses until ``reset()``.
+A scored slot store's step is undone without a copy per step: the token went into the free slot (dead data),
+state the step rewrites went into a spare buffer swapped in by reference (``SlotStore.advance``), and what the
+eviction moved (the victim's entry, the protection of the token leaving the recent window, SnapKV's scores
+written back in slot order) is put back from what the step itself left in place (``SlotStore.undo_step``,
+``slot_undo``). Only the rollback runs those ops, never a step.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def _store_state(store):
     if isinstance(store, RingStore):
         return ("ring", store.free, store.head, store.full, store.shift)
     if isinstance(store, SlotStore):
-        return ("slots", store.seen, store.full)
+        return ("slots", store.seen, store.full, store.references())
     if store is None:
         return None
     held, nested = dict(vars(store)), {}
@@ -74,8 +76,6 @@ class Journal:
     def journal_open(self) -> None:
         """Record this layer's state unless already recorded in this forward (call before any change)."""
         journal = self.context.journal
-        if self.context.broken is not None:
-            raise RuntimeError(self.context.broken)
         if self.layer_idx in journal:  # the layer runs again: a new forward began without the model hook
             journal.clear()
         fields = {name: getattr(self, name) for name in _LAYER_FIELDS}
@@ -88,10 +88,9 @@ class Journal:
         if not self.context.in_forward and self.layer_idx == self.context.last_layer:
             self.context.journal.clear()
 
-    def journal_restore(self, fields: dict, state) -> bool:
-        """Put this layer back as recorded; False when a scored slot step cannot be undone."""
+    def journal_restore(self, fields: dict, state) -> None:
+        """Put this layer back as recorded."""
         store = fields["store"]
-        exact = True
         if state is not None and state[0] == "ring":
             _, free, head, full, shift = state
             if (store.free, store.head, store.full) != (free, head, full):
@@ -100,25 +99,21 @@ class Journal:
             if store.sink_keys is not None and store.shift != shift:
                 store.shift_sinks(*self._rope_angles(shift), shift)
         elif state is not None and state[0] == "slots":
-            _, seen, full = state
-            exact = store.seen == seen or store.full  # written but not yet evicted: the free slot is dead data
+            _, seen, full, references = state
+            if store.seen != seen and not store.full:  # the step evicted (written only: the free slot is dead data)
+                store.undo_step(seen)
+                self.slot_undo(store)
             store.seen, store.full = seen, full
+            store.restore_references(references)
         elif state is not None:
             _restore_attrs(store, state)
         for name, value in fields.items():
             setattr(self, name, value)
-        return exact
 
 
 def roll_back(context) -> None:
     """Put every layer recorded in this forward back (see the module docstring); clears the record."""
     entries, context.journal = list(context.journal.values()), {}
-    exact = True
     for layer, fields, state in reversed(entries):
-        exact = layer.journal_restore(fields, state) and exact
+        layer.journal_restore(fields, state)
     context.awaiting = None
-    if not exact:
-        context.broken = (
-            "this cache is unusable: a forward was refused after a layer in scored slot storage had updated its "
-            "scores and evicted (not undone, to keep decoding steps free of copies); call cache.reset()"
-        )

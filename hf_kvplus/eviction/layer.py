@@ -193,7 +193,8 @@ class EvictingLayer(SlotMode, Deferral, DraftVerification, KeepRule, Journal, St
             slots = kept + 1
             recent = min(self.recent_window, kept - min(self.num_sink_tokens, kept))
             extra = SlotStore.predict_nbytes_extra(batch, kv_heads, slots, recent, not self.per_head,
-                                                   [t.element_size() for t in state.values()], dtype,
+                                                   [t.element_size() for t in state.values()]
+                                                   + [state[name].element_size() for name in self.slot_stepped], dtype,
                                                    self.query_groups if self.needs_attention else 0, head_dim)
             extra += self.slot_extra_nbytes(batch, kv_heads, slots)
             return store.predict_nbytes(batch, kv_heads, slots, head_dim, dtype) + extra

@@ -106,7 +106,7 @@ class SlotMode:
         sinks = min(self.num_sink_tokens, self.budget)
         recent = min(self.recent_window, self.budget - sinks)
         self.store = SlotStore(keys, values, self._pos, self._token_state, sinks, recent, not self.per_head, self.seen,
-                               protect=self.slot_protects)
+                               protect=self.slot_protects, stepped=self.slot_stepped)
         self._pos, self._token_state = None, {}
         if self.needs_attention:  # what the first step's attention needs, made now (predict_nbytes counts them)
             self.store.ones(self.query_groups)

@@ -61,7 +61,17 @@ class StrategyHooks:
         return self.initial_state(key_states, value_states)
 
     def slot_attention(self, slots: SlotStore, probs: torch.Tensor) -> None:
-        """Hook for slot storage: fold a step's probabilities (``[batch * kv_heads, groups, slots]``) into the state."""
+        """Hook for slot storage: fold a step's probabilities (``[batch * kv_heads, groups, slots]``) into the state.
+
+        State the step rewrites must be named in :attr:`slot_stepped` and written into ``slots.spare_rows3[name]``
+        followed by ``slots.advance(name)``, never in place: a refused forward then puts it back exactly."""
+
+    #: State a slot step rewrites as a whole (see :meth:`slot_attention`); each holds a spare buffer.
+    slot_stepped: tuple[str, ...] = ()
+
+    def slot_undo(self, slots: SlotStore) -> None:
+        """Hook for slot storage: undo what a step that evicted changed in the strategy's own buffers, besides
+        :attr:`slot_stepped` (a refused forward only; SnapKV writes its scores back in slot order)."""
 
     def initial_state(self, key_states: torch.Tensor, value_states: torch.Tensor) -> dict[str, torch.Tensor]:
         """Hook: per-token state of newly appended tokens, ``{name: [batch, kv_heads, new]}``.

@@ -47,6 +47,10 @@ class SlotStore(SlotStoreBase):
         seen (`int`): tokens seen so far (the position of the next one).
         protect (`bool`, defaults to `True`): mark protected positions (see the module docstring); `False` for a
             strategy that ranks in position order itself (SnapKV), which never calls :meth:`release`/:meth:`evict`.
+        stepped (`tuple[str, ...]`, defaults to `()`): state a step rewrites as a whole (an accumulated mass, the
+            latest attention). Each gets a spare buffer: a step writes the new state there and :meth:`advance`
+            swaps the two, so the state before the step stays intact until the step ends and a refused forward
+            is undone by putting the references back (no copy per step; see :mod:`hf_kvplus.eviction.journal`).
 
     Example:
 
@@ -59,7 +63,8 @@ class SlotStore(SlotStoreBase):
     ```
     """
 
-    def __init__(self, keys, values, pos, state, sinks: int, recent: int, shared: bool, seen: int, protect: bool = True):
+    def __init__(self, keys, values, pos, state, sinks: int, recent: int, shared: bool, seen: int, protect: bool = True,
+                 stepped: tuple[str, ...] = ()):
         batch, heads, budget, head_dim = keys.shape
         rows = 1 if shared else heads
         capacity = budget + 1
@@ -80,6 +85,7 @@ class SlotStore(SlotStoreBase):
         for name, value in state.items():  # [batch, kv_heads, budget + 1] each
             self.state[name] = value.new_zeros(batch, heads, capacity)
             self.state[name][..., :budget].copy_(value)
+        self.spare = {name: torch.zeros_like(self.state[name]) for name in stepped}  # [batch, kv_heads, budget + 1]
         self.score = self.keys.new_zeros(batch, rows, capacity, dtype=torch.float32)  # scores computed per step
         self.no_bias = self.keys.new_zeros(1, 1, 1)  # attention logits' additive input when there is no mask
         # Slot of each recent token, entry 1 + position % (recent + 1): row 0 is never used, so no entry a step
@@ -95,6 +101,7 @@ class SlotStore(SlotStoreBase):
         """Views made once, so a step makes fewer: 3-D views of the state, keys and values."""
         batch, heads, capacity, head_dim = self.keys.shape
         self.rows3 = {name: t.view(batch * heads, 1, capacity) for name, t in self.state.items()}  # [b*h, 1, slots]
+        self.spare_rows3 = {name: t.view(batch * heads, 1, capacity) for name, t in self.spare.items()}
         self.keys_t3 = self.keys.view(batch * heads, capacity, head_dim).transpose(1, 2)  # [b*h, head_dim, slots]
         self.values3 = self.values.view(batch * heads, capacity, -1)  # [b*h, slots, value_dim]
         self._ones = None
@@ -139,6 +146,30 @@ class SlotStore(SlotStoreBase):
             rows = self.keys.shape[0] * self.keys.shape[1]
             self._ones = self.score.new_ones(1, 1, groups).expand(rows, 1, groups)
         return self._ones
+
+    def advance(self, name: str) -> None:
+        """The spare of ``state[name]`` (which a step just filled through ``spare_rows3[name]``) becomes the state;
+        the old state becomes the spare. Swaps references only: no op runs."""
+        self.state[name], self.spare[name] = self.spare[name], self.state[name]
+        self.rows3[name], self.spare_rows3[name] = self.spare_rows3[name], self.rows3[name]
+
+    def references(self) -> tuple[dict, ...]:
+        """What :meth:`advance` changes, for the journal to put back (copies of the dicts, not of tensors)."""
+        return dict(self.state), dict(self.spare), dict(self.rows3), dict(self.spare_rows3)
+
+    def restore_references(self, held: tuple[dict, ...]) -> None:
+        self.state, self.spare, self.rows3, self.spare_rows3 = (dict(d) for d in held)
+
+    def undo_step(self, position: int) -> None:
+        """Undo the slot bookkeeping of the step that wrote the token at ``position`` and evicted (a refused
+        forward only; never in a step): the entry the victim's slot went to holds again the slot of the token
+        that left the recent window, and that token is protected again. The written slot is free again once
+        ``seen`` is put back; states rewritten as a whole come back through :meth:`restore_references`."""
+        left = position - self.recent  # the token that left the recent window (``position`` itself without one)
+        slot = self.positions_by_slot().eq(left).to(torch.uint8).argmax(-1, keepdim=True)  # [batch, rows, 1]
+        self.entry(position + 1).copy_(slot)
+        if self.recent and self.protect:
+            self.pos.scatter_(2, slot, left + PROTECTED)
 
     # ----------------------------------------------------------------- the step
     def write(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
@@ -204,15 +235,16 @@ class SlotStore(SlotStoreBase):
 
     def tensors(self) -> list[torch.Tensor]:
         held = [self.keys, self.values, self.pos, self.score, self.entries, self.no_bias, *self.state.values(),
-                *self.extra.values()]
+                *self.spare.values(), *self.extra.values()]
         return held + [t for t in (self._ones, self.output) if t is not None]
 
     @staticmethod
     def predict_nbytes_extra(batch: int, kv_heads: int, capacity: int, recent: int, shared: bool,
                              state_itemsizes: list[int], dtype: torch.dtype, groups: int = 0, value_dim: int = 0) -> int:
         """Bytes besides keys and values: positions, scores, index entries, one zero, per-token state (``capacity``
-        slots), and once attention reported (``groups > 0``), ``groups`` ones and the ``[batch, 1, kv_heads * groups,
-        value_dim]`` output buffer (``groups=0``: a strategy that needs no attention)."""
+        slots; ``state_itemsizes`` lists the spares of stepped state too), and once attention reported
+        (``groups > 0``), ``groups`` ones and the ``[batch, 1, kv_heads * groups, value_dim]`` output buffer
+        (``groups=0``: a strategy that needs no attention)."""
         rows = 1 if shared else kv_heads
         state = sum(size * batch * kv_heads * capacity for size in state_itemsizes)
         held = 8 * batch * rows * capacity + 4 * batch * rows * capacity + 8 * (recent + 2) * batch * rows
@@ -225,6 +257,7 @@ class SlotStore(SlotStoreBase):
         self.keys, self.values = self.keys.index_select(0, index), self.values.index_select(0, index)
         self.pos, self.score = self.pos.index_select(0, index), self.score.index_select(0, index)
         self.entries = self.entries.index_select(1, index)
+        self.spare = {name: t.index_select(0, index) for name, t in self.spare.items()}
         self.extra = {name: t.index_select(0, index) if t.dim() >= 3 else t for name, t in self.extra.items()}
         self.state = {name: self.extra[self.state_in_extra[name][0]].select(2, self.state_in_extra[name][1])
                       if name in self.state_in_extra else t.index_select(0, index) for name, t in self.state.items()}

@@ -141,8 +141,12 @@ class HeavyHitterLayer(EvictingLayer):
     def arrival_state(self, key_states, value_states):
         return {"mass": 0.0}
 
+    slot_stepped = ("mass",)
+
     def slot_attention(self, slots, probs):  # probs: [batch * kv_heads, groups, slots]
-        slots.rows3["mass"].baddbmm_(slots.ones(probs.shape[1]), probs, alpha=1.0 / probs.shape[1])
+        torch.baddbmm(slots.rows3["mass"], slots.ones(probs.shape[1]), probs, alpha=1.0 / probs.shape[1],
+                      out=slots.spare_rows3["mass"])  # the mass before the step stays intact (see slot_stepped)
+        slots.advance("mass")
 
     def slot_score(self, slots):
         mass = slots.state["mass"]  # [batch, kv_heads, slots]

@@ -121,6 +121,11 @@ class SnapKVLayer(EvictingLayer):
             torch.gather(v["candidate_slots"], 2, x["victim"], out=entry)
         slots.state["snap"].scatter_(2, v["order"], x["ranked"])  # back to slot order
 
+    def slot_undo(self, slots):
+        # this step's gather still holds the scores before it, in the rank order it used: scatter them back
+        v = self._views(slots)
+        slots.state["snap"].scatter_(2, v["order"], v["snap_ranked"])
+
 
 class SnapKVCache(ScoredCache):
     """SnapKV cache: the window of newest tokens plus the tokens the latest queries attend to.

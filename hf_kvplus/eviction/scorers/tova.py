@@ -36,8 +36,12 @@ class TovaLayer(EvictingLayer):
     def arrival_state(self, key_states, value_states):
         return {}
 
+    slot_stepped = ("last",)
+
     def slot_attention(self, slots, probs):  # probs: [batch * kv_heads, groups, slots]
-        slots.rows3["last"].baddbmm_(slots.ones(probs.shape[1]), probs, beta=0.0, alpha=1.0 / probs.shape[1])
+        torch.baddbmm(slots.rows3["last"], slots.ones(probs.shape[1]), probs, beta=0.0, alpha=1.0 / probs.shape[1],
+                      out=slots.spare_rows3["last"])  # the previous step's attention stays intact (see slot_stepped)
+        slots.advance("last")
 
     def slot_score(self, slots):
         return self.slot_mean(slots, slots.state["last"]), 1
