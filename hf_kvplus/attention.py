@@ -235,6 +235,12 @@ def kvplus_attention_forward(module, query, key, value, attention_mask, **kwargs
     if layer.verifying and plain:  # drafts verified row by row, over what each step would have kept
         with torch.no_grad():
             return layer.verify_attention(query, key, value, scaling), None
+    if layer.verifying:  # a model whose config did not announce its other math (refused when recording began)
+        names = sorted(name for name in _OTHER_MATH if kwargs.get(name) is not None)
+        raise ValueError(
+            f"draft tokens are verified exactly only for plain attention; layer {layer.layer_idx} passes {names}, "
+            "which the verification does not implement: decode without an assistant with this cache"
+        )
     reduction = layer.requested_reduction()
     window = None if reduction == "rows" else layer.attention_window()
     if plain:

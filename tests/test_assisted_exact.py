@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (AutoModelForCausalLM, Gemma2Config, GptOssConfig, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, Qwen2Config)
 
 import hf_kvplus
 from hf_kvplus._compat import cache_kwargs
+from hf_kvplus.eviction.cache import other_attention_math
 
 NEW = 12
 TOLERANCE = 1e-4  # the step-by-step path (slot storage) and the replay sum in other orders: about 1e-6 apart
@@ -166,3 +168,76 @@ def test_verification_leaves_the_users_attention_in_place():
     assisted = model.generate(_prompt(), do_sample=False, max_new_tokens=8, prompt_lookup_num_tokens=3,
                               **cache_kwargs(hf_kvplus.make_cache("sink", model, budget=16, num_sink_tokens=4)))
     assert torch.equal(assisted, plain) and model.config._attn_implementation == "sdpa"
+
+
+def _tiny(config_class, **extra):
+    torch.manual_seed(0)
+    config = config_class(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0, **extra)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, None
+    return model
+
+
+# Attention math the row-by-row verification does not replay: refused when assisted decoding starts.
+OTHER_MATH = {
+    "gemma2-softcap": (Gemma2Config, dict(layer_types=["full_attention"] * 2), r"logit soft-capping \(attn_logit_softcapping=50.0\)"),
+    "mistral-sliding": (MistralConfig, dict(sliding_window=64), r"a sliding window \(sliding_window=64\)"),
+    "qwen2-sliding": (Qwen2Config, dict(use_sliding_window=True, sliding_window=64), r"sliding_window=64"),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(OTHER_MATH))
+@pytest.mark.parametrize("name", ["h2o", "snapkv", "window"])
+@torch.no_grad()
+def test_other_attention_math_is_refused_before_anything_changes(arch, name):
+    config_class, extra, match = OTHER_MATH[arch]
+    model = _tiny(config_class, **extra)
+    cache = hf_kvplus.make_cache(name, model, budget=16, **STRATEGIES.get(name, {}))
+    with pytest.raises(ValueError, match=r"exactly only for plain scaled dot-product attention.*" + match):
+        model.generate(_prompt(), do_sample=False, max_new_tokens=4, prompt_lookup_num_tokens=3,
+                       **cache_kwargs(cache))
+    assert cache.get_seq_length() == 0 and not any(layer.record_past for layer in cache.layers)
+    plain = model.generate(_prompt(), do_sample=False, max_new_tokens=4, **cache_kwargs(cache))
+    assert plain.shape == (1, 64)  # the cache is still usable for plain decoding
+
+
+def test_other_attention_math_read_from_configs():
+    assert other_attention_math(Qwen2Config()) is None  # no sliding window unless use_sliding_window
+    assert other_attention_math(LlamaConfig()) is None
+    assert other_attention_math(GptOssConfig()) == "a sliding window (sliding_window=128)"
+    assert other_attention_math(GptOssConfig(sliding_window=None)) == "learned attention sinks (gpt-oss)"
+
+
+@torch.no_grad()
+def test_qwen2_without_sliding_window_verifies_exactly():
+    """Qwen2 (biased projections, no window by default) is plain attention: assisted equals plain greedy."""
+    model = hf_kvplus.attach(_tiny(Qwen2Config))
+    _same_as_plain(model, lambda: hf_kvplus.make_cache("h2o", model, budget=16), prompt_lookup_num_tokens=3)
+
+
+@pytest.mark.parametrize("name", ["h2o", "sink"])
+@torch.no_grad()
+def test_a_left_padded_row_is_refused_before_anything_changes(name, model):
+    cache = hf_kvplus.make_cache(name, model, budget=16, **STRATEGIES.get(name, {}))
+    ids = _prompt()
+    mask = torch.ones_like(ids)
+    mask[:, :2] = 0
+    with pytest.raises(ValueError, match=r"only for unpadded rows; this prompt is left-padded by \[2\] tokens"):
+        model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=4, prompt_lookup_num_tokens=3,
+                       **cache_kwargs(cache))
+    assert cache.get_seq_length() == 0 and not any(layer.record_past for layer in cache.layers)
+    assert model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=4,
+                          **cache_kwargs(cache)).shape == (1, 64)
+
+
+@torch.no_grad()
+def test_unannounced_other_math_is_refused_by_the_attention():
+    """A model whose config does not say its attention has a window (the config check is bypassed here): the
+    verification forward is refused by the "kvplus" attention, naming the keyword, and rolled back."""
+    model = hf_kvplus.attach(_tiny(MistralConfig, sliding_window=64))
+    cache = hf_kvplus.make_cache("h2o", model, budget=16)
+    cache.other_attention_math = None
+    with pytest.raises(ValueError, match=r"layer 0 passes \['sliding_window'\]"):
+        model.generate(_prompt(), do_sample=False, max_new_tokens=4, prompt_lookup_num_tokens=3,
+                       **cache_kwargs(cache))

@@ -55,6 +55,8 @@ class KVPlusCache(Cache):
         #: Whether forwards read a shared prefix in parts through the "kvplus" attention (prefix caches, see hooks.py).
         self.split_attention = any(getattr(layer, "split_attention", False) for layer in layers)
         self.context.last_layer = num_layers - 1
+        #: What in the model's attention math draft verification does not implement (``None``: plain attention).
+        self.other_attention_math = other_attention_math(config)
 
     def predict_nbytes(self, tokens: int, batch: int = 1, dtype: torch.dtype = torch.float32) -> int | None:
         """Bytes :func:`hf_kvplus.cache_nbytes` will count once ``tokens`` tokens went through this (fresh) cache.
@@ -98,12 +100,21 @@ class KVPlusCache(Cache):
         Drafts are then verified row by row, exactly as plain decoding would run them (:mod:`.verify`), which
         takes the ``"kvplus"`` attention. Raises a ``ValueError`` before anything changes when an evicting layer
         could not be verified exactly: a model whose attention implementation has no ``"kvplus"`` variant (flash,
-        flex), or a cache never attached to its model (built from a config) for a strategy that does not score
-        by attention (sinks, key norm).
+        flex), a model whose attention math is not plain (soft-capping, a sliding window, learned sinks: see
+        :func:`other_attention_math`), or a cache never attached to its model (built from a config) for a
+        strategy that does not score by attention (sinks, key norm). A left-padded prompt is refused by the
+        first forward (:meth:`observe_inputs`), before any layer changes.
         """
         for layer in self.layers:
             if not isinstance(layer, EvictingLayer) or layer.budget is None:
                 continue
+            if self.other_attention_math is not None:
+                raise ValueError(
+                    f"{type(self).__name__} verifies draft tokens exactly only for plain scaled dot-product "
+                    f"attention; this model's attention uses {self.other_attention_math}, which the verification "
+                    "does not implement, so assisted and speculative decoding could differ from plain decoding. "
+                    "Decode without an assistant with this cache, or use DynamicCache for assisted decoding."
+                )
             known = self.context.attention is not None or not layer.needs_attention  # scorers fail loudly unattached
             if known and self.context.attention not in VERIFIABLE:
                 raise ValueError(
@@ -167,7 +178,19 @@ class KVPlusCache(Cache):
                     "(tokenizer.padding_side='left') and pass the full mask."
                 )
             return
-        context.set_padding((~history).sum(dim=-1))
+        padding = (~history).sum(dim=-1)  # [batch]
+        recording = [layer for layer in self.layers if isinstance(layer, EvictingLayer) and layer.record_past
+                     and layer.budget is not None]
+        if recording and bool(padding.any()):
+            if not any(layer.uncommitted for layer in recording):  # as before generate turned recording on
+                for layer in recording:
+                    layer.record_past = False
+            raise ValueError(
+                f"{type(self).__name__} verifies draft tokens exactly only for unpadded rows; this prompt is "
+                f"left-padded by {padding.tolist()} tokens. Pass the row without padding (no attention_mask "
+                "zeros) for assisted or speculative decoding, or decode without an assistant."
+            )
+        context.set_padding(padding)
         context.mask_length = history.shape[-1]
 
     @staticmethod
@@ -213,3 +236,20 @@ class KVPlusCache(Cache):
     def max_held(self) -> int:
         """Most tokens any layer held between forwards since the last reset."""
         return max((layer.max_held for layer in self.layers), default=0)
+
+
+def other_attention_math(config: PreTrainedConfig) -> str | None:
+    """What a model's attention computes beyond plain scaled dot-product attention over a causal mask, from its
+    config: logit soft-capping (Gemma 2), a sliding window (Mistral, Gemma, Qwen2 with ``use_sliding_window``), or
+    learned attention sinks (gpt-oss). ``None`` for plain attention. Draft verification replays plain attention
+    only (:mod:`.verify`), so :meth:`KVPlusCache.activate_past_recording` refuses the others."""
+    config = decoder_config(config)
+    softcap = getattr(config, "attn_logit_softcapping", None)
+    if softcap is not None:
+        return f"logit soft-capping (attn_logit_softcapping={softcap})"
+    window = getattr(config, "sliding_window", None)
+    if window is not None and getattr(config, "use_sliding_window", True):
+        return f"a sliding window (sliding_window={window})"
+    if getattr(config, "model_type", None) == "gpt_oss":
+        return "learned attention sinks (gpt-oss)"
+    return None
