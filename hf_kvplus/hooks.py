@@ -12,7 +12,10 @@ Two public extension points, nothing patched:
   with any other cache, the model runs exactly the implementation the user chose;
 * the same per-forward switch to ``"kvplus"`` for a prefix-shared cache on a model running ``"sdpa"``, whose
   attention then reads the shared prefix in place (:mod:`hf_kvplus.cascade`: what SDPA computes, without the
-  per-step copy); any other implementation is left as it is and reads the concatenated keys.
+  per-step copy); any other implementation is left as it is and reads the concatenated keys;
+* after a forward given an hf_kvplus cache, a check that the model handed that cache back: a model that
+  replaces it (as Phi-3's LongRoPE switch would, refused earlier by :func:`check_stable_rope`) is refused
+  with a ``RuntimeError`` rather than letting generation continue without the cache.
 
 ``make_cache(name, model)`` calls :func:`attach` for you. The switch is per model and per call: one model
 shared by threads that run scoring and non-scoring caches at once would see each other's switch.
@@ -25,12 +28,13 @@ import inspect
 import torch
 from transformers import PreTrainedModel
 
-from ._compat import attn_implementation, cache_from_call, rope_switch, set_attn_implementation
+from ._compat import attn_implementation, cache_from_call, output_cache, rope_switch, set_attn_implementation
 from .attention_eager import VARIANTS, register_variants
 
 _HOOK_ATTR = "_hf_kvplus_input_hook"
 _RESTORE_ATTR = "_hf_kvplus_restore_hook"
 _SWITCHED_ATTR = "_hf_kvplus_switched_from"  # the user's implementation while a forward runs on ours
+_GIVEN_ATTR = "_hf_kvplus_given_cache"  # the hf_kvplus cache a running forward was given
 
 
 def scoring_implementation(current: str | None) -> str:
@@ -90,8 +94,17 @@ def _after_forward(model: torch.nn.Module, args: tuple, kwargs: dict, output) ->
     if previous is not None:
         set_attn_implementation(model, previous)
     context = model.__dict__.pop("_hf_kvplus_context", None)
+    given = model.__dict__.pop(_GIVEN_ATTR, None)
     if context is not None:
         context.end_forward(failed=output is None)
+    returned = output_cache(output) if given is not None and hasattr(output, "keys") else None
+    if returned is not None and returned is not given:
+        raise RuntimeError(
+            f"{type(model).__name__} was given a {type(given).__name__} but returned a {type(returned).__name__}: the "
+            "model replaced the hf_kvplus cache, so its budget, storage and sharing would silently stop applying "
+            "to the rest of the generation. hf_kvplus refuses to continue; run this model with transformers' "
+            "DynamicCache, or without whatever makes it re-create its cache."
+        )
 
 
 def _bound_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -105,10 +118,15 @@ def _bound_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
         bound = signature.bind_partial(*args, **kwargs)
     except TypeError:
         return kwargs
-    return dict(bound.arguments)
+    arguments = dict(bound.arguments)
+    for name, parameter in signature.parameters.items():  # a forward(input_ids, **kwargs): its keywords, flat
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(name, {}))
+    return arguments
 
 
 def _observe_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    module.__dict__.pop(_GIVEN_ATTR, None)  # left by a forward whose pre-hook raised
     inputs = _bound_inputs(module, args, kwargs)
     cache = cache_from_call(inputs)
     if cache is None:
@@ -123,6 +141,8 @@ def _observe_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     if hasattr(context, "begin_forward"):  # a refused forward is rolled back (eviction/journal.py)
         context.begin_forward()
         module._hf_kvplus_context = context
+    if context is not None:  # an hf_kvplus cache: the forward must hand back this one (checked after it)
+        module.__dict__[_GIVEN_ATTR] = cache
     if hasattr(cache, "observe_inputs"):
         _observe(cache, inputs)
     # last: nothing after a switch may raise before the forward hook is armed

@@ -119,3 +119,36 @@ def test_eager_scoring_with_left_padding_generates_what_the_row_generates_alone(
                            do_sample=False)
     alone = model.generate(ids[:1, 3:], **cache_kwargs(_make(name, model)), max_new_tokens=8, do_sample=False)
     assert batch[0, 12:].tolist() == alone[0, 9:].tolist()
+
+
+class _Replacing(torch.nn.Module):
+    """Stands for a model that re-creates its cache mid-generation (as Phi-3's LongRoPE switch does): it runs the
+    real model on a fresh ``DynamicCache`` and returns that one instead of the cache it was given."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, input_ids, **kwargs):
+        for name in ("cache", "past_key_values"):
+            if name in kwargs:
+                kwargs[name] = DynamicCache(config=self.model.config)
+        return self.model(input_ids, **kwargs)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+@torch.no_grad()
+def test_a_model_that_replaces_the_cache_is_refused(name):
+    """Issue 16 item 1, its kind: generation never continues silently on a cache the model put in place of ours."""
+    inner = _model("sdpa")
+    cache = _make(name, inner)
+    wrapper = hf_kvplus.attach(_Replacing(inner))
+    with pytest.raises(RuntimeError, match=r"was given a \w+ but returned a DynamicCache: the model replaced"):
+        wrapper(prompt(length=PROMPT, seed=1), **cache_kwargs(cache), use_cache=True)
+    assert cache.get_seq_length() == 0  # never written: the model ran on its own cache
+    # the same wrapper with a DynamicCache, or without a cache, runs as before (nothing to follow)
+    wrapper(prompt(length=PROMPT, seed=1), **cache_kwargs(DynamicCache(config=inner.config)), use_cache=True)
+    wrapper(prompt(length=PROMPT, seed=1), use_cache=False)
+    # and the cache itself still works with the real model
+    out = inner(prompt(length=PROMPT, seed=1), **cache_kwargs(cache), use_cache=True)
+    assert out.logits.shape[1] == PROMPT and cache.get_seq_length() == PROMPT
