@@ -24,6 +24,7 @@ shared by threads that run scoring and non-scoring caches at once would see each
 from __future__ import annotations
 
 import inspect
+import threading
 
 import torch
 from transformers import PreTrainedModel
@@ -34,7 +35,7 @@ from .attention_eager import VARIANTS, register_variants
 _HOOK_ATTR = "_hf_kvplus_input_hook"
 _RESTORE_ATTR = "_hf_kvplus_restore_hook"
 _SWITCHED_ATTR = "_hf_kvplus_switched_from"  # the user's implementation while a forward runs on ours
-_GIVEN_ATTR = "_hf_kvplus_given_cache"  # the hf_kvplus cache a running forward was given
+_GIVEN = threading.local()  # per thread, {id(model): the hf_kvplus cache its running forward was given}
 
 
 def scoring_implementation(current: str | None) -> str:
@@ -94,7 +95,7 @@ def _after_forward(model: torch.nn.Module, args: tuple, kwargs: dict, output) ->
     if previous is not None:
         set_attn_implementation(model, previous)
     context = model.__dict__.pop("_hf_kvplus_context", None)
-    given = model.__dict__.pop(_GIVEN_ATTR, None)
+    given = _given().pop(id(model), None)
     if context is not None:
         context.end_forward(failed=output is None)
     returned = output_cache(output) if given is not None and hasattr(output, "keys") else None
@@ -105,6 +106,12 @@ def _after_forward(model: torch.nn.Module, args: tuple, kwargs: dict, output) ->
             "to the rest of the generation. hf_kvplus refuses to continue; run this model with transformers' "
             "DynamicCache, or without whatever makes it re-create its cache."
         )
+
+
+def _given() -> dict:
+    if not hasattr(_GIVEN, "caches"):
+        _GIVEN.caches = {}
+    return _GIVEN.caches
 
 
 def _bound_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -126,7 +133,7 @@ def _bound_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
 
 
 def _observe_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    module.__dict__.pop(_GIVEN_ATTR, None)  # left by a forward whose pre-hook raised
+    _given().pop(id(module), None)  # left by a forward whose pre-hook raised
     inputs = _bound_inputs(module, args, kwargs)
     cache = cache_from_call(inputs)
     if cache is None:
@@ -142,7 +149,7 @@ def _observe_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         context.begin_forward()
         module._hf_kvplus_context = context
     if context is not None:  # an hf_kvplus cache: the forward must hand back this one (checked after it)
-        module.__dict__[_GIVEN_ATTR] = cache
+        _given()[id(module)] = cache
     if hasattr(cache, "observe_inputs"):
         _observe(cache, inputs)
     # last: nothing after a switch may raise before the forward hook is armed
