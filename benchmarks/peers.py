@@ -20,6 +20,9 @@ kvpress venv with ``python -m venv`` + pip, reused afterwards)::
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/peers.py
     PYTHONPATH=. python benchmarks/peers.py --ratios 0.5 --strategies sink StreamingLLMPress   # a subset
     PYTHONPATH=. python benchmarks/peers.py --render                                            # table only
+    PYTHONPATH=. python benchmarks/peers.py --text lee    # a second English text (benchmarks/second_text.py)
+
+With ``--text lee`` the results go to ``peers_lee.json``/``.md`` beside the default text's.
 
 Rows already in ``benchmarks/results/peers.json`` are kept and not recomputed (resume after an
 interruption); ``--force`` recomputes the selected rows.
@@ -41,6 +44,9 @@ import torch
 import transformers
 
 from hf_kvplus.bench import sliding_window_cache  # transformers' window at a budget (also used by tests)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from second_text import TEXTS, load_text  # noqa: E402  (benchmarks/ is not a package)
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -178,7 +184,7 @@ def summarize(rows: dict[str, dict]) -> list[dict]:
             best = min(peers, key=lambda r: r["ppl"])
             row["best_peer"] = best["strategy"]
             row["vs_best_peer_%"] = 100 * (row["ppl"] / best["ppl"] - 1)
-        twin = rows.get(row_key(COUNTERPART[row["strategy"]], row["keep"]))
+        twin = rows.get(row_key(COUNTERPART.get(row["strategy"], ""), row["keep"]))
         if twin and "ppl" in twin:
             row["counterpart"] = twin["strategy"]
             row["vs_counterpart_%"] = 100 * (row["ppl"] / twin["ppl"] - 1)
@@ -199,13 +205,19 @@ def render(report: dict) -> str:
     return markdown_table(rows, COLUMNS)
 
 
-def write(rows: dict[str, dict], meta: dict, out: Path = RESULTS) -> str:
+def stem(text: str = "default") -> str:
+    """The results' file name without suffix: ``peers`` for the default text, ``peers_<text>`` otherwise."""
+    return STEM if text == "default" else f"{STEM}_{text}"
+
+
+def write(rows: dict[str, dict], meta: dict, out: Path = RESULTS, text: str = "default") -> str:
     from hf_kvplus.eval.report import write_json
 
     report = {"meta": meta, "rows": summarize(rows)}
-    write_json(out / f"{STEM}.json", report)
+    write_json(out / f"{stem(text)}.json", report)
     table = render(report)
-    (out / f"{STEM}.md").write_text(f"# Context compression against peers\n\n{table}\nCommand: `{meta['command']}`\n")
+    title = "Context compression against peers" + ("" if text == "default" else f" ({meta.get('text', text)})")
+    (out / f"{stem(text)}.md").write_text(f"# {title}\n\n{table}\nCommand: `{meta['command']}`\n")
     return table
 
 
@@ -226,21 +238,25 @@ def main(argv=None) -> None:
     parser.add_argument("--force", action="store_true", help="recompute rows already in the JSON")
     parser.add_argument("--render", action="store_true", help="only re-render the table from the saved JSON")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--text", default="default", choices=["default", *TEXTS],
+                        help="the embedded default text, or a second English text (benchmarks/second_text.py)")
     args = parser.parse_args(argv)
     for keep in args.ratios:
         if not 0.0 < keep < 1.0:
             raise ValueError(f"--ratios must be in (0, 1), got {keep}")
-    meta, rows = load_rows(args.out / f"{STEM}.json")
+    meta, rows = load_rows(args.out / f"{stem(args.text)}.json")
     if args.render:
-        print(write(rows, meta, args.out))
+        print(write(rows, meta, args.out, args.text))
         return
     torch.set_num_threads(args.threads)
-    from hf_kvplus.eval import load_default_model, load_default_text, load_default_tokenizer
+    from hf_kvplus.eval import load_default_model, load_default_tokenizer
 
-    ids = load_default_tokenizer()(load_default_text(), return_tensors="pt").input_ids[0]
+    ids = load_default_tokenizer()(load_text(args.text), return_tensors="pt").input_ids[0]
     ids = ids[: args.windows * (CONTEXT + TARGET)]
     meta = {"protocol": f"prefill {CONTEXT}, score next {TARGET} teacher-forced, {args.windows} consecutive windows",
-            "command": "PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/peers.py",
+            "command": "PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/peers.py"
+                       + ("" if args.text == "default" else f" --text {args.text}"),
+            "text": "pydoc_data.topics (embedded default)" if args.text == "default" else TEXTS[args.text],
             "model": "SmolLM2-135M-Instruct (embedded GGUF), float32, CPU",
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {args.threads}",
             "versions": {**meta.get("versions", {}), "torch": torch.__version__,
@@ -256,7 +272,7 @@ def main(argv=None) -> None:
             for keep in todo(label, [1.0] if label == "dense" else args.ratios):
                 rows[row_key(label, keep)] = row = run_local(model, ids, label, keep, windows=args.windows)
                 print(f"{row['key']:>28}  ppl {row['ppl']:.3f}  ({row['seconds']:.0f} s)", flush=True)
-                write(rows, meta, args.out)
+                write(rows, meta, args.out, args.text)
         del model
     presses = [s for s in args.strategies if s in KVPRESS]
     if presses and "kvpress dense@1" not in rows:
@@ -274,8 +290,8 @@ def main(argv=None) -> None:
                     rows[row["key"]] = row
                     meta["versions"]["kvpress venv"] = f"{row['library']}, transformers {row['transformers']}"
                     print(f"{row['key']:>28}  ppl {row['ppl']:.3f}  ({row['seconds']:.0f} s)", flush=True)
-                    write(rows, meta, args.out)
-    print(write(rows, meta, args.out))
+                    write(rows, meta, args.out, args.text)
+    print(write(rows, meta, args.out, args.text))
 
 
 if __name__ == "__main__":

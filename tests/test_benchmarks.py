@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -208,3 +209,27 @@ def test_decode_benchmark_rows_can_share_a_prefix():
     assert dense == 4 * 48 * per_token and prefix < dense - 2 * 32 * per_token  # 3 of the 4 copies are saved
     with pytest.raises(ValueError, match="shared_prefix=48 must be below every context"):
         decode_benchmark(model, ["dense"], contexts=(48,), batch_sizes=(1,), shared_prefix=48)
+
+
+def test_second_text_names_and_result_files():
+    assert peers.stem("default") == "peers" and peers.stem("lee") == "peers_lee"
+    with pytest.raises(ValueError, match="unknown text 'wiki'.*'default', 'lee'"):
+        peers.load_text("wiki")
+
+
+def test_second_text_refuses_a_file_with_another_digest(tmp_path, monkeypatch):
+    second = sys.modules[peers.load_text.__module__]
+    (tmp_path / "lee_background.cor").write_text("not the corpus")
+
+    def fake_download(command, **kwargs):  # a wheel holding a different file under the same name
+        import zipfile
+
+        folder = Path(command[command.index("-d") + 1])
+        with zipfile.ZipFile(folder / "gensim-4.4.0-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(second.MEMBER, "changed upstream")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(second.subprocess, "run", fake_download)
+    with pytest.raises(RuntimeError, match="has SHA-256 .* expected 5d78d6"):
+        second.fetch_lee(tmp_path)
+    assert (tmp_path / "lee_background.cor").read_text() == "not the corpus"  # a refused file is not written
