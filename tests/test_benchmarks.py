@@ -151,6 +151,16 @@ def test_docs_page_says_plainly_where_a_peer_beats_us():
     assert "beats `hf_kvplus int4` on cache bytes" in text and "on perplexity" not in text
     assert "Not run yet: `benchmarks/scaling.py`" in text and "python benchmarks/peers.py" in text
     assert "Not run yet: `benchmarks/decode_step.py`" in text
+    assert "Not run yet: `benchmarks/peers.py --text lee`" in text
+    second = {"meta": meta, "rows": peers.summarize({
+        "sink@0.5": {"key": "sink@0.5", "strategy": "sink", "library": "hf_kvplus", "keep": 0.5, "ppl": 22.9},
+        "h2o@0.5": {"key": "h2o@0.5", "strategy": "h2o", "library": "hf_kvplus", "keep": 0.5, "ppl": 22.5},
+        "TOVAPress@0.5": {"key": "TOVAPress@0.5", "strategy": "TOVAPress", "library": "kvpress", "keep": 0.5,
+                          "ppl": 22.0}})}
+    text = render_docs.page({"meta": meta, "rows": rows}, None, None, None, second)
+    assert "| lee | 0.5 | h2o 22.500 | TOVAPress 22.000 | +2.27 | 3 |" in text  # our best, their best, the gap
+    assert "| default | 0.5 | h2o 10.400 | TOVAPress 10.600 | -1.89 |" in text
+    assert "kvpress `TOVAPress` (22.000) beats our `sink` (22.900)" in text
 
 
 def test_decode_benchmark_rows_on_a_tiny_model():
