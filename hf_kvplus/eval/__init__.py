@@ -2,7 +2,7 @@
 
 from .data import DataSpec, cache_dir, load_text, load_token_ids
 from .generation_cost import forward_flops, generation_cost, generation_flops
-from .grid import Point, expand_grid
+from .grid import Point
 from .hub import push_run, stage_run
 from .models import (
     DEFAULT_MODEL,
@@ -18,9 +18,10 @@ from .perplexity import MIB, compression_perplexity, decode_speed, streaming_per
 from .plot import pareto_plot
 from .prompt_order import prompt_order
 from .protocols import PROTOCOLS, Metric, Option, Protocol, get_protocol, register_protocol
-from .recipe import Experiment, Recipe, load_recipe, packaged_recipes, parse_recipe
-from .report import markdown_table, summary_markdown
+from .recipe import Experiment, Recipe, expand_grid, load_recipe, packaged_recipes, parse_recipe
+from .report import summary_markdown
 from .results import RunFolder
+from .tables import markdown_table
 from .runner import run_point, run_recipe
 
 __all__ = [

@@ -13,7 +13,7 @@ list, so a newly registered strategy joins every sweep with no change to the rec
 (protocols with ``allows_no_cache``, such as ``cost_of_caching``) is a point that runs without a cache.
 
 A protocol builds its points with :meth:`~hf_kvplus.eval.protocols.Protocol.points`; the default is
-:func:`strategy_points` below, and :func:`expand_grid` asks the experiment's protocol.
+:func:`strategy_points` below (:func:`hf_kvplus.eval.expand_grid` asks the experiment's protocol).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Point:
     Example:
 
     ```python
-    >>> points, _ = expand_grid(load_recipe("default").experiments[0])
+    >>> points = load_recipe("default").experiments[0].points
     >>> points[0].strategy, points[0].cache_kwargs
     ('dynamic', {})
     ```"""
@@ -145,29 +145,6 @@ def _entry_points(experiment, protocol, entry: dict, origin: str) -> list[Point]
                 raise ValueError(f"{where}: {error}") from None
             points.append(Point(experiment.name, name, params, kwargs, options, origin))
     return points
-
-
-def expand_grid(experiment) -> tuple[list[Point], list[dict]]:
-    """``(points, not_measured)``: the grid points in order, and ``{"strategy", "reason"}`` for every
-    registered strategy the experiment leaves out (``exclude``). Bad names and values raise ``ValueError``.
-
-    The experiment's protocol decides (:meth:`~hf_kvplus.eval.protocols.Protocol.points`); for the perplexity
-    protocols that is :func:`strategy_points`. A parsed recipe holds the result (``experiment.points``).
-
-    Args:
-        experiment (`Experiment`): a parsed experiment (its ``grid``, ``budgets``, ``keep_ratios``, ``exclude``).
-
-    Example:
-
-    ```python
-    >>> points, excluded = expand_grid(load_recipe("default").experiments[0])
-    >>> [(p.strategy, p.settings) for p in points][:2]
-    [('dynamic', 'all tokens'), ('quantized', 'nbits=8')]
-    ```
-    """
-    from .protocols import get_protocol
-
-    return get_protocol(experiment.protocol).points(experiment)
 
 
 def strategy_points(experiment, protocol) -> tuple[list[Point], list[dict]]:

@@ -28,7 +28,8 @@ import yaml
 
 from ..validate import check_int
 from .data import DataSpec
-from .protocols import get_protocol
+from .grid import Point
+from .protocols import PROTOCOLS, get_protocol
 
 PACKAGED = Path(__file__).resolve().parent.parent / "recipes"
 RECIPE_FIELDS = ("name", "description", "model", "data", "experiments")
@@ -148,10 +149,9 @@ def _parse_experiment(raw, index: int, overrides: dict) -> Experiment:
         raise TypeError(f"{where}.protocol must be a name or a mapping, got {type(protocol).__name__}")
     protocol = dict(protocol)
     name = protocol.pop("name", "compression")
-    try:
-        owner = get_protocol(name)
-    except ValueError as error:
-        raise ValueError(f"{error} (in {where})") from None
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r} in {where}; choose one of {sorted(PROTOCOLS)}")
+    owner = get_protocol(name)
     protocol.update({k: v for k, v in overrides.items() if k in owner.options})
     options = owner.parse_options(protocol, f"{where}.protocol")
     grid = raw.get("grid")
@@ -222,6 +222,27 @@ def parse_recipe(raw: dict, source: str = "", text: str = "", options: dict | No
 def needs_data(recipe: Recipe) -> bool:
     """Whether any experiment's protocol reads the recipe's text (so it is tokenized and its files must exist)."""
     return any(get_protocol(e.protocol).needs_data for e in recipe.experiments)
+
+
+def expand_grid(experiment) -> tuple[list[Point], list[dict]]:
+    """``(points, not_measured)``: the grid points in order, and ``{"strategy", "reason"}`` for every
+    registered strategy the experiment leaves out (``exclude``). Bad names and values raise ``ValueError``.
+
+    The experiment's protocol decides (:meth:`~hf_kvplus.eval.protocols.Protocol.points`); for the perplexity
+    protocols that is :func:`strategy_points`. A parsed recipe holds the result (``experiment.points``).
+
+    Args:
+        experiment (`Experiment`): a parsed experiment (its ``grid``, ``budgets``, ``keep_ratios``, ``exclude``).
+
+    Example:
+
+    ```python
+    >>> points, excluded = expand_grid(load_recipe("default").experiments[0])
+    >>> [(p.strategy, p.settings) for p in points][:2]
+    [('dynamic', 'all tokens'), ('quantized', 'nbits=8')]
+    ```
+    """
+    return get_protocol(experiment.protocol).points(experiment)
 
 
 def packaged_recipes() -> list[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..generation_cost import NO_CACHE, generation_cost
-from ..report import markdown_table
+from ..tables import markdown_table
 from . import register_protocol
 from .base import Metric, Option, Protocol
 

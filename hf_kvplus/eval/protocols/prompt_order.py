@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..grid import NONE, Point
 from ..prompt_order import ORDERINGS, prompt_order
-from ..report import markdown_table
+from ..tables import markdown_table
 from . import register_protocol
 from .base import Metric, Option, Protocol
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..perplexity import streaming_perplexity
-from ..report import markdown_table
+from ..tables import markdown_table
 from . import register_protocol
 from .base import Metric, Option, Protocol
 
