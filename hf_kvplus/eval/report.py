@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .recipe import needs_data
 from .tables import markdown_table
 
 
@@ -59,7 +60,7 @@ def summary_markdown(recipe, rows: list[dict], excluded: list[dict] | None = Non
     ```"""
     lines = [f"# {recipe.name}\n", f"{recipe.description.strip()}\n" if recipe.description else "",
              f"Model: `{recipe.model['id']}` ({recipe.model['dtype']}, {recipe.model['device']}). "
-             f"Data: {recipe.data.describe()}.\n"]
+             + (f"Data: {recipe.data.describe()}.\n" if needs_data(recipe) else "Data: none (the protocol writes its prompts).\n")]
     from .protocols import get_protocol
     from .protocols.base import table_columns
 
