@@ -210,6 +210,8 @@ def test_the_command_line_runs_the_studies_as_recipes(tmp_path, monkeypatch, cap
     assert seen[0] == ("prompt-order", {"turns": 3, "orderings": ["stable_first", "variable_first"], "block_size": 16},
                        str(tmp_path / "o"))
     assert seen[1][1]["new_tokens"] == [8, 16] and seen[1][1]["prompt_tokens"] == 32
+    saved = load_recipe("prompt-order", options={"turns": 3}).text  # what the run folder keeps: what ran
+    assert parse_recipe(yaml.safe_load(saved)).experiments[0].options["turns"] == 3
     assert main(["eval", "passkey", "--new-tokens", "8"]) == 2
     assert "--new-tokens and --turns apply to the studies" in capsys.readouterr().err
     assert yaml.safe_load((Path(__file__).resolve().parents[1] / "recipes" / "prompt-order.yaml").read_text())

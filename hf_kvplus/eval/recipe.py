@@ -21,6 +21,7 @@ parsed experiments hold their grid points, which the runner runs as they are.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,6 +210,14 @@ def parse_recipe(raw: dict, source: str = "", text: str = "", options: dict | No
     if unused:
         raise ValueError(f"option(s) {unused} belong to no protocol of this recipe "
                          f"{sorted({e.protocol for e in parsed})}; their options: {sorted(accepted)}")
+    if overrides and text:  # the run folder's recipe.yaml must reproduce what ran
+        raw = copy.deepcopy(raw)
+        for entry, experiment in zip(raw["experiments"], parsed, strict=True):
+            mine = {k: v for k, v in overrides.items() if k in get_protocol(experiment.protocol).options}
+            if mine:
+                protocol = entry.get("protocol", "compression")
+                entry["protocol"] = {**({"name": protocol} if isinstance(protocol, str) else protocol), **mine}
+        text = f"# {source or 'recipe'} with options {overrides}\n" + yaml.safe_dump(raw, sort_keys=False)
     name = raw.get("name") or (Path(source).stem if source else "recipe")
     recipe = Recipe(name, parse_model(raw.get("model")), DataSpec.parse(raw.get("data", "default")), parsed,
                     raw.get("description", ""), source, text)
