@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .protocols import get_protocol
+from .protocols.base import table_columns
 from .recipe import needs_data
 from .tables import markdown_table
 
@@ -61,9 +63,6 @@ def summary_markdown(recipe, rows: list[dict], excluded: list[dict] | None = Non
     lines = [f"# {recipe.name}\n", f"{recipe.description.strip()}\n" if recipe.description else "",
              f"Model: `{recipe.model['id']}` ({recipe.model['dtype']}, {recipe.model['device']}). "
              + (f"Data: {recipe.data.describe()}.\n" if needs_data(recipe) else "Data: none (the protocol writes its prompts).\n")]
-    from .protocols import get_protocol
-    from .protocols.base import table_columns
-
     for experiment in recipe.experiments:
         protocol = get_protocol(experiment.protocol)
         ok = [r for r in rows if r.get("experiment") == experiment.name and r.get("status") == "ok"]
