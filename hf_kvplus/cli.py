@@ -2,7 +2,8 @@
 
 * ``kvplus eval [RECIPE] --out DIR``: run a recipe (default: every registered cache on the embedded
   model and text, the README's first command); ``kvplus demo`` is the same as ``kvplus eval``.
-* ``kvplus eval cost-of-caching`` / ``kvplus eval prompt-order``: the studies of :mod:`hf_kvplus.eval.studies`.
+* ``kvplus eval cost-of-caching`` / ``kvplus eval prompt-order``: packaged recipes of the ``cost_of_caching`` and
+  ``prompt_order`` protocols, run like any recipe (resumable run folder, ``accelerate launch``).
 * ``kvplus generate MODEL [PROMPT] --cache NAME [--budget N] [--compare]``: one prompt through one cache: the
   text, the bytes the cache holds, time to first token, decode tokens/s (and peak GPU memory on CUDA).
 * ``kvplus bench MODEL --context N [--batch B] [--strategies ...]``: decode ms/step, prefill s and bytes per
@@ -23,19 +24,18 @@ from pathlib import Path
 
 def _eval(args) -> int:
     from .eval.recipe import load_recipe
-    from .eval.studies import STUDIES, run_study
 
-    if args.recipe in STUDIES:
-        options = {k: v for k, v in (("new_tokens", args.new_tokens), ("turns", args.turns)) if v is not None}
-        result = run_study(args.recipe, out=args.out, progress=not args.quiet, threads=args.threads, **options)
-        print("\n" + (result["folder"] / "summary.md").read_text())
-        print(f"wrote {', '.join(str(f) for f in result['files'])} ({result['seconds']:.0f} s)")
-        return 0
-    if args.new_tokens is not None or args.turns is not None:
-        raise ValueError(f"--new-tokens and --turns apply to the studies {sorted(STUDIES)}, not to recipe {args.recipe!r}")
+    options = {k: v for k, v in (("new_tokens", args.new_tokens), ("turns", args.turns)) if v is not None}
+    try:
+        recipe = load_recipe(args.recipe, options=options)  # validated once, before any model loads
+    except ValueError as error:
+        if options and "belong to no protocol" in str(error):
+            raise ValueError(f"--new-tokens and --turns apply to the studies cost-of-caching and prompt-order "
+                             f"(protocols cost_of_caching, prompt_order), not to recipe {args.recipe or 'default'!r}: "
+                             f"{error}") from None
+        raise
     from .eval.runner import run_recipe
 
-    recipe = load_recipe(args.recipe)
     result = run_recipe(recipe, out=args.out, progress=not args.quiet, device=args.device, dtype=args.dtype,
                         threads=args.threads)
     if not result["rows"]:
@@ -45,8 +45,8 @@ def _eval(args) -> int:
     if result.get("reused"):
         print(f"reused {result['reused']} finished grid point(s) from {folder}; measured {result['measured']}"
               + (" (no model loaded)" if not result["measured"] else ""))
-    print(f"wrote {folder / 'results.csv'}, {folder / 'results.jsonl'}, {folder / 'summary.md'} and "
-          f"{folder / 'pareto.png'} ({result['seconds']:.0f} s)")
+    written = [folder / "results.csv", folder / "results.jsonl", folder / "summary.md", *sorted(folder.glob("*.png"))]
+    print(f"wrote {', '.join(str(f) for f in written)} ({result['seconds']:.0f} s)")
     failed = [r for r in result["rows"] if r.get("status") == "error"]
     return 1 if failed else 0
 

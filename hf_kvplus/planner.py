@@ -27,9 +27,9 @@ def load_config(model: str | None = None) -> PreTrainedConfig:
     """A model config without its weights: ``None``/``"default"`` (the embedded GGUF), a folder holding
     ``config.json``, a ``config.json`` or ``.gguf`` file, or a Hub id (not with ``HF_HUB_OFFLINE=1``)."""
     if model in (None, "default"):
-        from .eval.models import _gguf_kwargs
+        from .eval.models import gguf_kwargs
 
-        return AutoConfig.from_pretrained(**_gguf_kwargs())
+        return AutoConfig.from_pretrained(**gguf_kwargs())
     path = Path(model)
     if path.is_dir():
         if not (path / "config.json").is_file():

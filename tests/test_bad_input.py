@@ -172,7 +172,7 @@ CASES = {
     "recipe negative budget": (recipe(budgets=[-4]), ValueError, r"bad value -4 in experiments\[0\].budgets: .*integers > 0"),
     "recipe keep ratio": (recipe(keep_ratios=[2]), ValueError, r"bad value 2 .*keep_ratios: .*numbers > 0 and <= 1"),
     "recipe protocol": (recipe(protocol="perplexity"), ValueError,
-                        r"unknown protocol 'perplexity' .*choose one of \['compression', 'passkey', 'streaming'\]"),
+                        r"unknown protocol 'perplexity' .*choose one of \['compression', 'cost_of_caching', 'passkey', 'prompt_order', 'streaming'\]"),
     "recipe context length": (recipe(protocol={"name": "compression", "context_length": -5}), ValueError,
                               "bad value -5 for .*context_length: allowed values are integers >= 1"),
     "recipe dtype": (lambda: parse_recipe({"model": {"dtype": "float8"}, "experiments": [{}]}), ValueError,

@@ -161,26 +161,29 @@ def test_prompt_order_reuse(tmp_path):
         agent_segments(2, "random")
 
 
-def test_studies_write_their_run_folder(tmp_path, capsys):
+def test_studies_run_through_the_runner_into_a_run_folder(tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from hf_kvplus.eval.studies import run_study
+    from hf_kvplus.eval import load_recipe, run_recipe
 
     tokenizer = AutoTokenizer.from_pretrained(save_tiny(tmp_path / "tiny"))
     model = tiny_model("llama-gqa")
-    cost = run_study("cost-of-caching", out=tmp_path / "cost", model=model, tokenizer=tokenizer, progress=False,
-                     new_tokens=[4, 8], prompt_tokens=8, no_cache_max_new_tokens=4, sink_budget=6)
-    order = run_study("prompt-order", out=tmp_path / "order", model=model, tokenizer=tokenizer, progress=False, turns=2)
+    cost_recipe = load_recipe("cost-of-caching", options={"new_tokens": [4, 8], "prompt_tokens": 8,
+                                                          "no_cache_max_new_tokens": 4})
+    cost = run_recipe(cost_recipe, out=tmp_path / "cost", model=model, tokenizer=tokenizer, progress=False)
+    order = run_recipe(load_recipe("prompt-order", options={"turns": 2}), out=tmp_path / "order", model=model,
+                       tokenizer=tokenizer, progress=False)
     for result, plot in ((cost, "cost.png"), (order, "prompt_order.png")):
         names = sorted(p.name for p in result["folder"].iterdir())
-        assert names == sorted(["results.json", "results.csv", "summary.md", plot])
-        saved = json.loads((result["folder"] / "results.json").read_text())
-        assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+        assert names == sorted(["results.jsonl", "results.csv", "summary.md", "recipe.yaml", plot])
+        saved = [json.loads(line) for line in (result["folder"] / "results.jsonl").read_text().splitlines()]
+        assert saved == json.loads(json.dumps(result["rows"], default=str))
+    assert [(r["method"], r["new_tokens"]) for r in cost["rows"]] == [
+        (m, n) for m in ("no cache", "dynamic", "sink budget=256", "int4") for n in (4, 8)]
+    assert [r["turn"] for r in order["rows"]] == [1, 2, 1, 2]
     summary = (tmp_path / "cost" / "summary.md").read_text()
     assert "| no cache | 8 |  |" in summary and "FLOPs no cache / dynamic" in summary
     assert "| 2 | variable_first |" in (tmp_path / "order" / "summary.md").read_text()
-    with pytest.raises(ValueError, match="unknown study"):
-        run_study("nope", model=model, tokenizer=tokenizer)
     assert main(["eval", "default", "--turns", "3"]) == 2
     assert "--new-tokens and --turns apply to the studies" in capsys.readouterr().err
 

@@ -80,7 +80,7 @@ def test_entries_sweep_lists_and_override_protocol_options():
         ({"grid": [{"strategy": "sink", "keep_ratio": 2}]}, r"bad keep_ratio 2 .*numbers in \(0, 1\]"),
         ({"grid": [{"strategy": "dynamic", "budget": 8}]}, r"keeps every token, so budget/keep_ratio are not allowed"),
         ({"grid": ["sink"]}, r"an evicting strategy needs a size"),
-        ({"protocol": "perplexity"}, r"unknown protocol 'perplexity' in experiments\[0\]; choose one of \['compression', 'passkey', 'streaming'\]"),
+        ({"protocol": "perplexity"}, r"unknown protocol 'perplexity' in experiments\[0\]; choose one of \['compression', 'cost_of_caching', 'passkey', 'prompt_order', 'streaming'\]"),
         ({"protocol": {"name": "streaming", "chunks": 2}}, r"unknown option\(s\) \['chunks'\] .*allowed: \['chunk_size'"),
         ({"protocol": {"name": "streaming", "chunk_size": 0}}, r"bad value 0 for .*chunk_size: allowed values are integers >= 1"),
         ({"protocol": "streaming", "grid": [{"strategy": "sink", "keep_ratio": 0.5}]}, r"keep_ratio needs a protocol with"),
@@ -102,7 +102,7 @@ def test_recipe_level_errors(tmp_path):
         parse_recipe({"model": {"id": "default", "dtype": "float7"}, "experiments": [{}]})
     with pytest.raises(ValueError, match="unknown data source 'web'"):
         parse_recipe({"data": {"source": "web"}, "experiments": [{}]})
-    with pytest.raises(FileNotFoundError, match=r"neither a file nor a packaged recipe \['default'"):
+    with pytest.raises(FileNotFoundError, match=r"neither a file nor a packaged recipe \['cost-of-caching', 'default'"):
         load_recipe(tmp_path / "missing.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("experiments: [unclosed")

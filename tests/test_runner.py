@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,6 +17,7 @@ from hf_kvplus.cli import main
 from hf_kvplus.eval import compression_perplexity, load_model_and_tokenizer, load_recipe, run_recipe
 from hf_kvplus.eval import runner as runner_module
 from hf_kvplus.eval.data import DataSpec, load_token_ids
+from hf_kvplus.eval.protocols import PROTOCOLS, get_protocol
 
 TEXT = "The quick brown fox jumps over the lazy dog while attention sinks hold the cache steady. " * 40
 
@@ -251,16 +251,16 @@ def test_strategies_that_switch_attention_hand_the_model_back(tmp_path, tiny_dir
         recipe = load_recipe(write_recipe(tmp_path, tiny_dir, experiments=[
             {**SMALL[0], "grid": [{"strategy": "test-scored", "budget": 16}]}]))
         seen = []
-        real_protocol = runner_module.PROTOCOLS["compression"]
-        real = real_protocol.run
+        real_protocol = get_protocol("compression")
 
-        def spy(model, *args, **kwargs):
-            result = real(model, *args, **kwargs)
-            seen.append(model.config._attn_implementation)
-            return result
+        class Spy(type(real_protocol)):
+            def run(self, model, *args, **kwargs):
+                result = super().run(model, *args, **kwargs)
+                seen.append(model.config._attn_implementation)
+                return result
 
         with pytest.MonkeyPatch.context() as patch:
-            patch.setitem(runner_module.PROTOCOLS, "compression", dataclasses.replace(real_protocol, run=spy))
+            patch.setitem(PROTOCOLS, "compression", Spy())
             rows = run_recipe(recipe, out=tmp_path / "run", progress=False, model=model, tokenizer=tokenizer)["rows"]
     finally:
         registry._REGISTRY.pop("test-scored")

@@ -1,8 +1,8 @@
-"""Evaluation: models and texts, perplexity protocols, memory and speed, recipes, reports, Hub upload."""
+"""Evaluation: models and texts, protocols (one class each), memory and speed, recipes, one runner, reports, Hub upload."""
 
 from .data import DataSpec, cache_dir, load_text, load_token_ids
 from .generation_cost import forward_flops, generation_cost, generation_flops
-from .grid import Point, expand_grid
+from .grid import Point
 from .hub import push_run, stage_run
 from .models import (
     DEFAULT_MODEL,
@@ -17,19 +17,21 @@ from .passkey import load_metric, passkey_retrieval
 from .perplexity import MIB, compression_perplexity, decode_speed, streaming_perplexity, window_starts
 from .plot import pareto_plot
 from .prompt_order import prompt_order
-from .protocols import PROTOCOLS
-from .recipe import Experiment, Recipe, load_recipe, packaged_recipes, parse_recipe
-from .report import markdown_table, summary_markdown
+from .protocols import PROTOCOLS, Metric, Option, Protocol, get_protocol, register_protocol
+from .recipe import Experiment, Recipe, expand_grid, load_recipe, packaged_recipes, parse_recipe
+from .report import summary_markdown
 from .results import RunFolder
+from .tables import markdown_table
 from .runner import run_point, run_recipe
-from .studies import STUDIES, run_study
 
 __all__ = [
     "DEFAULT_MODEL",
     "MIB",
     "PROTOCOLS",
-    "STUDIES",
     "DataSpec",
+    "Metric",
+    "Option",
+    "Protocol",
     "Experiment",
     "Point",
     "Recipe",
@@ -42,6 +44,7 @@ __all__ = [
     "forward_flops",
     "generation_cost",
     "generation_flops",
+    "get_protocol",
     "load_default_model",
     "load_default_text",
     "load_default_tokenizer",
@@ -58,9 +61,9 @@ __all__ = [
     "passkey_retrieval",
     "prompt_order",
     "push_run",
+    "register_protocol",
     "run_point",
     "run_recipe",
-    "run_study",
     "stage_run",
     "streaming_perplexity",
     "summary_markdown",

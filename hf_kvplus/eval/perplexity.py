@@ -24,7 +24,8 @@ from ..validate import check_int
 MIB = 2**20
 
 
-def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
+def progress_bar(iterable, enabled: bool, desc: str, total: int | None = None):
+    """``iterable`` wrapped in a tqdm bar when ``enabled`` (the eval package's one progress bar), else unchanged."""
     if not enabled:
         return iterable
     from tqdm.auto import tqdm
@@ -32,12 +33,13 @@ def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
-def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-token negative log-likelihood, float32. ``logits`` [n, vocab], ``targets`` [n]."""
+def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token negative log-likelihood in nats, float32: ``logits`` ``[n, vocab]``, ``targets`` ``[n]`` -> ``[n]``."""
     return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
 
 
-def _flat_ids(token_ids) -> torch.Tensor:
+def flat_ids(token_ids) -> torch.Tensor:
+    """One sequence of token ids as ``[n]`` int64 from ``[n]`` or ``[1, n]``; ``ValueError`` for a batch or n < 2."""
     ids = torch.as_tensor(token_ids)
     if ids.dim() == 2:
         if ids.shape[0] != 1:
@@ -80,7 +82,7 @@ def streaming_perplexity(
     >>> streaming_perplexity(model, make_cache("sink", model, budget=256), ids, num_tokens=4096)["ppl"]
     ```
     """
-    ids = _flat_ids(token_ids)
+    ids = flat_ids(token_ids)
     if num_tokens is not None:
         if num_tokens < 2 or num_tokens > ids.numel():
             raise ValueError(f"num_tokens must be between 2 and {ids.numel()} (the text length), got {num_tokens}")
@@ -95,10 +97,10 @@ def streaming_perplexity(
     window_bytes, window_rss = [], []
     next_report = report_every
     started = time.perf_counter()
-    for start in _progress(range(0, total - 1, chunk_size), progress, "stream", math.ceil((total - 1) / chunk_size)):
+    for start in progress_bar(range(0, total - 1, chunk_size), progress, "stream", math.ceil((total - 1) / chunk_size)):
         chunk = ids[start : min(start + chunk_size, total - 1)]
         logits = model(chunk[None], **cache_kwargs(cache, model), use_cache=True).logits[0]
-        nll[start : start + chunk.numel()] = _nll(logits, ids[start + 1 : start + 1 + chunk.numel()]).cpu()
+        nll[start : start + chunk.numel()] = token_nll(logits, ids[start + 1 : start + 1 + chunk.numel()]).cpu()
         held = cache_nbytes(cache)
         peak = max(peak, held)
         if start + chunk.numel() >= next_report:
@@ -186,10 +188,10 @@ def compression_perplexity(
     >>> result["ppl"], result["cache_bytes"] / 2**20
     ```
     """
-    ids = _flat_ids(token_ids)
+    ids = flat_ids(token_ids)
     span = context_length + target_length
     nlls, window_ppl, held, prefill_seconds, peak = [], [], [], 0.0, 0
-    for start in _progress(window_starts(ids.numel(), span, windows), progress, "windows", windows):
+    for start in progress_bar(window_starts(ids.numel(), span, windows), progress, "windows", windows):
         window = ids[start : start + span].to(model.device)
         context, target = window[:context_length], window[context_length:]
         cache = make_cache()
@@ -199,9 +201,9 @@ def compression_perplexity(
             logits = model(context[None, offset : offset + step], **cache_kwargs(cache, model), use_cache=True).logits
         prefill_seconds += time.perf_counter() - began
         held.append(cache_nbytes(cache))
-        first = _nll(logits[0, -1:], target[:1])
+        first = token_nll(logits[0, -1:], target[:1])
         rest = model(target[None, :-1], **cache_kwargs(cache, model), use_cache=True).logits[0]
-        nll = torch.cat([first, _nll(rest, target[1:])]).cpu()
+        nll = torch.cat([first, token_nll(rest, target[1:])]).cpu()
         peak = max(peak, held[-1], cache_nbytes(cache))
         nlls.append(nll)
         window_ppl.append(float(torch.exp(nll.mean())))
@@ -254,7 +256,7 @@ def decode_speed(model, cache, prompt_ids, new_tokens: int = 64, prefill_chunk_s
     """
     check_int("new_tokens", new_tokens)
     check_int("prefill_chunk_size", prefill_chunk_size, allow_none=True)
-    ids = _flat_ids(prompt_ids).to(model.device)[None]
+    ids = flat_ids(prompt_ids).to(model.device)[None]
     step = prefill_chunk_size or ids.shape[1]
     for offset in range(0, ids.shape[1], step):
         logits = model(ids[:, offset : offset + step], **cache_kwargs(cache, model), use_cache=True).logits
@@ -278,4 +280,5 @@ def decode_speed(model, cache, prompt_ids, new_tokens: int = 64, prefill_chunk_s
     }
 
 
-__all__ = ["MIB", "compression_perplexity", "decode_speed", "streaming_perplexity", "window_starts"]
+__all__ = ["MIB", "compression_perplexity", "decode_speed", "flat_ids", "progress_bar", "streaming_perplexity", "token_nll",
+           "window_starts"]

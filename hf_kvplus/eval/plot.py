@@ -30,6 +30,27 @@ def _peak(rows: list[dict]) -> str:
     return f"peak RSS {max(rss):,.0f} MiB" if rss else ""
 
 
+def _axes(row: dict) -> tuple[str, str] | None:
+    """``(x column, y column)`` of the row's protocol: its ``memory`` and ``quality`` metrics (``None``: not plotted).
+
+    Rows that name no registered protocol are plotted on ``cache_mib`` and ``ppl``."""
+    from .protocols import PROTOCOLS
+
+    protocol = PROTOCOLS.get(row.get("protocol"))
+    if protocol is None:
+        return "cache_mib", "ppl"
+    return (protocol.memory, protocol.quality) if protocol.quality and protocol.memory else None
+
+
+def _metric_name(protocol_name: str, column: str) -> str:
+    """The schema's words for ``column`` in protocol ``protocol_name`` (the column itself when unknown)."""
+    from .protocols import PROTOCOLS
+
+    protocol = PROTOCOLS.get(protocol_name)
+    metric = next((m for m in protocol.metrics if m.column == column), None) if protocol else None
+    return metric.name if metric else column
+
+
 def y_limits(values: list[float]) -> tuple[float, float]:
     """``(low, high)`` of a panel's log axis; values above a wide gap fall outside and are drawn at the edge.
 
@@ -86,7 +107,8 @@ def pareto_plot(rows: list[dict], path: str | Path, title: str = "") -> Path | N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("ppl") is not None and r["ppl"] > 0]
+    ok = [r for r in rows if r.get("status") == "ok" and _axes(r) is not None]
+    ok = [r for r in ok if r.get(_axes(r)[1]) is not None and r[_axes(r)[1]] > 0 and r.get(_axes(r)[0]) is not None]
     experiments = list(dict.fromkeys(r["experiment"] for r in ok))
     if not experiments:
         return None
@@ -112,31 +134,32 @@ def _panel(ax, here: list[dict], experiment: str) -> None:
     import matplotlib.ticker
     from adjustText import adjust_text
 
+    xs, ys = _axes(here[0])  # the protocol's memory and quality columns (cache_mib, ppl)
     dense = next((r for r in here if r["strategy"] == "dynamic"), None)
-    base = dense["ppl"] if dense else 1.0
-    low, high = y_limits([r["ppl"] / base for r in here])
+    base = dense[ys] if dense else 1.0
+    low, high = y_limits([r[ys] / base for r in here])
     ax.set_yscale("log")
     ax.set_ylim(low, high)
     texts, edge, placed = [], [], []
     strategies = [s for s in dict.fromkeys(r["strategy"] for r in here) if s != "dynamic"]
     for i, strategy in enumerate(strategies):
-        points = sorted((r for r in here if r["strategy"] == strategy), key=lambda r: r["cache_mib"])
-        x, y = [r["cache_mib"] for r in points], [min(r["ppl"] / base, high) for r in points]
+        points = sorted((r for r in here if r["strategy"] == strategy), key=lambda r: r[xs])
+        x, y = [r[xs] for r in points], [min(r[ys] / base, high) for r in points]
         label = f"{strategy} ({_peak(points)})" if _peak(points) else strategy
         (line,) = ax.plot(x, y, marker=MARKERS[i % len(MARKERS)], label=label, linewidth=1.5)
         placed += list(zip(x, y, strict=True))
         for r, shown in zip(points, y, strict=True):
-            if r["ppl"] / base > high / 1.04:  # an outlier: an arrow at the edge with its value
-                ax.plot([r["cache_mib"]], [shown], marker="^", color=line.get_color(), markersize=10)
-                edge.append(ax.annotate(f"{strategy} {_short(r)}: {r['ppl'] / base:.1f}x", (r["cache_mib"], shown),
+            if r[ys] / base > high / 1.04:  # an outlier: an arrow at the edge with its value
+                ax.plot([r[xs]], [shown], marker="^", color=line.get_color(), markersize=10)
+                edge.append(ax.annotate(f"{strategy} {_short(r)}: {r[ys] / base:.1f}x", (r[xs], shown),
                                         xytext=(0, -14), textcoords="offset points", ha="center", fontsize=7,
                                         color=line.get_color()))
             elif _short(r):
-                texts.append(ax.text(r["cache_mib"], shown, _short(r), fontsize=7, color=line.get_color()))
+                texts.append(ax.text(r[xs], shown, _short(r), fontsize=7, color=line.get_color()))
     if dense:
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1, alpha=0.6)
-        ax.plot([dense["cache_mib"]], [1.0], "k*", markersize=13,
-                label=f"dense (dynamic): ppl {dense['ppl']:.3g}" + (f", {_peak([dense])}" if _peak([dense]) else ""))
+        ax.plot([dense[xs]], [1.0], "k*", markersize=13,
+                label=f"dense (dynamic): {ys} {dense[ys]:.3g}" + (f", {_peak([dense])}" if _peak([dense]) else ""))
     ticks = [t for t in TICKS if low <= t <= high]
     ax.set_yticks(ticks, [f"{t:g}x" if dense else f"{t:g}" for t in ticks])
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -145,8 +168,8 @@ def _panel(ax, here: list[dict], experiment: str) -> None:
                     arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5})
     protocol = here[0].get("protocol", "")
     ax.set_title(experiment if experiment == protocol else f"{experiment} ({protocol})", fontsize=11)
-    ax.set_xlabel("KV cache held (MiB)")
-    answer = "answer " if protocol == "passkey" else ""
-    ax.set_ylabel(f"{answer}perplexity / dense (log; lower is better)" if dense else f"{answer}perplexity (log)")
+    ax.set_xlabel(_metric_name(protocol, xs) + " (MiB)" if xs == "cache_mib" else _metric_name(protocol, xs))
+    quality = _metric_name(protocol, ys)
+    ax.set_ylabel(f"{quality} / dense (log; lower is better)" if dense else f"{quality} (log)")
     ax.grid(True, alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="upper right")

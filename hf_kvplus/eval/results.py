@@ -2,8 +2,10 @@
 
 Files in a run folder:
 
-* ``results.jsonl``: one JSON object per grid point (full detail, including per-window curves);
-* ``results.csv``: the same rows, scalar columns only; always ``strategy``, ``ppl`` and ``cache_mib``;
+* ``results.jsonl``: one JSON object per row (full detail, including per-window curves); a grid point has one
+  row, or several (``part`` 0 .. ``parts`` - 1) for protocols such as ``cost_of_caching`` (one per length);
+* ``results.csv``: the same rows, scalar columns only: the point's columns, then the metric columns of the
+  protocols that ran (their ``metrics`` schema, in order), then the rest;
 * ``results.rank{N}.jsonl``: rows of process ``N`` while ``accelerate launch`` runs, merged at the end.
 """
 
@@ -14,10 +16,25 @@ import json
 import os
 from pathlib import Path
 
-FIRST_COLUMNS = [
-    "experiment", "protocol", "strategy", "settings", "status", "ppl", "ppl_vs_dense", "cache_mib", "cache_mib_peak",
-    "memory_saved", "decode_tok_s", "budget", "keep_ratio",
-]
+FIRST_COLUMNS = ["experiment", "protocol", "strategy", "settings", "status"]
+POINT_COLUMNS = ["budget", "keep_ratio", "peak_rss_mib", "device_peak_mib", "seconds"]
+
+
+def _protocol(row: dict):
+    from .protocols import PROTOCOLS
+
+    return PROTOCOLS.get(row.get("protocol"))
+
+
+def metric_columns(rows: list[dict]) -> list[str]:
+    """The metric columns of the protocols of ``rows``, in schema order (``ppl``, ``ppl_vs_dense``, ``cache_mib``...)."""
+    columns = []
+    for name in dict.fromkeys(r.get("protocol") for r in rows):
+        protocol = _protocol({"protocol": name})
+        for metric in protocol.metrics if protocol else ():
+            if metric.column not in columns:
+                columns.append(metric.column)
+    return columns
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -35,13 +52,21 @@ def read_rows(path: str | Path) -> list[dict]:
 
 
 def add_dense_ratios(rows: list[dict]) -> list[dict]:
-    """Fill ``ppl_vs_dense`` and ``memory_saved`` from the ``dynamic`` row of the same experiment."""
+    """Fill ``ppl_vs_dense`` and ``memory_saved`` from the ``dynamic`` row of the same experiment.
+
+    The compared columns are the protocol's ``quality`` and ``memory`` (``ppl`` and ``cache_mib`` for the
+    perplexity protocols, and for rows that name no registered protocol); rows of protocols without them
+    (``cost_of_caching``, ``prompt_order``) get no ratios."""
     dense = {r["experiment"]: r for r in rows if r.get("strategy") == "dynamic" and r.get("status") == "ok"}
     for row in rows:
+        protocol = _protocol(row)
+        quality, memory = (protocol.quality, protocol.memory) if protocol else ("ppl", "cache_mib")
+        if quality is None:
+            continue
         ref = dense.get(row.get("experiment"))
-        ok = ref is not None and row.get("status") == "ok" and row.get("ppl") is not None
-        row["ppl_vs_dense"] = row["ppl"] / ref["ppl"] if ok and ref["ppl"] else None
-        row["memory_saved"] = 1 - row["cache_mib"] / ref["cache_mib"] if ok and ref["cache_mib"] else None
+        ok = ref is not None and row.get("status") == "ok" and row.get(quality) is not None
+        row["ppl_vs_dense"] = row[quality] / ref[quality] if ok and ref[quality] else None
+        row["memory_saved"] = 1 - row[memory] / ref[memory] if ok and memory and ref.get(memory) else None
     return rows
 
 
@@ -69,29 +94,43 @@ class RunFolder:
         self.csv = self.path / "results.csv"
         self.own = self.jsonl if world_size == 1 else self.path / f"results.rank{rank}.jsonl"
 
-    def all_rows(self) -> list[dict]:
-        """Every row written so far by any process, the latest row of each grid point only."""
-        latest = {}
+    def points(self) -> dict[str, list[dict]]:
+        """``{key: rows}``: the rows of the latest measurement of each grid point written by any process."""
+        latest: dict[str, list[dict]] = {}
         for part in [self.jsonl, *sorted(self.path.glob("results.rank*.jsonl"))]:
             for row in read_rows(part):
-                latest[row.get("key")] = row
-        return list(latest.values())
+                key = row.get("key")
+                if row.get("part", 0) == 0 or key not in latest:  # part 0 opens a new measurement of the point
+                    latest[key] = [row]
+                else:
+                    latest[key].append(row)
+        return latest
+
+    def all_rows(self) -> list[dict]:
+        """Every row written so far by any process, the latest measurement of each grid point only."""
+        return [row for rows in self.points().values() for row in rows]
 
     def done_keys(self, fingerprints: dict[str, str] | None = None) -> set[str]:
-        """Keys of points measured successfully (with the same settings fingerprint, when given)."""
+        """Keys of points measured successfully, all their rows there (with the same fingerprint, when given)."""
         done = set()
-        for row in self.all_rows():
-            if row.get("status") != "ok":
+        for key, rows in self.points().items():
+            if len(rows) != rows[0].get("parts", 1) or any(row.get("status") != "ok" for row in rows):
+                continue  # an error, or a point cut short between its rows
+            if fingerprints is not None and fingerprints.get(key) != rows[0].get("fingerprint"):
                 continue
-            if fingerprints is not None and fingerprints.get(row["key"]) != row.get("fingerprint"):
-                continue
-            done.add(row["key"])
+            done.add(key)
         return done
 
     def append(self, row: dict) -> None:
-        """Add one row durably; a single process also refreshes the CSV."""
+        """Add one row (a grid point's only row) durably; a single process also refreshes the CSV."""
+        self.append_point([row])
+
+    def append_point(self, rows: list[dict]) -> None:
+        """Add the rows of one grid point durably (numbered ``part`` of ``parts`` when there are several)."""
+        if len(rows) > 1:
+            rows = [{**row, "part": i, "parts": len(rows)} for i, row in enumerate(rows)]
         with open(self.own, "a") as handle:
-            handle.write(json.dumps(row, default=str) + "\n")
+            handle.write("".join(json.dumps(row, default=str) + "\n" for row in rows))
             handle.flush()
             os.fsync(handle.fileno())
         if self.world_size == 1:
@@ -114,8 +153,10 @@ class RunFolder:
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> Path:
-    """Scalar fields of ``rows`` as CSV, the columns in :data:`FIRST_COLUMNS` first."""
-    columns = list(FIRST_COLUMNS)
+    """Scalar fields of ``rows`` as CSV: :data:`FIRST_COLUMNS`, the protocols' metric columns, the point's, the rest."""
+    present = {key for row in rows for key in row}
+    columns = list(FIRST_COLUMNS) + [c for c in metric_columns(rows) + POINT_COLUMNS if c in present]
+    columns = list(dict.fromkeys(columns))
     for row in rows:
         for key, value in row.items():
             if key not in columns and not isinstance(value, (list, dict)):

@@ -1,7 +1,9 @@
-"""Run a recipe: every grid point of every experiment, one row each, into a resumable run folder.
+"""Run a recipe: every grid point of every experiment, into a resumable run folder.
 
-Under ``accelerate launch`` the grid points are dealt round-robin to the processes; each writes its own
-rows and the main process gathers one result set, the plot and the summary.
+Every protocol goes through here (the perplexity sweeps and the cost-of-caching and prompt-order studies
+alike): a point's rows are appended to the run folder as soon as it is measured, a finished point is not
+measured again, and under ``accelerate launch`` the points are dealt round-robin to the processes; each writes
+its own rows and the main process gathers one result set, the plots and the summary.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from ..hooks import detach
 from ..memory import peak_memory, reset_peak_memory
 from ..registry import get_spec, make_cache
 from .data import load_token_ids
-from .grid import Point, expand_grid
-from .perplexity import MIB, _progress
-from .protocols import PROTOCOLS
+from .grid import NONE, Point
+from .perplexity import MIB, progress_bar
+from .protocols import Protocol, get_protocol
+from .recipe import needs_data
 from .results import RunFolder
 
 
@@ -62,7 +65,9 @@ def _base_row(recipe, point: Point, rank: int) -> dict:
 
 
 def check_point(model, point: Point) -> str | None:
-    """``None`` if the point's cache builds on this model, else why not (strategy's own error message)."""
+    """``None`` if the point's cache builds on this model (or it needs none), else why not (the strategy's message)."""
+    if point.strategy == NONE:
+        return None
     try:
         make_cache(point.strategy, model.config, **point.cache_kwargs)
     except (ValueError, TypeError, NotImplementedError) as error:
@@ -70,46 +75,55 @@ def check_point(model, point: Point) -> str | None:
     return None
 
 
-def run_point(model, tokenizer, ids, protocol: str, point: Point, progress: bool = False) -> dict:
-    """Measure one grid point: the protocol's metrics plus memory (cache MiB, peak RSS / CUDA) and time.
+def _mib(row: dict) -> dict:
+    """Byte counts (keys holding ``cache_bytes``) as MiB (``cache_mib``), lists element by element."""
+    out = {}
+    for key, value in row.items():
+        if "cache_bytes" in key:
+            key = key.replace("cache_bytes", "cache_mib")
+            value = [v / MIB for v in value] if isinstance(value, list) else None if value is None else value / MIB
+        out[key] = value
+    return out
+
+
+def run_point(model, tokenizer, ids, protocol: str | Protocol, point: Point, progress: bool = False) -> list[dict]:
+    """Measure one grid point: the protocol's rows plus memory (cache MiB, peak RSS / CUDA) and time.
 
     Args:
         model (`PreTrainedModel`): the model.
-        tokenizer: its tokenizer (the passkey protocol writes prompts).
-        ids (`torch.Tensor`): ``[tokens]`` token ids of the text.
-        protocol (`str`): ``"compression"``, ``"streaming"`` or ``"passkey"``.
+        tokenizer: its tokenizer (the passkey and prompt-order protocols write prompts).
+        ids (`torch.Tensor`): ``[tokens]`` token ids of the text (``None`` for protocols that read none).
+        protocol (`str` or `Protocol`): a registered protocol name (``"compression"``...) or the protocol itself.
         point (`Point`): the grid point to run.
         progress (`bool`, *optional*, defaults to `False`): show a progress bar.
+
+    Returns:
+        `list[dict]`: the point's rows (one for the perplexity protocols), each with the protocol's metrics,
+        ``cache_mib`` for its ``cache_bytes``, and the point's ``peak_rss_mib``, ``device_peak_mib`` and
+        ``seconds`` (wall time) where the protocol's own row does not define them.
 
     Example:
 
     ```python
-    >>> point = expand_grid(recipe.experiments[0])[0][1]
-    >>> run_point(model, tokenizer, ids, "compression", point)["ppl"]
+    >>> point = load_recipe("default").experiments[0].points[1]
+    >>> run_point(model, tokenizer, ids, "compression", point)[0]["ppl"]
     ```
     """
+    protocol = get_protocol(protocol) if isinstance(protocol, str) else protocol
+    factory = None if point.strategy == NONE else (lambda: make_cache(point.strategy, model, **point.cache_kwargs))
     reset_peak_memory(model.device)
     started = time.perf_counter()
     try:
-        metrics = PROTOCOLS[protocol].run(
-            model, tokenizer, ids, lambda: make_cache(point.strategy, model, **point.cache_kwargs), point.options,
-            progress=progress,
-        )
+        result = protocol.run(model, tokenizer, ids, factory, point.options, progress=progress)
     finally:
-        if get_spec(point.strategy).attention_scores:
+        if point.strategy != NONE and get_spec(point.strategy).attention_scores:
             detach(model)  # hooks removed, so the next strategies run (and are timed) without them
+    seconds = time.perf_counter() - started
     peaks = peak_memory(model.device)
-    row = {key: value for key, value in metrics.items() if not key.startswith("cache_bytes")}
-    row["cache_mib"] = metrics["cache_bytes"] / MIB
-    row["cache_mib_peak"] = metrics["cache_bytes_peak"] / MIB
-    if "window_cache_bytes" in row:
-        row["window_cache_mib"] = [b / MIB for b in row.pop("window_cache_bytes")]
-    if point.strategy == "dynamic" and "exact" in row:
-        row["exact"] = True  # a dense cache never evicts: chunked streaming scores exactly the same tokens
-    row["peak_rss_mib"] = peaks["peak_rss_bytes"] / MIB
-    row["device_peak_mib"] = None if peaks["device_peak_bytes"] is None else peaks["device_peak_bytes"] / MIB
-    row["seconds"] = time.perf_counter() - started
-    return row
+    rows = protocol.finish([_mib(row) for row in ([result] if isinstance(result, dict) else result)], point)
+    point_columns = {"peak_rss_mib": peaks["peak_rss_bytes"] / MIB, "seconds": seconds,
+                     "device_peak_mib": None if peaks["device_peak_bytes"] is None else peaks["device_peak_bytes"] / MIB}
+    return [{**point_columns, **row} for row in rows]
 
 
 def run_recipe(recipe, out: str | Path | None = None, progress: bool = True, model=None, tokenizer=None,
@@ -156,22 +170,19 @@ def _run(recipe, out, progress, model, tokenizer, ids, device, dtype) -> dict:
     spec = {**recipe.model, **({"device": device} if device else {}), **({"dtype": dtype} if dtype else {})}
     processes = _Processes(spec["device"])
     folder = RunFolder(out or Path("runs") / recipe.name, processes.rank, processes.world_size)
-    expanded = [expand_grid(e) for e in recipe.experiments]
-    points = [p for pts, _ in expanded for p in pts]
-    excluded = [x for _, xs in expanded for x in xs]
+    points = [p for e in recipe.experiments for p in e.points]  # expanded and checked once, by parse_recipe
+    excluded = [x for e in recipe.experiments for x in e.excluded]
     if processes.rank == 0 and recipe.text:
         (folder.path / "recipe.yaml").write_text(recipe.text)
     done = folder.done_keys({p.key: fingerprint(recipe, p) for p in points})
     if model is None and all(p.key in done for p in points):
         return _finished(recipe, folder, points, excluded, processes, started)
-    if ids is None:
-        recipe.data.check_files()  # a missing data file fails here, before the model loads
     if model is None:
         from .models import load_model_and_tokenizer
 
         extra = {"attn_implementation": spec["attn_implementation"]} if spec.get("attn_implementation") else {}
         model, tokenizer = load_model_and_tokenizer(spec["id"], spec["dtype"], processes.device, **extra)
-    if ids is None:
+    if ids is None and needs_data(recipe):
         if processes.rank != 0:
             processes.barrier()  # the main process tokenizes and fills the on-disk cache first
         ids = load_token_ids(recipe.data, tokenizer)
@@ -184,17 +195,18 @@ def _run(recipe, out, progress, model, tokenizer, ids, device, dtype) -> dict:
         if reasons[point.key] is not None and point.origin == "explicit":
             raise ValueError(f"experiment {point.experiment!r}, {point.strategy} {point.settings}: {reasons[point.key]}")
     show = progress and processes.rank == 0
-    for point in _progress(mine, show, "grid points", len(mine)):
+    for point in progress_bar(mine, show, "grid points", len(mine)):
         row = _base_row(recipe, point, processes.rank)
         reason = reasons[point.key]
         if reason is not None:
-            row.update(status="skipped", reason=f"the default sweep cannot build it: {reason}")
+            rows = [{**row, "status": "skipped", "reason": f"the default sweep cannot build it: {reason}"}]
         else:
             try:
-                row.update(run_point(model, tokenizer, ids, protocols[point.experiment], point, show), status="ok")
+                measured = run_point(model, tokenizer, ids, protocols[point.experiment], point, show)
+                rows = [{**row, **measured_row, "status": "ok"} for measured_row in measured]
             except (RuntimeError, ValueError, TypeError, NotImplementedError) as error:
-                row.update(status="error", reason=f"{type(error).__name__}: {error}")
-        folder.append(row)
+                rows = [{**row, "status": "error", "reason": f"{type(error).__name__}: {error}"}]
+        folder.append_point(rows)
     return _gather(recipe, folder, points, excluded, processes, started,
                    reused=len([p for p in points if p.key in done]), measured=len(mine))
 
