@@ -55,7 +55,9 @@ class KeepRule:
 
     def _evict(self) -> None:
         kept = self.kept
-        if self.budget is not None and kept > self.budget:
+        if self.adaptive and self.budget is not None and self.seen > self.budget:
+            self._evict_adaptive(kept)
+        elif self.budget is not None and kept > self.budget:
             self._require_known_padding()
             index = self._select(kept)
             self.store.keep(index)
@@ -70,6 +72,71 @@ class KeepRule:
             self._enter_ring()
         elif self._slot_eligible():
             self._enter_slots()
+
+    # ------------------------------------------------------ adaptive budgets
+    def _evict_adaptive(self, kept: int) -> None:
+        """AdaKV eviction (arXiv:2407.11550): the layer keeps ``budget * kv_heads`` tokens per row, split across heads
+        by score. Heads hold different counts in rows as long as the fullest one, unused entries first (position
+        ``-1``, masked per head by the "kvplus" attention). A forward of several tokens reallocates (one host read:
+        the new row length); a one-token step keeps each head's count (one argmin per head, no host read)."""
+        self._require_known_padding()
+        if self._head_len is not None and kept == self._head_len + 1:
+            index, unused = self._select_adaptive_step(kept), None
+        else:
+            index, unused = self._select_adaptive(kept)
+            self._head_len = index.shape[-1]
+        self.store.keep(index)
+        pos = gather_tokens(self.pos.expand(self.batch_size, self.num_heads, kept), index)
+        self.pos = pos if unused is None else pos.masked_fill(unused, -1)
+        self.token_state = {k: gather_tokens(v, index) for k, v in self.token_state.items()}
+
+    def _adaptive_priority(self, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores with the protected tokens at ``+inf`` and the real-token mask, both ``[batch, kv_heads, kept]``."""
+        scores = self.score()
+        pos = self.pos.expand(self.batch_size, self.num_heads, kept)
+        lower = self.context.pad_len.to(self.device).view(-1, 1, 1) if self.context.padded else 0
+        real = pos >= lower  # neither left padding nor an unused entry of a head
+        rank = real.long().cumsum(dim=-1)  # 1-based rank among real tokens, oldest first
+        protect = real & (rank <= self.num_sink_tokens)
+        if self.recent_window:
+            protect |= real & (rank > rank[..., -1:] - self.recent_window)
+        if scores is None:
+            scores = pos.float()
+        return scores.float().masked_fill(protect, math.inf), real
+
+    def _select_adaptive_step(self, kept: int) -> torch.Tensor:
+        """One token too many in every head: each head drops its lowest candidate (ties: the older), ``[b, h, kept-1]``."""
+        priority, real = self._adaptive_priority(kept)
+        worst = priority.masked_fill(~real, math.inf).argmin(dim=-1, keepdim=True)  # [batch, kv_heads, 1]
+        slots = torch.arange(kept - 1, device=self.device)
+        return slots + (slots >= worst)
+
+    def _select_adaptive(self, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept entries ``[batch, kv_heads, length]`` in position order (unused first) and which are unused.
+
+        Every head keeps its protected tokens and ``head_floor`` of the heavy budget by its own ranking (AdaKV's
+        safeguard); the rest of the layer's ``budget * kv_heads`` goes to the highest scores pooled over heads."""
+        batch, heads = self.batch_size, self.num_heads
+        priority, real = self._adaptive_priority(kept)
+        priority = priority.masked_fill(~real, -math.inf)
+        protected = min(self.num_sink_tokens + self.recent_window, self.budget)
+        floor = min(kept, protected + round(self.head_floor * (self.budget - protected)))
+        order = priority.sort(dim=-1, stable=True).indices  # ascending; among ties the older first
+        guaranteed = torch.zeros_like(real).scatter_(-1, order[..., kept - floor :], True) & real
+        pooled = priority.masked_fill(guaranteed, math.inf).view(batch, heads * kept)  # [batch, kv_heads * kept]
+        total = min(heads * self.budget, heads * kept)
+        top = pooled.topk(total, dim=-1, sorted=False).indices
+        chosen = torch.zeros_like(pooled, dtype=torch.bool).scatter_(-1, top, True).view(batch, heads, kept) & real
+        length = max(1, int(chosen.sum(dim=-1).max()))  # host read: the new row length (reallocation only)
+        columns = torch.arange(kept, device=self.device).expand(batch, heads, kept)
+        index = torch.where(chosen, columns, -1).sort(dim=-1).values[..., kept - length :]  # unused (-1) first
+        unused = index < 0
+        return index.clamp(min=0), unused
+
+    def head_lengths(self) -> torch.Tensor:
+        """Real tokens each head holds, ``[batch, kv_heads]`` int64 (all equal unless budgets are adaptive)."""
+        pos = self.pos.expand(self.batch_size, self.num_heads, self.kept)
+        return (pos >= 0).sum(dim=-1)
 
     def _require_known_padding(self) -> None:
         if self.batch_size > 1 and not self.context.observed:
