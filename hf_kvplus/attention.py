@@ -227,6 +227,8 @@ def kvplus_attention_forward(module, query, key, value, attention_mask, **kwargs
         key, value = full_tensor(key), full_tensor(value)
     if layer is None:
         return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
+    if getattr(layer, "own_mask_length", False) and attention_mask is not None and attention_mask.shape[-1] > key.shape[-2]:
+        attention_mask = attention_mask[..., -key.shape[-2] :]  # built for the longest layer: the last columns are ours
     scaling = kwargs.get("scaling")
     slots = getattr(layer, "store", None)
     if getattr(slots, "keys_t3", None) is not None:  # a SlotStore: one query over every slot

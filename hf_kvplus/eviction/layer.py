@@ -67,6 +67,7 @@ class EvictingLayer(SlotMode, Deferral, DraftVerification, KeepRule, Journal, St
     slot_protects = True  # slot storage marks protected tokens and evicts by SlotStore.evict (False: slot_evict ranks)
     adaptive = False  # True: AdaKV head-wise budgets (see KeepRule._select_adaptive); set by ScoredCache
     head_floor = 0.2  # AdaKV's safeguard: share of the heavy budget every head keeps whatever the others score
+    own_mask_length = False  # True: the mask may be longer than this layer's keys; the "kvplus" attention cuts it
 
     def __init__(
         self,

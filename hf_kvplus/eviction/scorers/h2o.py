@@ -147,12 +147,25 @@ class ScoredCache(KVPlusCache):
         budgets = [budget] * len(self.layers)
         if layer_budgets == "pyramid":
             budgets = pyramid_budgets(budget, len(self.layers), pyramid_beta, num_sink_tokens + recent_window + 1)
+        #: Layers hold different lengths (pyramid or adaptive budgets): one mask for the longest, which the "kvplus"
+        #: attention cuts to each layer's keys and masks per head, so every layer goes through it.
+        self.ragged_layers = budget_allocation == "adaptive" or layer_budgets == "pyramid"
         for layer, layer_budget in zip(self.layers, budgets, strict=True):
             layer.per_head = per_head
             layer.budget = layer_budget
             layer.adaptive, layer.head_floor = budget_allocation == "adaptive", float(head_floor)
-        # adaptive budgets mask unused entries per head in the "kvplus" attention (read by the model hook, make_cache)
-        self.needs_attention = self.needs_attention or budget_allocation == "adaptive"
+            if self.ragged_layers:
+                layer.needs_attention = layer.own_mask_length = True
+        self.needs_attention = any(layer.needs_attention for layer in self.layers)  # read by the model hook
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        """Mask sizes for the longest layer when layers hold different lengths (each layer takes the last columns:
+        kept keys sit at contiguous positions ending at the present, so that cut is exact, padding included)."""
+        sizes = super().get_mask_sizes(query_length, layer_idx)
+        if not self.ragged_layers:
+            return sizes
+        longest = max(layer.kept for layer in self.layers)
+        return longest + query_length, self.layers[layer_idx].seen - longest
 
 
 BUDGET_ALLOCATIONS = ("uniform", "adaptive")
