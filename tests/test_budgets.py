@@ -165,7 +165,6 @@ def test_a_refused_forward_leaves_every_layer_as_before(name, option, step):
         model(ids[:, 24:30] if step == "chunk" else ids[:, 24:25], **cache_kwargs(cache), use_cache=True)
     handle.remove()
     _assert_same(before, _observed(cache))
-    assert [layer._head_len for layer in cache.layers] == [layer._head_len for layer in twin.layers]
     _decode_like_twin(model, cache, twin, ids[:, 24:30])
 
 

@@ -25,7 +25,7 @@ from ..storage.ring import RingStore
 from ..storage.slots import SlotStore
 
 _LAYER_FIELDS = ("store", "seen", "_pos", "max_held", "_awaiting_attention", "uncommitted", "sinks_displaced",
-                 "is_initialized", "record_past", "_head_len")
+                 "is_initialized", "record_past")
 
 
 _PLAIN = frozenset({torch.Tensor, int, float, bool, str, type(None), tuple, torch.dtype, torch.device})

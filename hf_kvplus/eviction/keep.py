@@ -18,6 +18,7 @@ class KeepRule:
     def observe_attention(self, mass: torch.Tensor, reduction: str) -> None:
         """Receive the attention computed over what ``update`` returned (from the "kvplus" attention)."""
         self._awaiting_attention = False
+        self.head_mask = None  # used by this forward's attention only
         if isinstance(self.store, SlotStore):
             raise RuntimeError("a layer in slot storage takes its attention through observe_slot_probs()")
         if self.record_past:
@@ -37,6 +38,7 @@ class KeepRule:
     def _commit(self, dropped: int) -> None:
         """Fold attention recorded while eviction was deferred (minus ``dropped`` rejected queries), then evict."""
         self.uncommitted = False
+        self._forward_new = None  # several tokens since the last eviction (adaptive budgets reallocate)
         if self.commit_verified(dropped):
             return self._evict()
         rows, self._pending_rows = self._pending_rows, []
@@ -80,18 +82,17 @@ class KeepRule:
         ``-1``, masked per head by the "kvplus" attention). A forward of several tokens reallocates (one host read:
         the new row length); a one-token step keeps each head's count (one argmin per head, no host read)."""
         self._require_known_padding()
-        if self._head_len is not None and kept == self._head_len + 1:
+        if self._forward_new == 1:
             index, unused = self._select_adaptive_step(kept), None
         else:
             index, unused = self._select_adaptive(kept)
-            self._head_len = index.shape[-1]
         self.store.keep(index)
         pos = gather_tokens(self.pos.expand(self.batch_size, self.num_heads, kept), index)
         self.pos = pos if unused is None else pos.masked_fill(unused, -1)
         self.token_state = {k: gather_tokens(v, index) for k, v in self.token_state.items()}
 
-    def _adaptive_priority(self, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores with the protected tokens at ``+inf`` and the real-token mask, both ``[batch, kv_heads, kept]``."""
+    def _adaptive_priority(self, kept: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores with the protected tokens at ``+inf``, the real-token mask and positions, ``[batch, kv_heads, kept]``."""
         scores = self.score()
         pos = self.pos.expand(self.batch_size, self.num_heads, kept)
         lower = self.context.pad_len.to(self.device).view(-1, 1, 1) if self.context.padded else 0
@@ -102,12 +103,20 @@ class KeepRule:
             protect |= real & (rank > rank[..., -1:] - self.recent_window)
         if scores is None:
             scores = pos.float()
-        return scores.float().masked_fill(protect, math.inf), real
+        return scores.float().masked_fill(protect, math.inf), real, pos
 
     def _select_adaptive_step(self, kept: int) -> torch.Tensor:
-        """One token too many in every head: each head drops its lowest candidate (ties: the older), ``[b, h, kept-1]``."""
-        priority, real = self._adaptive_priority(kept)
-        worst = priority.masked_fill(~real, math.inf).argmin(dim=-1, keepdim=True)  # [batch, kv_heads, 1]
+        """One entry too many in every head (a one-token step): ``[batch, kv_heads, kept - 1]``, each head's count kept.
+
+        In a row over its ``budget * kv_heads`` real tokens each head drops left padding first, else its lowest
+        candidate (ties: the older); unused entries stay. A row under it (left padding held it back) drops an unused
+        entry or padding, so it keeps what the row alone would."""
+        priority, real, pos = self._adaptive_priority(kept)
+        unused = pos < 0
+        over = real.sum(dim=(1, 2), keepdim=True) > self.num_heads * self.budget  # [batch, 1, 1]
+        priority = priority.masked_fill(~real & ~unused, -math.inf)  # left padding goes first
+        priority = torch.where(unused, torch.where(over, math.inf, -math.inf), priority)
+        worst = priority.argmin(dim=-1, keepdim=True)  # [batch, kv_heads, 1]; ties: the first (older)
         slots = torch.arange(kept - 1, device=self.device)
         return slots + (slots >= worst)
 
@@ -117,7 +126,7 @@ class KeepRule:
         Every head keeps its protected tokens and ``head_floor`` of the heavy budget by its own ranking (AdaKV's
         safeguard); the rest of the layer's ``budget * kv_heads`` goes to the highest scores pooled over heads."""
         batch, heads = self.batch_size, self.num_heads
-        priority, real = self._adaptive_priority(kept)
+        priority, real, _ = self._adaptive_priority(kept)
         priority = priority.masked_fill(~real, -math.inf)
         protected = min(self.num_sink_tokens + self.recent_window, self.budget)
         floor = min(kept, protected + round(self.head_floor * (self.budget - protected)))

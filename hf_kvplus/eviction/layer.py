@@ -102,7 +102,7 @@ class EvictingLayer(SlotMode, Deferral, DraftVerification, KeepRule, Journal, St
         self.uncommitted = False  # a forward ran while eviction was deferred and no crop has committed it yet
         self.sinks_displaced = False  # a recency eviction moved the sinks away from the window (1-D positions)
         self.verifying, self._verified = 0, None  # draft verification (verify.py)
-        self._head_len = None  # adaptive budgets: per-head row length after the last reallocation (host int)
+        self._forward_new = None  # tokens the last update appended (adaptive budgets: a one-token step keeps counts)
         self.head_mask = None  # adaptive budgets: [batch, kv_heads, 1, kept + new] bool, False on unused entries
         self.is_initialized = False
 
@@ -264,6 +264,7 @@ class EvictingLayer(SlotMode, Deferral, DraftVerification, KeepRule, Journal, St
             self.context.awaiting._check_attention_arrived()
         self._check_attention_arrived()
         new = key_states.shape[-2]
+        self._forward_new = new
         if isinstance(self.store, RingStore):
             if new == 1 and not self.record_past and not self.context.padded and not torch.is_grad_enabled():
                 return self._ring_step(key_states, value_states)
