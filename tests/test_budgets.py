@@ -88,7 +88,12 @@ def test_adaptive_with_equal_head_budgets_gives_the_uniform_logits(name):
 
 
 def _uneven_cache(model, name):
-    """An adaptive cache whose heads hold different counts (searched over seeds of a random prompt)."""
+    """An adaptive cache whose heads hold different counts (searched over seeds of a random prompt). The keys of
+    KV head 0 are scaled up in every layer: its attention is sharper than head 1's (random weights attend evenly)."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attention = layer.self_attn
+            attention.k_proj.weight[: attention.head_dim].mul_(6.0)
     for seed in range(20):
         cache = _make(model, name, budget_allocation="adaptive", head_floor=0.0)
         _fill(model, cache, prompt(length=32, seed=seed), prefill=28)
