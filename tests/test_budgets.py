@@ -236,3 +236,17 @@ def test_forwards_of_several_tokens_with_a_mask_as_without(name, option):
         logits.append(outputs)
     for a, b in zip(*logits, strict=True):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_assisted_decoding_pyramid_as_plain_and_adaptive_refused():
+    model = tiny_model("llama-gqa")
+    ids = prompt(length=24, seed=9)
+    plain = model.generate(ids, max_new_tokens=12, do_sample=False,
+                           **cache_kwargs(_make(model, "h2o", layer_budgets="pyramid", pyramid_beta=4)))
+    assisted = model.generate(ids, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3,
+                              **cache_kwargs(_make(model, "h2o", layer_budgets="pyramid", pyramid_beta=4)))
+    assert torch.equal(assisted, plain)
+    with pytest.raises(ValueError, match="budget_allocation='adaptive'.*verifies draft tokens"):
+        model.generate(ids, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3,
+                       **cache_kwargs(_make(model, "h2o", budget_allocation="adaptive")))
