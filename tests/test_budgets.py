@@ -250,3 +250,17 @@ def test_assisted_decoding_pyramid_as_plain_and_adaptive_refused():
     with pytest.raises(ValueError, match="budget_allocation='adaptive'.*verifies draft tokens"):
         model.generate(ids, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3,
                        **cache_kwargs(_make(model, "h2o", budget_allocation="adaptive")))
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("mode", [dict(num_beams=3), dict(do_sample=True, top_k=20, num_return_sequences=2),
+                                  dict(prefill_chunk_size=5)], ids=["beam", "sampling", "chunked-prefill"])
+@torch.no_grad()
+def test_generate_modes_keep_the_layer_totals(option, mode):
+    model = tiny_model("llama-gqa")
+    cache = _make(model, "h2o", **OPTIONS[option])
+    torch.manual_seed(0)
+    out = model.generate(prompt(length=20), max_new_tokens=15, **{"do_sample": False, **mode}, **cache_kwargs(cache))
+    assert out.shape[1] == 35
+    for layer in cache.layers:
+        assert (layer.head_lengths().sum(dim=-1) <= layer.num_heads * layer.budget).all()
