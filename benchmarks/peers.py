@@ -67,8 +67,8 @@ KVPRESS = ("StreamingLLMPress", "SnapKVPress", "TOVAPress", "KnormPress", "Expec
            "ObservedAttentionPress")
 # the peer that implements the same idea as each of ours (compared row by row in the table)
 COUNTERPART = {"sink": "StreamingLLMPress", "h2o": "ObservedAttentionPress", "tova": "TOVAPress",
-               "keynorm": "KnormPress", "snapkv": "SnapKVPress", "h2o+int4": "ObservedAttentionPress", "h2o+ada": "ObservedAttentionPress",
-               "snapkv+ada": "SnapKVPress", "h2o+pyramid": "ObservedAttentionPress",
+               "keynorm": "KnormPress", "snapkv": "SnapKVPress", "h2o+int4": "ObservedAttentionPress",
+               "h2o+ada": "ObservedAttentionPress", "snapkv+ada": "SnapKVPress", "h2o+pyramid": "ObservedAttentionPress",
                "h2o+ada+pyramid": "ObservedAttentionPress"}
 ALL = ("dense", *OURS, *TRANSFORMERS, *KVPRESS)
 KVPRESS_REQUIREMENTS = ["torch==2.13.0", "kvpress==0.5.5", "transformers<5.3", "gguf"]
