@@ -66,6 +66,7 @@ def attend(
     window: int | None = None,
     causal: bool = True,
     dropout: float = 0.0,
+    head_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Attention output and the attention mass each key received, from one pass over the same probabilities.
 
@@ -86,6 +87,8 @@ def attend(
         window (`int`, *optional*): only the last ``window`` queries count for the mass (SnapKV).
         causal (`bool`, defaults to `True`): apply causality when no mask is given.
         dropout (`float`, defaults to 0.0): dropout on the probabilities of the output (not on the mass).
+        head_mask (`torch.Tensor`, *optional*): boolean ``[batch, kv_heads, 1, kv_len]``, False on keys a KV
+            head does not hold (unused entries of head-wise budgets, AdaKV arXiv:2407.11550), besides the mask.
 
     Returns:
         ``(output, mass)``: output ``[batch, q_len, q_heads, value_dim]`` in the value dtype (as SDPA
@@ -127,6 +130,8 @@ def attend(
                 logits.masked_fill_(~mask, float("-inf"))
             else:
                 logits = logits + mask.to(logits.dtype)
+        if head_mask is not None:
+            logits = logits.masked_fill(~head_mask.unsqueeze(2), float("-inf"))  # [b, kv_heads, 1, 1, kv_len]
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [b, kv_heads, groups, n, kv_len]
         if attention_mask is not None:  # fully masked rows (padding queries) attend to nothing
             probs = probs.nan_to_num(0.0) if probs.requires_grad else probs.nan_to_num_(0.0)
@@ -222,6 +227,9 @@ def kvplus_attention_forward(module, query, key, value, attention_mask, **kwargs
         key, value = full_tensor(key), full_tensor(value)
     if layer is None:
         return sdpa_attention(module, query, key, value, attention_mask, **kwargs)
+    cut = getattr(layer, "own_mask_length", False) and attention_mask is not None
+    if cut and attention_mask.shape[-1] > key.shape[-2]:  # built for the longest layer: the last columns are ours
+        attention_mask = attention_mask[..., -key.shape[-2] :]
     scaling = kwargs.get("scaling")
     slots = getattr(layer, "store", None)
     if getattr(slots, "keys_t3", None) is not None:  # a SlotStore: one query over every slot
@@ -232,6 +240,14 @@ def kvplus_attention_forward(module, query, key, value, attention_mask, **kwargs
             output = sdpa_attention(module, query, key, value, attention_mask, **kwargs)[0]
         layer.observe_slot_probs(probs)
         return output, None
+    head_mask = getattr(layer, "head_mask", None)
+    if head_mask is not None and (layer.verifying or not plain):
+        names = sorted(name for name in _OTHER_MATH if kwargs.get(name) is not None)
+        what = "verifies draft tokens" if layer.verifying else f"passes {names}"
+        raise ValueError(
+            f"layer {layer.layer_idx} holds head-wise budgets (budget_allocation='adaptive'), which only the plain "
+            f"'kvplus' attention masks per head; this forward {what}: use budget_allocation='uniform' for it"
+        )
     if layer.verifying and plain:  # drafts verified row by row, over what each step would have kept
         with torch.no_grad():
             return layer.verify_attention(query, key, value, scaling), None
@@ -247,7 +263,8 @@ def kvplus_attention_forward(module, query, key, value, attention_mask, **kwargs
         causal = kwargs.get("is_causal")
         causal = getattr(module, "is_causal", True) if causal is None else causal
         dropout = kwargs.get("dropout") or 0.0
-        output, mass = attend(query, key, value, attention_mask, scaling, reduction, window, causal, dropout)
+        output, mass = attend(query, key, value, attention_mask, scaling, reduction, window, causal, dropout,
+                              head_mask)
         layer.observe_attention(mass.detach(), reduction)
         return output, None
     output, weights = sdpa_attention(module, query, key, value, attention_mask, **kwargs)

@@ -251,7 +251,8 @@ def make_cache(name: str, model_or_config, **kwargs) -> Cache:
     decoder_config(config)  # every strategy, "dynamic" included, needs attention heads
     cache = spec.factory(config, **kwargs)  # refuses bad or degenerate settings before the model is touched
     if model_or_config is not config and spec.name != "dynamic":
-        attach(model_or_config, attention_scores=spec.attention_scores, split_attention=spec.split_attention)
+        scores = spec.attention_scores or bool(getattr(cache, "needs_attention", False))  # a setting may need them
+        attach(model_or_config, attention_scores=scores, split_attention=spec.split_attention)
     context = getattr(cache, "context", None)
     if model_or_config is not config and hasattr(context, "attention"):  # what assisted decoding will run on
         context.attention = attn_implementation(model_or_config)

@@ -18,6 +18,7 @@ class KeepRule:
     def observe_attention(self, mass: torch.Tensor, reduction: str) -> None:
         """Receive the attention computed over what ``update`` returned (from the "kvplus" attention)."""
         self._awaiting_attention = False
+        self.head_mask = None  # used by this forward's attention only
         if isinstance(self.store, SlotStore):
             raise RuntimeError("a layer in slot storage takes its attention through observe_slot_probs()")
         if self.record_past:
@@ -37,6 +38,7 @@ class KeepRule:
     def _commit(self, dropped: int) -> None:
         """Fold attention recorded while eviction was deferred (minus ``dropped`` rejected queries), then evict."""
         self.uncommitted = False
+        self._forward_new = None  # several tokens since the last eviction (adaptive budgets reallocate)
         if self.commit_verified(dropped):
             return self._evict()
         rows, self._pending_rows = self._pending_rows, []
@@ -55,7 +57,9 @@ class KeepRule:
 
     def _evict(self) -> None:
         kept = self.kept
-        if self.budget is not None and kept > self.budget:
+        if self.adaptive and self.budget is not None and self.seen > self.budget:
+            self._evict_adaptive(kept)
+        elif self.budget is not None and kept > self.budget:
             self._require_known_padding()
             index = self._select(kept)
             self.store.keep(index)
@@ -70,6 +74,78 @@ class KeepRule:
             self._enter_ring()
         elif self._slot_eligible():
             self._enter_slots()
+
+    # ------------------------------------------------------ adaptive budgets
+    def _evict_adaptive(self, kept: int) -> None:
+        """AdaKV eviction (arXiv:2407.11550): the layer keeps ``budget * kv_heads`` tokens per row, split across heads
+        by score. Heads hold different counts in rows as long as the fullest one, unused entries first (position
+        ``-1``, masked per head by the "kvplus" attention). A forward of several tokens reallocates (one host read:
+        the new row length); a one-token step keeps each head's count (one argmin per head, no host read)."""
+        self._require_known_padding()
+        if self._forward_new == 1:
+            index, unused = self._select_adaptive_step(kept), None
+        else:
+            index, unused = self._select_adaptive(kept)
+        self.store.keep(index)
+        pos = gather_tokens(self.pos.expand(self.batch_size, self.num_heads, kept), index)
+        self.pos = pos if unused is None else pos.masked_fill(unused, -1)
+        self.token_state = {k: gather_tokens(v, index) for k, v in self.token_state.items()}
+
+    def _adaptive_priority(self, kept: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Scores with the protected tokens at ``+inf``, the real-token mask and positions, ``[batch, kv_heads, kept]``."""
+        scores = self.score()
+        pos = self.pos.expand(self.batch_size, self.num_heads, kept)
+        lower = self.context.pad_len.to(self.device).view(-1, 1, 1) if self.context.padded else 0
+        real = pos >= lower  # neither left padding nor an unused entry of a head
+        rank = real.long().cumsum(dim=-1)  # 1-based rank among real tokens, oldest first
+        protect = real & (rank <= self.num_sink_tokens)
+        if self.recent_window:
+            protect |= real & (rank > rank[..., -1:] - self.recent_window)
+        if scores is None:
+            scores = pos.float()
+        return scores.float().masked_fill(protect, math.inf), real, pos
+
+    def _select_adaptive_step(self, kept: int) -> torch.Tensor:
+        """One entry too many in every head (a one-token step): ``[batch, kv_heads, kept - 1]``, each head's count kept.
+
+        In a row over its ``budget * kv_heads`` real tokens each head drops left padding first, else its lowest
+        candidate (ties: the older); unused entries stay. A row under it (left padding held it back) drops an unused
+        entry or padding, so it keeps what the row alone would."""
+        priority, real, pos = self._adaptive_priority(kept)
+        unused = pos < 0
+        over = real.sum(dim=(1, 2), keepdim=True) > self.num_heads * self.budget  # [batch, 1, 1]
+        priority = priority.masked_fill(~real & ~unused, -math.inf)  # left padding goes first
+        priority = torch.where(unused, torch.where(over, math.inf, -math.inf), priority)
+        worst = priority.argmin(dim=-1, keepdim=True)  # [batch, kv_heads, 1]; ties: the first (older)
+        slots = torch.arange(kept - 1, device=self.device)
+        return slots + (slots >= worst)
+
+    def _select_adaptive(self, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept entries ``[batch, kv_heads, length]`` in position order (unused first) and which are unused.
+
+        Every head keeps its protected tokens and ``head_floor`` of the heavy budget by its own ranking (AdaKV's
+        safeguard); the rest of the layer's ``budget * kv_heads`` goes to the highest scores pooled over heads."""
+        batch, heads = self.batch_size, self.num_heads
+        priority, real, _ = self._adaptive_priority(kept)
+        priority = priority.masked_fill(~real, -math.inf)
+        protected = min(self.num_sink_tokens + self.recent_window, self.budget)
+        floor = min(kept, protected + round(self.head_floor * (self.budget - protected)))
+        order = priority.sort(dim=-1, stable=True).indices  # ascending; among ties the older first
+        guaranteed = torch.zeros_like(real).scatter_(-1, order[..., kept - floor :], True) & real
+        pooled = priority.masked_fill(guaranteed, math.inf).view(batch, heads * kept)  # [batch, kv_heads * kept]
+        total = min(heads * self.budget, heads * kept)
+        top = pooled.topk(total, dim=-1, sorted=False).indices
+        chosen = torch.zeros_like(pooled, dtype=torch.bool).scatter_(-1, top, True).view(batch, heads, kept) & real
+        length = max(1, int(chosen.sum(dim=-1).max()))  # host read: the new row length (reallocation only)
+        columns = torch.arange(kept, device=self.device).expand(batch, heads, kept)
+        index = torch.where(chosen, columns, -1).sort(dim=-1).values[..., kept - length :]  # unused (-1) first
+        unused = index < 0
+        return index.clamp(min=0), unused
+
+    def head_lengths(self) -> torch.Tensor:
+        """Real tokens each head holds, ``[batch, kv_heads]`` int64 (all equal unless budgets are adaptive)."""
+        pos = self.pos.expand(self.batch_size, self.num_heads, self.kept)
+        return (pos >= 0).sum(dim=-1)
 
     def _require_known_padding(self) -> None:
         if self.batch_size > 1 and not self.context.observed:

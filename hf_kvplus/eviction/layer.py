@@ -65,6 +65,9 @@ class EvictingLayer(SlotMode, Deferral, DraftVerification, KeepRule, Journal, St
     implicit_positions = False  # True: a layer that never evicts derives positions (0..seen-1) instead of storing them
     query_groups = 1  # query heads per KV head (set by KVPlusCache from the config)
     slot_protects = True  # slot storage marks protected tokens and evicts by SlotStore.evict (False: slot_evict ranks)
+    adaptive = False  # True: AdaKV head-wise budgets (see KeepRule._select_adaptive); set by ScoredCache
+    head_floor = 0.2  # AdaKV's safeguard: share of the heavy budget every head keeps whatever the others score
+    own_mask_length = False  # True: the mask may be longer than this layer's keys; the "kvplus" attention cuts it
 
     def __init__(
         self,
@@ -99,6 +102,8 @@ class EvictingLayer(SlotMode, Deferral, DraftVerification, KeepRule, Journal, St
         self.uncommitted = False  # a forward ran while eviction was deferred and no crop has committed it yet
         self.sinks_displaced = False  # a recency eviction moved the sinks away from the window (1-D positions)
         self.verifying, self._verified = 0, None  # draft verification (verify.py)
+        self._forward_new = None  # tokens the last update appended (adaptive budgets: a one-token step keeps counts)
+        self.head_mask = None  # adaptive budgets: [batch, kv_heads, 1, kept + new] bool, False on unused entries
         self.is_initialized = False
 
     @property
@@ -170,7 +175,7 @@ class EvictingLayer(SlotMode, Deferral, DraftVerification, KeepRule, Journal, St
         kept = tokens if self.budget is None else min(tokens, self.budget)
         evicted = kept < tokens
         store = self.store_factory()
-        if evicted and type(store) is not DenseStore:
+        if evicted and (type(store) is not DenseStore or self.adaptive):  # adaptive: rows as long as the fullest head
             return None
         held = store.predict_nbytes(batch, kv_heads, kept, head_dim, dtype)
         if held is None:
@@ -259,6 +264,7 @@ class EvictingLayer(SlotMode, Deferral, DraftVerification, KeepRule, Journal, St
             self.context.awaiting._check_attention_arrived()
         self._check_attention_arrived()
         new = key_states.shape[-2]
+        self._forward_new = new
         if isinstance(self.store, RingStore):
             if new == 1 and not self.record_past and not self.context.padded and not torch.is_grad_enabled():
                 return self._ring_step(key_states, value_states)
@@ -275,6 +281,9 @@ class EvictingLayer(SlotMode, Deferral, DraftVerification, KeepRule, Journal, St
                 self.pos = torch.cat([self._pos, new_pos.expand(*self._pos.shape[:2], new)], dim=-1)
         if self.context.padded:  # a store whose format depends on where each row's real tokens start
             self.store = self.store.for_padding(self.context.pad_host, self.seen)
+        # adaptive budgets: heads hold different counts, padded at the front of each row (position -1), which the
+        # "kvplus" attention masks per head
+        self.head_mask = (self._pos >= 0).unsqueeze(2) if self.adaptive and self._pos.dim() == 3 else None
         keys, values = self.store.update(key_states, value_states)
         self.seen += new
         self._extend_state(key_states, value_states)
@@ -283,7 +292,7 @@ class EvictingLayer(SlotMode, Deferral, DraftVerification, KeepRule, Journal, St
         if self.record_past:
             self.uncommitted = True
         self.verifying = self.verification_plan(new)  # drafts to verify row by row (needs the "kvplus" attention)
-        if self.needs_attention or self.verifying:
+        if self.needs_attention or self.verifying or self.head_mask is not None:
             self._awaiting_attention = True
             self.context.awaiting = self
             request_attention(self.layer_idx, self)

@@ -82,6 +82,7 @@ class SlotMode:
             self.budget is not None
             and type(self).slot_score is not StrategyHooks.slot_score
             and self.store_factory is DenseStore
+            and not self.adaptive  # head-wise budgets decode in the dense path (KeepRule._select_adaptive_step)
         )
 
     def _slot_steady(self) -> bool:

@@ -35,12 +35,29 @@ class ScoredCache(KVPlusCache):
         num_sink_tokens (`int`, *optional*, defaults to 0): first tokens never evicted.
         per_head (`bool`, *optional*, defaults to `True`): each KV head keeps its own tokens; `False`
             averages the scores over the heads of a layer so all heads keep the same tokens.
+        budget_allocation (`str`, *optional*, defaults to ``"uniform"``): ``"adaptive"`` splits a layer's
+            ``budget * kv_heads`` tokens across its heads by score (AdaKV, arXiv:2407.11550): every head keeps its
+            sinks, recent window and ``head_floor`` of its heavy budget by its own ranking, the rest goes to the
+            highest scores pooled over the layer's heads. Reallocated after every forward of several tokens; a
+            one-token decoding step keeps each head's count (each head evicts its own lowest token, in the dense
+            path: no slot storage, no host read). Storage: one row per head as long as the fullest head, unused
+            entries first (position ``-1``), masked per head by the "kvplus" attention; ``cache_nbytes`` counts those
+            rows whole. Needs per_head=True and the "kvplus" attention (``make_cache`` attaches it).
+        head_floor (`float`, *optional*, defaults to 0.2): AdaKV's safeguard ``alpha`` in ``[0, 1]``; 1 gives
+            every head the same budget (the uniform choice).
+        layer_budgets (`str`, *optional*, defaults to ``"uniform"``): ``"pyramid"`` gives the layers linearly
+            decreasing budgets with the same total, ``num_layers * budget`` (PyramidKV, arXiv:2406.02069): the last
+            layer ``budget / pyramid_beta`` (at least ``num_sink_tokens + recent_window + 1``), the first
+            ``2 * budget`` minus that. Each layer then evicts to its own budget (``layer.budget``).
+        pyramid_beta (`float`, *optional*, defaults to 20): PyramidKV's ``beta`` (>= 1; 1 is uniform).
         **layer_kwargs: the strategy's own keywords, then storage keywords (``nbits=``,
             ``store_factory=``) forwarded to :func:`~hf_kvplus.storage.base.make_store_factory`.
 
     Raises:
         ValueError: a bad value (naming it and the allowed range), or a degenerate split: ``num_sink_tokens +
-            recent_window`` equal to the budget keeps no token by score (the plain ``sink``/``window`` cache).
+            recent_window`` equal to the budget keeps no token by score (the plain ``sink``/``window`` cache);
+            ``budget_allocation``/``layer_budgets`` not one of their values, ``head_floor`` outside ``[0, 1]``,
+            ``pyramid_beta`` below 1, adaptive budgets with ``per_head=False`` or with quantized storage.
 
     Example (a scorer is a layer class with ``score``; see ``docs/strategies/heavy_hitter.md``):
 
@@ -67,6 +84,10 @@ class ScoredCache(KVPlusCache):
         recent_window: int | None = None,
         num_sink_tokens: int = 0,
         per_head: bool = True,
+        budget_allocation: str = "uniform",
+        head_floor: float = 0.2,
+        layer_budgets: str = "uniform",
+        pyramid_beta: float = 20.0,
         **layer_kwargs,
     ):
         budget = check_int("budget", budget)
@@ -91,11 +112,28 @@ class ScoredCache(KVPlusCache):
             )
         if not isinstance(per_head, bool):
             raise ValueError(f"per_head must be True or False, got {per_head!r}")
+        if budget_allocation not in BUDGET_ALLOCATIONS:
+            raise ValueError(f"budget_allocation must be one of {list(BUDGET_ALLOCATIONS)}, got {budget_allocation!r}")
+        if layer_budgets not in LAYER_BUDGETS:
+            raise ValueError(f"layer_budgets must be one of {list(LAYER_BUDGETS)}, got {layer_budgets!r}")
+        if isinstance(head_floor, bool) or not isinstance(head_floor, (int, float)) or not 0 <= head_floor <= 1:
+            raise ValueError(f"head_floor must be a number in [0, 1] (AdaKV's safeguard share), got {head_floor!r}")
+        if isinstance(pyramid_beta, bool) or not isinstance(pyramid_beta, (int, float)) or not pyramid_beta >= 1:
+            raise ValueError(f"pyramid_beta must be a number >= 1 (1 gives every layer the same budget), got {pyramid_beta!r}")
+        if budget_allocation == "adaptive" and not per_head:
+            raise ValueError("budget_allocation='adaptive' splits the budget across heads: it needs per_head=True, got "
+                             "per_head=False")
+        if budget_allocation == "adaptive" and (layer_kwargs.get("nbits") is not None
+                                                or layer_kwargs.get("store_factory") is not None):
+            raise ValueError("budget_allocation='adaptive' holds its heads in dense storage only; got nbits="
+                             f"{layer_kwargs.get('nbits')!r}, store_factory={layer_kwargs.get('store_factory')!r}: "
+                             "drop them or use budget_allocation='uniform'")
         options = {name: layer_kwargs.pop(name) for name in self.layer_options if name in layer_kwargs}
         storage_names = ["store_factory", *STORAGE_KEYWORDS]  # nbits=, group_size=, ...
         storage = {name: layer_kwargs.pop(name) for name in storage_names if name in layer_kwargs}
         if layer_kwargs:
-            allowed = ["budget", "heavy_ratio", "recent_window", "num_sink_tokens", "per_head", *storage_names]
+            allowed = ["budget", "heavy_ratio", "recent_window", "num_sink_tokens", "per_head", "budget_allocation",
+                       "head_floor", "layer_budgets", "pyramid_beta", *storage_names]
             raise TypeError(
                 f"{type(self).__name__} got unexpected keyword argument(s) {sorted(layer_kwargs)}; it accepts "
                 f"{allowed + list(self.layer_options)}"
@@ -105,8 +143,65 @@ class ScoredCache(KVPlusCache):
         super().__init__(
             config, budget=budget, num_sink_tokens=num_sink_tokens, recent_window=recent_window, **storage, **options
         )
-        for layer in self.layers:
+        self.budget_allocation, self.layer_budgets = budget_allocation, layer_budgets
+        budgets = [budget] * len(self.layers)
+        if layer_budgets == "pyramid":
+            budgets = pyramid_budgets(budget, len(self.layers), pyramid_beta, num_sink_tokens + recent_window + 1)
+        #: Layers hold different lengths (pyramid or adaptive budgets): one mask for the longest, which the "kvplus"
+        #: attention cuts to each layer's keys and masks per head, so every layer goes through it.
+        self.ragged_layers = budget_allocation == "adaptive" or layer_budgets == "pyramid"
+        for layer, layer_budget in zip(self.layers, budgets, strict=True):
             layer.per_head = per_head
+            layer.budget = layer_budget
+            layer.adaptive, layer.head_floor = budget_allocation == "adaptive", float(head_floor)
+            if self.ragged_layers:
+                layer.needs_attention = layer.own_mask_length = True
+        self.needs_attention = any(layer.needs_attention for layer in self.layers)  # read by the model hook
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        """Mask sizes for the longest layer when layers hold different lengths (each layer takes the last columns:
+        kept keys sit at contiguous positions ending at the present, so that cut is exact, padding included)."""
+        sizes = super().get_mask_sizes(query_length, layer_idx)
+        if not self.ragged_layers:
+            return sizes
+        longest = max(layer.kept for layer in self.layers)
+        return longest + query_length, self.layers[layer_idx].seen - longest
+
+
+BUDGET_ALLOCATIONS = ("uniform", "adaptive")
+LAYER_BUDGETS = ("uniform", "pyramid")
+
+
+def pyramid_budgets(budget: int, num_layers: int, beta: float, minimum: int = 1) -> list[int]:
+    """PyramidKV's layer budgets (arXiv:2406.02069): linear from ``2 * budget - top`` (layer 0) down to ``top =
+    max(budget / beta, minimum)`` (the last layer), rounded so they sum to ``num_layers * budget`` exactly.
+
+    Args:
+        budget (`int`): the uniform budget per layer (tokens per KV head).
+        num_layers (`int`): decoder layers.
+        beta (`float`): PyramidKV's ``beta`` (>= 1); 1 gives every layer ``budget``.
+        minimum (`int`, defaults to 1): smallest budget of a layer (its protected tokens plus one).
+
+    Returns:
+        `list[int]`: one budget per layer, non-increasing, summing to ``num_layers * budget``.
+
+    Example:
+
+    ```python
+    >>> pyramid_budgets(100, 4, beta=5)
+    [180, 127, 73, 20]
+    ```
+    """
+    if num_layers == 1:
+        return [budget]
+    top = min(budget, max(budget / beta, minimum))
+    bottom = 2 * budget - top
+    exact = [bottom - (bottom - top) * i / (num_layers - 1) for i in range(num_layers)]
+    budgets = [int(b) for b in exact]  # floor, then hand the remainder to the largest fractions
+    order = sorted(range(num_layers), key=lambda i: exact[i] - budgets[i], reverse=True)
+    for i in order[: num_layers * budget - sum(budgets)]:
+        budgets[i] += 1
+    return budgets
 
 
 class HeavyHitterLayer(EvictingLayer):

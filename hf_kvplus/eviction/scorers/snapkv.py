@@ -37,8 +37,9 @@ class SnapKVLayer(EvictingLayer):
     def on_attention(self, mass: torch.Tensor) -> None:
         batch, heads, kept = mass.shape
         pool = (self.kernel_size, 1, self.kernel_size // 2)  # kernel, stride, padding
-        if self.context.padded:  # left padding held in a row is no neighbour: average over real tokens only
-            real = (self.pos.expand(batch, heads, kept) >= self.context.pad_len.to(mass.device).view(-1, 1, 1)).float()
+        if self.context.padded or self.adaptive:  # left padding or a head's unused entries are no neighbours
+            lower = self.context.pad_len.to(mass.device).view(-1, 1, 1) if self.context.padded else 0
+            real = (self.pos.expand(batch, heads, kept) >= lower).float()  # average over real tokens only
             sums = torch.nn.functional.avg_pool1d((mass * real).view(batch * heads, 1, kept), *pool)
             counts = torch.nn.functional.avg_pool1d(real.view(batch * heads, 1, kept), *pool)
             pooled = (sums / counts.clamp(min=1e-30)).view(batch, heads, kept) * real  # [batch, kv_heads, kept]
