@@ -62,6 +62,7 @@ OURS: dict[str, tuple[str, dict]] = {
     "tova": ("tova", {}),
     "keynorm": ("keynorm", {}),
     "snapkv": ("snapkv", {}),
+    "snapkv-w64": ("snapkv", {"window": 64}),  # the observation window of kvpress's SnapKVPress
     "h2o+int4": ("h2o", {"nbits": 4}),
     "h2o+ada": ("h2o", {"budget_allocation": "adaptive"}),  # AdaKV head-wise budgets (arXiv:2407.11550)
     "snapkv+ada": ("snapkv", {"budget_allocation": "adaptive"}),
@@ -72,7 +73,7 @@ TRANSFORMERS = ("sliding-window",)
 KVPRESS = ("StreamingLLMPress", "SnapKVPress", "TOVAPress", "KnormPress", "ExpectedAttentionPress",
            "ObservedAttentionPress")
 # the peer that implements the same idea as each of ours (compared row by row in the table)
-COUNTERPART = {"sink": "StreamingLLMPress", "h2o": "ObservedAttentionPress", "tova": "TOVAPress",
+COUNTERPART = {"sink": "StreamingLLMPress", "h2o": "ObservedAttentionPress", "tova": "TOVAPress", "snapkv-w64": "SnapKVPress",
                "keynorm": "KnormPress", "snapkv": "SnapKVPress", "h2o+int4": "ObservedAttentionPress",
                "h2o+ada": "ObservedAttentionPress", "snapkv+ada": "SnapKVPress", "h2o+pyramid": "ObservedAttentionPress",
                "h2o+ada+pyramid": "ObservedAttentionPress"}
