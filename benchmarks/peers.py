@@ -57,13 +57,15 @@ OURS: dict[str, tuple[str, dict]] = {
     "keynorm": ("keynorm", {}),
     "snapkv": ("snapkv", {}),
     "h2o+int4": ("h2o", {"nbits": 4}),
+    "expected": ("expected", {}),
 }
 TRANSFORMERS = ("sliding-window",)
 KVPRESS = ("StreamingLLMPress", "SnapKVPress", "TOVAPress", "KnormPress", "ExpectedAttentionPress",
            "ObservedAttentionPress")
 # the peer that implements the same idea as each of ours (compared row by row in the table)
 COUNTERPART = {"sink": "StreamingLLMPress", "h2o": "ObservedAttentionPress", "tova": "TOVAPress",
-               "keynorm": "KnormPress", "snapkv": "SnapKVPress", "h2o+int4": "ObservedAttentionPress"}
+               "keynorm": "KnormPress", "snapkv": "SnapKVPress", "h2o+int4": "ObservedAttentionPress",
+               "expected": "ExpectedAttentionPress"}
 ALL = ("dense", *OURS, *TRANSFORMERS, *KVPRESS)
 KVPRESS_REQUIREMENTS = ["torch==2.13.0", "kvpress==0.5.5", "transformers<5.3", "gguf"]
 

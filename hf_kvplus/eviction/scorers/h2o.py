@@ -13,6 +13,8 @@ choice, storage keywords); a scorer is one layer class with a ``score`` method (
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import PreTrainedConfig
 
@@ -115,27 +117,56 @@ class HeavyHitterLayer(EvictingLayer):
     Args:
         normalize (`bool`, defaults to `True`): divide the mass by the number of queries that could
             see each token (``seen - pos``), so old tokens are not favoured just for being old.
+        decay (`float`, defaults to 1.0): each query's attention counts ``decay**age`` times, ``age`` in queries
+            since it was asked (``1``: every query counts the same, the paper's sum). Below 1 the mass is an
+            exponential moving sum over about ``1 / (1 - decay)`` queries, so a token that mattered long ago but
+            no longer does stops outranking the ones the text now attends to; with ``normalize`` it is divided by
+            the same decayed count of the queries that saw it, ``(1 - decay**(seen - pos)) / (1 - decay)``.
+            Within one forward of several queries they count the same (the decay applies between forwards), which
+            is exact token by token.
         *args, **kwargs: see :class:`~hf_kvplus.eviction.layer.EvictingLayer`.
     """
 
     needs_attention = True
 
-    def __init__(self, *args, normalize: bool = True, **kwargs):
+    def __init__(self, *args, normalize: bool = True, decay: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.normalize = normalize
+        self.normalize, self.decay = normalize, float(decay)
+        self._log_decay = math.log(self.decay)  # <= 0
 
     def initial_state(self, key_states, value_states):
         shape = (*key_states.shape[:2], key_states.shape[-2])  # [batch, kv_heads, new]
         return {"mass": key_states.new_zeros(shape, dtype=torch.float32)}
 
     def on_attention(self, mass: torch.Tensor) -> None:
-        self.token_state["mass"] += mass  # [batch, kv_heads, kept], summed over this forward's queries
+        if self.decay == 1.0:
+            self.token_state["mass"] += mass  # [batch, kv_heads, kept], summed over this forward's queries
+            return
+        new = self.seen - self._aged_at  # queries since the mass was last aged
+        self._aged_at = self.seen
+        self.token_state["mass"] = self.token_state["mass"] * self.decay**new + mass  # [batch, kv_heads, kept]
+
+    # `_aged_at` (a host number): the `seen` the mass was last aged at; slot steps age it themselves
+    def _clear(self) -> None:
+        super()._clear()
+        self._aged_at = 0
+
+    def _leave_slots(self) -> None:
+        super()._leave_slots()
+        self._aged_at = self.seen
+
+    def journal_open(self) -> None:
+        super().journal_open()
+        self.context.journal[self.layer_idx][1]["_aged_at"] = self._aged_at
 
     def score(self) -> torch.Tensor:
         mass = self.token_state["mass"]
         if not self.normalize:
             return mass
-        return mass / (self.seen - self.pos).clamp(min=1)  # pos: [kept] or [batch, kv_heads, kept]
+        age = (self.seen - self.pos).clamp(min=1)  # queries that saw each token; pos: [kept] or [batch, kv_heads, kept]
+        if self.decay == 1.0:
+            return mass / age
+        return mass / -torch.expm1(age * self._log_decay)  # the decayed count, times (1 - decay)
 
     # slot storage: the same rule, in place over every slot
     def arrival_state(self, key_states, value_states):
@@ -144,19 +175,22 @@ class HeavyHitterLayer(EvictingLayer):
     slot_stepped = ("mass",)
 
     def slot_attention(self, slots, probs):  # probs: [batch * kv_heads, groups, slots]
-        torch.baddbmm(slots.rows3["mass"], slots.ones(probs.shape[1]), probs, alpha=1.0 / probs.shape[1],
-                      out=slots.spare_rows3["mass"])  # the mass before the step stays intact (see slot_stepped)
-        slots.advance("mass")
+        torch.baddbmm(slots.rows3["mass"], slots.ones(probs.shape[1]), probs, beta=self.decay,
+                      alpha=1.0 / probs.shape[1], out=slots.spare_rows3["mass"])  # the mass before the step stays
+        slots.advance("mass")  # intact (see slot_stepped)
 
     def slot_score(self, slots):
         mass = slots.state["mass"]  # [batch, kv_heads, slots]
         if not self.normalize:
             return self.slot_mean(slots, mass), 1
         # minus the mean attention per query that saw each token (mass / (pos - seen) <= 0): its magnitude ranks
+        count = torch.sub(slots.pos, self.seen)  # minus the age, [batch, rows, slots]; protected: about 2**62
+        if self.decay != 1.0:  # minus the decayed count: decay**age - 1 (protected slots: +inf, a score of 0)
+            count = torch.expm1(count * -self._log_decay)
         if self.per_head:
-            torch.div(mass, torch.sub(slots.pos, self.seen), out=slots.score)
+            torch.div(mass, count, out=slots.score)
             return "score", 1
-        return self.slot_mean(slots, torch.div(mass, torch.sub(slots.pos, self.seen))), 1
+        return self.slot_mean(slots, torch.div(mass, count)), 1
 
 
 class HeavyHitterCache(ScoredCache):
@@ -171,6 +205,9 @@ class HeavyHitterCache(ScoredCache):
         normalize (`bool`, *optional*, defaults to `True`): rank by the mean attention per query that
             could see each token (mass divided by ``seen - pos``), so new tokens compete fairly with old
             ones; `False` ranks by the summed mass, as the paper does.
+        decay (`float`, *optional*, defaults to 1.0): weight of a query's attention per later query, in
+            ``(0, 1]``: ``1`` sums every query alike (the paper); below 1 the scores follow the last
+            ``1 / (1 - decay)`` queries or so and do not go stale on long streams (see :class:`HeavyHitterLayer`).
         **kwargs: ``recent_window``, ``num_sink_tokens``, ``per_head`` (see :class:`ScoredCache`) and
             storage keywords (``nbits=4`` keeps the heavy hitters in quantized storage).
 
@@ -189,13 +226,18 @@ class HeavyHitterCache(ScoredCache):
     """
 
     layer_class = HeavyHitterLayer
-    layer_options = ("normalize",)
+    layer_options = ("normalize", "decay")
     default_heavy_ratio = 0.9
+    default_decay = 1.0
 
-    def __init__(self, config: PreTrainedConfig, budget: int, normalize: bool = True, **kwargs):
+    def __init__(self, config: PreTrainedConfig, budget: int, normalize: bool = True, decay: float | None = None,
+                 **kwargs):
         if not isinstance(normalize, bool):
             raise ValueError(f"normalize must be True or False, got {normalize!r}")
-        super().__init__(config, budget, normalize=normalize, **kwargs)
+        decay = self.default_decay if decay is None else decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay <= 1:
+            raise ValueError(f"decay must be a number in (0, 1] (1: no decay, the paper's sum), got {decay!r}")
+        super().__init__(config, budget, normalize=normalize, decay=float(decay), **kwargs)
 
 
 register_cache(
