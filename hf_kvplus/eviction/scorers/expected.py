@@ -49,11 +49,12 @@ class ExpectedAttentionLayer(EvictingLayer):
     needs_attention = True  # the "kvplus" attention hands over the queries (see `observe_queries`)
 
     def __init__(self, *args, future: int = 512, query_decay: float = 1.0, covariance: bool = True,
-                 value_norm: bool = True, query_rope=None, **kwargs):
+                 value_norm: bool = True, observed: float = 0.0, query_rope=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.future, self.query_decay = future, float(query_decay)
+        self.future, self.query_decay, self.observed = future, float(query_decay), float(observed)
+        if query_rope is not None:  # a copy per layer (a few floats), counted with the layer's bytes
+            query_rope = (query_rope[0].clone(), *query_rope[1:])
         self.covariance, self.value_norm, self.query_rope = covariance, value_norm, query_rope
-        self._rotation_memo = None  # (seen, head_dim, device) -> [head_dim, head_dim]
 
     def _clear(self) -> None:
         super()._clear()
@@ -64,13 +65,39 @@ class ExpectedAttentionLayer(EvictingLayer):
         super().journal_open()
         self.context.journal[self.layer_idx][1]["_qstats"] = self._qstats  # replaced, never changed in place
 
+    def tensors(self) -> list[torch.Tensor]:
+        held = super().tensors()
+        if self._qstats is not None:
+            held.extend(t for t in self._qstats if t is not None)
+        if self.query_rope is not None:
+            held.append(self.query_rope[0])
+        return held
+
+    def predict_nbytes(self, batch, kv_heads, tokens, head_dim, dtype):
+        held = super().predict_nbytes(batch, kv_heads, tokens, head_dim, dtype)
+        if held is None:
+            return None
+        rope = 0 if self.query_rope is None else self.query_rope[0].numel() * self.query_rope[0].element_size()
+        if not tokens:
+            return held + rope
+        q_heads = kv_heads * self.query_groups
+        stats = 1 + q_heads * head_dim + (q_heads * head_dim * head_dim if self.covariance else 0)  # float32
+        return held + rope + 4 * batch * stats
+
     def attention_reduction(self) -> str:
-        return "last"  # the cheapest mass; this scorer does not use it
+        return "sum" if self.observed else "last"  # "last": the cheapest mass, not used
 
     def initial_state(self, key_states, value_states):
-        if not self.value_norm:
-            return {}
-        return {"value_norm": value_states.float().norm(dim=-1)}  # [batch, kv_heads, new]
+        state = {}
+        if self.value_norm:
+            state["value_norm"] = value_states.float().norm(dim=-1)  # [batch, kv_heads, new]
+        if self.observed:
+            state["mass"] = key_states.new_zeros(key_states.shape[:3], dtype=torch.float32)  # [batch, kv_heads, new]
+        return state
+
+    def on_attention(self, mass: torch.Tensor) -> None:
+        if self.observed:
+            self.token_state["mass"] = self.token_state["mass"] + mass  # [batch, kv_heads, kept]
 
     # ------------------------------------------------------------ statistics
     def observe_queries(self, query: torch.Tensor, scaling: float | None) -> None:
@@ -107,9 +134,6 @@ class ExpectedAttentionLayer(EvictingLayer):
 
     def _future_rotation(self, head_dim: int, device) -> torch.Tensor:
         """``M = mean_t R_t^T`` over the next ``future`` positions, ``[head_dim, head_dim]`` (``x @ M`` rotates rows)."""
-        memo = self._rotation_memo
-        if memo is not None and memo[0] == (self.seen, head_dim, device):
-            return memo[1]
         eye = torch.eye(head_dim, device=device)
         if self.query_rope is None:
             rotation = eye
@@ -124,7 +148,6 @@ class ExpectedAttentionLayer(EvictingLayer):
             rotated = part * cos + rotate(part, layout) * sin  # rows: (R e_i)^T over the rotated channels
             rotation = eye.clone()
             rotation[:, :rot] = rotated * attention_scaling
-        self._rotation_memo = ((self.seen, head_dim, device), rotation)
         return rotation
 
     def score(self) -> torch.Tensor | None:
@@ -146,6 +169,10 @@ class ExpectedAttentionLayer(EvictingLayer):
             cov = cov.view(batch, kv_heads, groups, head_dim, head_dim)
             logits = logits + 0.5 * self._scaling**2 * ((grouped @ cov) * grouped).sum(-1)
         shares = torch.softmax(logits, dim=-1).mean(dim=2)  # [batch, kv_heads, kept]
+        if self.observed:  # blended with the mean attention each token received so far (H2O's normalized mass)
+            seen_by = self.token_state["mass"] / (self.seen - self.pos).clamp(min=1)  # [batch, kv_heads, kept]
+            seen_by = seen_by / seen_by.sum(dim=-1, keepdim=True).clamp(min=1e-30)
+            shares = (1 - self.observed) * shares + self.observed * seen_by
         if self.value_norm:
             shares = shares * self.token_state["value_norm"]
         return shares
@@ -184,14 +211,17 @@ class ExpectedAttentionCache(ScoredCache):
     """
 
     layer_class = ExpectedAttentionLayer
-    layer_options = ("future", "query_decay", "covariance", "value_norm", "query_rope")
+    layer_options = ("future", "query_decay", "covariance", "value_norm", "observed", "query_rope")
     default_heavy_ratio = 0.9
 
     def __init__(self, config: PreTrainedConfig, budget: int, future: int = 512, query_decay: float = 1.0,
-                 covariance: bool = True, value_norm: bool = True, num_sink_tokens: int = 4, **kwargs):
+                 covariance: bool = True, value_norm: bool = True, observed: float = 0.0, num_sink_tokens: int = 4,
+                 **kwargs):
         future = check_int("future", future)
         if isinstance(query_decay, bool) or not isinstance(query_decay, (int, float)) or not 0 < query_decay <= 1:
             raise ValueError(f"query_decay must be a number in (0, 1] (1: every query alike), got {query_decay!r}")
+        if isinstance(observed, bool) or not isinstance(observed, (int, float)) or not 0 <= observed <= 1:
+            raise ValueError(f"observed must be a number in [0, 1] (the weight of observed attention), got {observed!r}")
         for name, value in (("covariance", covariance), ("value_norm", value_norm)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
@@ -200,7 +230,7 @@ class ExpectedAttentionCache(ScoredCache):
         from ..._compat import rope_parameters
 
         super().__init__(config, budget, future=future, query_decay=float(query_decay), covariance=covariance,
-                         value_norm=value_norm, num_sink_tokens=num_sink_tokens, query_rope=rope_parameters(config),
+                         value_norm=value_norm, observed=float(observed), num_sink_tokens=num_sink_tokens, query_rope=rope_parameters(config),
                          **kwargs)
 
 
