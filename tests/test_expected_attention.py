@@ -98,6 +98,7 @@ def test_it_evicts_to_its_budget_at_prefill_and_while_decoding_and_keeps_the_sin
         ({"query_decay": True}, "query_decay"),
         ({"covariance": "yes"}, "covariance must be True or False, got 'yes'"),
         ({"value_norm": 1}, "value_norm must be True or False"),
+        ({"observed": 1.5}, "observed must be a number in \\[0, 1\\].*got 1.5"),
     ],
 )
 def test_bad_options_are_refused_naming_the_value(kwargs, message):

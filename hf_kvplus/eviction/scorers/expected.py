@@ -41,6 +41,7 @@ class ExpectedAttentionLayer(EvictingLayer):
         query_decay (`float`, defaults to 1.0): weight of a query in the statistics per later query.
         covariance (`bool`, defaults to `True`): include the ``k^T Sigma k`` term (else the mean only).
         value_norm (`bool`, defaults to `True`): multiply the scores by the L2 norm of each token's value.
+        observed (`float`, defaults to 0.0): weight of the observed attention share blended into the scores.
         query_rope (`tuple`, *optional*): ``(inv_freq, attention_scaling, layout)`` of the model's RoPE
             (:func:`hf_kvplus._compat.rope_parameters`); ``None``: queries are taken as they come (no RoPE).
         *args, **kwargs: see :class:`~hf_kvplus.eviction.layer.EvictingLayer`.
@@ -189,13 +190,17 @@ class ExpectedAttentionCache(ScoredCache):
             about the last ``1 / (1 - query_decay)`` queries (long streams); 1 weighs every query alike.
         covariance (`bool`, *optional*, defaults to `True`): include the queries' covariance (else the mean).
         value_norm (`bool`, *optional*, defaults to `True`): multiply scores by the norm of each value.
+        observed (`float`, *optional*, defaults to 0.0): in ``[0, 1]``, the weight of observed attention blended
+            in: each token's mean attention so far (H2O's normalized mass, as a share of the kept tokens')
+            times ``observed``, plus the expected share times ``1 - observed``.
         num_sink_tokens (`int`, *optional*, defaults to 4): first tokens never evicted (their queries, outliers,
             stay out of the statistics), as in the paper.
         heavy_ratio (`float`, *optional*, defaults to 0.9): share of the budget chosen by score.
         **kwargs: ``recent_window``, ``per_head`` and storage keywords (see :class:`ScoredCache`).
 
     Raises:
-        ValueError: ``future`` not a positive integer, ``query_decay`` outside ``(0, 1]``, ``covariance`` or
+        ValueError: ``future`` not a positive integer, ``query_decay`` outside ``(0, 1]``, ``observed`` outside
+            ``[0, 1]``, ``covariance`` or
             ``value_norm`` not a bool, or a bad budget split (see :class:`ScoredCache`).
 
     Needs the "kvplus" attention (it hands over the queries): build it with ``make_cache("expected", model, ...)``.
