@@ -13,8 +13,6 @@ choice, storage keywords); a scorer is one layer class with a ``score`` method (
 
 from __future__ import annotations
 
-import math
-
 import torch
 from transformers import PreTrainedConfig
 
@@ -121,9 +119,9 @@ class HeavyHitterLayer(EvictingLayer):
             since it was asked (``1``: every query counts the same, the paper's sum). Below 1 the mass is an
             exponential moving sum over about ``1 / (1 - decay)`` queries, so a token that mattered long ago but
             no longer does stops outranking the ones the text now attends to; with ``normalize`` it is divided by
-            the same decayed count of the queries that saw it, ``(1 - decay**(seen - pos)) / (1 - decay)``.
-            Within one forward of several queries they count the same (the decay applies between forwards), which
-            is exact token by token.
+            the same decayed count of the queries that saw it (``token_state["count"]``). Within one forward of
+            several queries they count the same (the decay applies between forwards, to the mass and the count
+            alike), so a prefill in one forward ranks as with ``decay=1``; token by token it is exact.
         *args, **kwargs: see :class:`~hf_kvplus.eviction.layer.EvictingLayer`.
     """
 
@@ -132,11 +130,14 @@ class HeavyHitterLayer(EvictingLayer):
     def __init__(self, *args, normalize: bool = True, decay: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.normalize, self.decay = normalize, float(decay)
-        self._log_decay = math.log(self.decay)  # <= 0
+        self._counts = normalize and self.decay != 1.0  # the decayed count of queries is a state of its own
 
     def initial_state(self, key_states, value_states):
         shape = (*key_states.shape[:2], key_states.shape[-2])  # [batch, kv_heads, new]
-        return {"mass": key_states.new_zeros(shape, dtype=torch.float32)}
+        state = {"mass": key_states.new_zeros(shape, dtype=torch.float32)}
+        if self._counts:
+            state["count"] = key_states.new_zeros(shape, dtype=torch.float32)  # decayed queries that saw each token
+        return state
 
     def on_attention(self, mass: torch.Tensor) -> None:
         if self.decay == 1.0:
@@ -144,7 +145,11 @@ class HeavyHitterLayer(EvictingLayer):
             return
         new = self.seen - self._aged_at  # queries since the mass was last aged
         self._aged_at = self.seen
-        self.token_state["mass"] = self.token_state["mass"] * self.decay**new + mass  # [batch, kv_heads, kept]
+        carry = self.decay**new
+        self.token_state["mass"] = self.token_state["mass"] * carry + mass  # [batch, kv_heads, kept]
+        if self._counts:  # this forward's queries that saw each token count 1 each, as in the mass
+            saw = (self.seen - self.pos).clamp(max=new).float()  # [kept] or [batch, kv_heads, kept]
+            self.token_state["count"] = self.token_state["count"] * carry + saw
 
     # `_aged_at` (a host number): the `seen` the mass was last aged at; slot steps age it themselves
     def _clear(self) -> None:
@@ -163,34 +168,47 @@ class HeavyHitterLayer(EvictingLayer):
         mass = self.token_state["mass"]
         if not self.normalize:
             return mass
-        age = (self.seen - self.pos).clamp(min=1)  # queries that saw each token; pos: [kept] or [batch, kv_heads, kept]
-        if self.decay == 1.0:
-            return mass / age
-        return mass / -torch.expm1(age * self._log_decay)  # the decayed count, times (1 - decay)
+        if self._counts:
+            return mass / self.token_state["count"].clamp(min=1)
+        return mass / (self.seen - self.pos).clamp(min=1)  # pos: [kept] or [batch, kv_heads, kept]
 
     # slot storage: the same rule, in place over every slot
     def arrival_state(self, key_states, value_states):
-        return {"mass": 0.0}
+        return {"mass": 0.0, "count": 0.0} if self._counts else {"mass": 0.0}
 
-    slot_stepped = ("mass",)
+    @property
+    def slot_stepped(self) -> tuple[str, ...]:
+        return ("mass", "count") if self._counts else ("mass",)
+
+    def enter_slots(self, slots):
+        if self._counts:
+            slots.extra["one"] = slots.score.new_ones(1)  # [1]: the step's own query, added to every count
+
+    def slot_extra_nbytes(self, batch, kv_heads, capacity):
+        return 4 if self._counts else 0
 
     def slot_attention(self, slots, probs):  # probs: [batch * kv_heads, groups, slots]
         torch.baddbmm(slots.rows3["mass"], slots.ones(probs.shape[1]), probs, beta=self.decay,
                       alpha=1.0 / probs.shape[1], out=slots.spare_rows3["mass"])  # the mass before the step stays
         slots.advance("mass")  # intact (see slot_stepped)
+        if self._counts:  # count * decay + 1, into the spare as well
+            torch.add(slots.extra["one"], slots.rows3["count"], alpha=self.decay, out=slots.spare_rows3["count"])
+            slots.advance("count")
 
     def slot_score(self, slots):
         mass = slots.state["mass"]  # [batch, kv_heads, slots]
         if not self.normalize:
             return self.slot_mean(slots, mass), 1
+        if self._counts:  # the decayed mean attention (>= 0); protected slots are above every candidate anyway
+            if self.per_head:
+                torch.div(mass, slots.state["count"], out=slots.score)
+                return "score", 1
+            return self.slot_mean(slots, torch.div(mass, slots.state["count"])), 1
         # minus the mean attention per query that saw each token (mass / (pos - seen) <= 0): its magnitude ranks
-        count = torch.sub(slots.pos, self.seen)  # minus the age, [batch, rows, slots]; protected: about 2**62
-        if self.decay != 1.0:  # minus the decayed count: decay**age - 1 (protected slots: +inf, a score of 0)
-            count = torch.expm1(count * -self._log_decay)
         if self.per_head:
-            torch.div(mass, count, out=slots.score)
+            torch.div(mass, torch.sub(slots.pos, self.seen), out=slots.score)
             return "score", 1
-        return self.slot_mean(slots, torch.div(mass, count)), 1
+        return self.slot_mean(slots, torch.div(mass, torch.sub(slots.pos, self.seen))), 1
 
 
 class HeavyHitterCache(ScoredCache):
