@@ -66,6 +66,11 @@ class ExpectedAttentionLayer(EvictingLayer):
         super().journal_open()
         self.context.journal[self.layer_idx][1]["_qstats"] = self._qstats  # replaced, never changed in place
 
+    def verification_plan(self, new: int) -> int:
+        """No row-by-row replay of drafts (its scores need the keys each step kept): a verified block is evicted
+        when the crop commits it, so assisted decoding keeps the budget but is not exactly plain greedy decoding."""
+        return 0
+
     def tensors(self) -> list[torch.Tensor]:
         held = super().tensors()
         if self._qstats is not None:
