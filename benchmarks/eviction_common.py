@@ -30,12 +30,12 @@ STRATEGIES: dict[str, tuple[str, dict]] = {
 }
 
 
-def build(model, label: str, budget: int | None):
-    """A fresh cache for ``label`` (``budget`` is ignored for the dense baseline)."""
+def build(model, label: str, budget: int | None, **options):
+    """A fresh cache for ``label`` (``budget`` is ignored for the dense baseline); ``options`` add keywords."""
     name, kwargs = STRATEGIES[label]
     if name == "dynamic":
         return hf_kvplus.make_cache(name, model)
-    return hf_kvplus.make_cache(name, model, budget=budget, **kwargs)
+    return hf_kvplus.make_cache(name, model, budget=budget, **{**kwargs, **options})
 
 
 def unavailable(model, label: str) -> str | None:

@@ -12,11 +12,17 @@ recomputes), so it can be split and resumed::
 
     PYTHONPATH=. python benchmarks/eviction_streaming.py                          # everything missing
     PYTHONPATH=. python benchmarks/eviction_streaming.py --strategies h2o --budgets 256
+    PYTHONPATH=. python benchmarks/eviction_streaming.py --strategies h2o --options '{"decay": 0.99}' --out /tmp/s
+
+``--options`` passes keywords to every strategy of the run (rows labelled ``h2o decay=0.99``); ``--out``
+writes the table into another folder (rows already there are resumed).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import eviction_common
 from eviction_common import STRATEGIES, build, load, load_rows, save, unavailable
@@ -33,13 +39,21 @@ def main(argv=None) -> None:
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--force", action="store_true", help="recompute rows already saved")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--options", type=json.loads, default={},
+                        help='JSON keywords for every strategy of the run, e.g. \'{"decay": 0.99}\'')
+    parser.add_argument("--out", type=Path, default=None, help="folder of the results (default benchmarks/results)")
     args = parser.parse_args(argv)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        eviction_common.RESULTS = args.out
     path = eviction_common.RESULTS / f"{STEM}.json"
     rows = load_rows(path)
     model, ids = load(args.threads)
-    for label in args.strategies:
-        reason = unavailable(model, label)
-        for budget in [None] if label == "dense" else args.budgets:
+    suffix = "".join(f" {name}={value}" for name, value in sorted(args.options.items()))
+    for base in args.strategies:
+        label = base + suffix
+        reason = unavailable(model, base)
+        for budget in [None] if base == "dense" else args.budgets:
             key = f"{label}@{budget or 'all'}@{args.tokens}"
             if key in rows and not args.force and "ppl" in rows[key]:
                 continue
@@ -47,7 +61,8 @@ def main(argv=None) -> None:
             if reason:
                 row["note"] = f"not run: {reason}"
             else:
-                result = streaming_perplexity(model, build(model, label, budget), ids, num_tokens=args.tokens)
+                cache = build(model, base, budget, **({} if base == "dense" else args.options))
+                result = streaming_perplexity(model, cache, ids, num_tokens=args.tokens)
                 row.update(
                     ppl=result["ppl"],
                     cache_bytes=result["cache_bytes"],
@@ -65,7 +80,8 @@ def main(argv=None) -> None:
 def _write(rows: dict) -> str:
     order = list(STRATEGIES)
     ordered = sorted(
-        rows.values(), key=lambda r: (r["tokens"], str(r["budget"]).zfill(6), order.index(r["strategy"]))
+        rows.values(), key=lambda r: (r["tokens"], str(r["budget"]).zfill(6), order.index(r["strategy"].split()[0]),
+                                      r["strategy"])
     )
     for row in ordered:
         if "cache_bytes" in row:

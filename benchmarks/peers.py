@@ -64,6 +64,7 @@ OURS: dict[str, tuple[str, dict]] = {
     "snapkv": ("snapkv", {}),
     "snapkv-w64": ("snapkv", {"window": 64}),  # the observation window of kvpress's SnapKVPress
     "h2o+int4": ("h2o", {"nbits": 4}),
+    "expected": ("expected", {}),
     "h2o+ada": ("h2o", {"budget_allocation": "adaptive"}),  # AdaKV head-wise budgets (arXiv:2407.11550)
     "snapkv+ada": ("snapkv", {"budget_allocation": "adaptive"}),
     "h2o+pyramid": ("h2o", {"layer_budgets": "pyramid"}),  # PyramidKV layer budgets (arXiv:2406.02069)
@@ -73,10 +74,11 @@ TRANSFORMERS = ("sliding-window",)
 KVPRESS = ("StreamingLLMPress", "SnapKVPress", "TOVAPress", "KnormPress", "ExpectedAttentionPress",
            "ObservedAttentionPress")
 # the peer that implements the same idea as each of ours (compared row by row in the table)
-COUNTERPART = {"sink": "StreamingLLMPress", "h2o": "ObservedAttentionPress", "tova": "TOVAPress", "snapkv-w64": "SnapKVPress",
-               "keynorm": "KnormPress", "snapkv": "SnapKVPress", "h2o+int4": "ObservedAttentionPress",
-               "h2o+ada": "ObservedAttentionPress", "snapkv+ada": "SnapKVPress", "h2o+pyramid": "ObservedAttentionPress",
-               "h2o+ada+pyramid": "ObservedAttentionPress"}
+COUNTERPART = {"sink": "StreamingLLMPress", "h2o": "ObservedAttentionPress", "tova": "TOVAPress",
+               "keynorm": "KnormPress", "snapkv": "SnapKVPress", "snapkv-w64": "SnapKVPress",
+               "h2o+int4": "ObservedAttentionPress", "expected": "ExpectedAttentionPress",
+               "h2o+ada": "ObservedAttentionPress", "snapkv+ada": "SnapKVPress",
+               "h2o+pyramid": "ObservedAttentionPress", "h2o+ada+pyramid": "ObservedAttentionPress"}
 ALL = ("dense", *OURS, *TRANSFORMERS, *KVPRESS)
 KVPRESS_REQUIREMENTS = ["torch==2.13.0", "kvpress==0.5.5", "transformers<5.3", "gguf"]
 

@@ -20,12 +20,13 @@ from .eviction import CacheContext, EvictingLayer, KVPlusCache
 from .registry import CacheSpec, get_spec, list_caches, list_presets, make_cache, register_cache, register_preset
 from .storage import DenseStore, KVStore, QuantizedStore
 from .quantized import QuantizedKVCache  # registration order: quantized, the eviction policies, prefix
-from .eviction.scorers import HeavyHitterCache, KeyNormCache, ScoredCache, SinkCache, SinkLayer, SnapKVCache, TovaCache
+from .eviction.scorers import ExpectedAttentionCache, HeavyHitterCache, KeyNormCache, ScoredCache, SinkCache, SinkLayer, SnapKVCache, TovaCache
 from .memory import cache_nbytes
 from .prefix import LRUPolicy, PrefixSharedCache, PrefixStore, prefix_store  # registers "prefix" after the strategies
 from .prefill import prefill
 
 __all__ = [
+    "ExpectedAttentionCache",
     "ATTN_IMPLEMENTATION",
     "CACHE_KEYWORD",
     "CacheContext",

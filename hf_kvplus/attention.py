@@ -209,7 +209,8 @@ def kvplus_attention_forward(module, query, key, value, attention_mask, **kwargs
     """SDPA-equivalent attention that also reports attention mass to the cache layer that requested it.
 
     Layers that asked (in their ``update``) get the output and the mass from one pass over the same
-    probabilities (:func:`attend`); in slot storage a decoding step reads the store's buffers directly.
+    probabilities (:func:`attend`), and the queries first when they define ``observe_queries(query, scaling)``
+    (expected attention keeps their statistics); in slot storage a decoding step reads the store's buffers directly.
     Other calls, and calls with arguments this pass does not implement (soft-capping, attention sinks,
     sliding windows, a position bias), run transformers' SDPA attention (the mass, if asked, separately).
     Keys and values given in parts (a shared prefix, then each row's own tokens) are attended by parts
@@ -257,6 +258,9 @@ def kvplus_attention_forward(module, query, key, value, attention_mask, **kwargs
             f"draft tokens are verified exactly only for plain attention; layer {layer.layer_idx} passes {names}, "
             "which the verification does not implement: decode without an assistant with this cache"
         )
+    observe = getattr(layer, "observe_queries", None)  # a scorer that keeps statistics of the queries
+    if observe is not None:
+        observe(query, scaling)
     reduction = layer.requested_reduction()
     window = None if reduction == "rows" else layer.attention_window()
     if plain:

@@ -198,6 +198,7 @@ KV_CACHES = {
     "tova": dict(budget=8),
     "keynorm": dict(budget=8),
     "snapkv": dict(budget=8, window=4),  # the default window (32) would leave nothing to score: refused
+    "expected": dict(budget=8),
     "quantized": dict(nbits=4, group_size=4, residual_length=4),
     "prefix": {},
 }

@@ -22,6 +22,7 @@ COMPILED = {
     "window": ("window", {"budget": 16}),
     "sink-no-rerotation": ("sink", {"budget": 16, "rerotate_keys": False}),
     "h2o": ("h2o", {"budget": 16, "num_sink_tokens": 1}),  # per head, protected sinks and recent tokens
+    "h2o-decay": ("h2o", {"budget": 16, "num_sink_tokens": 1, "decay": 0.9}),  # a decayed mass and count
     "tova": ("tova", {"budget": 16}),  # one ranking shared by the heads
     "keynorm": ("keynorm", {"budget": 16}),  # no attention needed
     "snapkv": ("snapkv", {"budget": 16, "window": 4}),  # sorted into position order and pooled every step

@@ -39,6 +39,8 @@ CASES = {
     "h2o": ({"budget": BUDGET}, 12, True),
     "tova": ({"budget": BUDGET}, 12, True),
     "snapkv": ({"budget": BUDGET, "window": 8}, 12, True),  # 11: one sort, one gather of attention and scores, one pool
+    # no slot-storage step: query statistics and every kept token's expected score recomputed in position order
+    "expected": ({"budget": BUDGET}, 12, False),
     "quantized": ({"nbits": 4, "group_size": 16, "residual_length": 16}, 8, True),
     "int8": ({"group_size": 16, "residual_length": 16}, 8, True),
     "int4": ({"group_size": 16, "residual_length": 16}, 8, True),

@@ -27,6 +27,10 @@ DEGENERATE = {
         ({"budget": 8, "num_sink_tokens": 2, "recent_window": 6}, "refuse", r"keeps no token by score.*plain sink"),
     ],
     "tova": [({"budget": 8, "recent_window": 8}, "refuse", r"keeps no token by score.*make_cache\('window'")],
+    "expected": [  # 4 sinks by default: a small budget is all sinks and recent tokens
+        ({"budget": 5}, "refuse", r"budget=5, num_sink_tokens=4 and recent_window=1.*keeps no token.*plain sink"),
+        ({"budget": 8, "heavy_ratio": 0.5}, "refuse", r"keeps no token by score.*plain sink"),
+    ],
     "keynorm": [({"budget": 1, "heavy_ratio": 0.4}, "refuse", r"keeps no token by score")],  # rounds to 0 heavy
     "sink": [({"budget": 4, "num_sink_tokens": 4}, "refuse", r"budget \(4\) must be larger than num_sink_tokens")],
     "quantized": [({"nbits": 4, "group_size": 64, "residual_length": 1024}, "warn", r"quantizes nothing.*<= 1024")],
@@ -40,6 +44,7 @@ BOUNDARY = {
     "snapkv": [{"budget": 33}, {"budget": 37, "num_sink_tokens": 4}, {"budget": 16, "window": 4}],
     "h2o": [{"budget": 8, "heavy_ratio": 0.2}, {"budget": 8, "num_sink_tokens": 2, "recent_window": 5}],
     "tova": [{"budget": 8, "recent_window": 7}],
+    "expected": [{"budget": 6}, {"budget": 8, "heavy_ratio": 0.6}],
     "keynorm": [{"budget": 1, "heavy_ratio": 0.6}],
     "sink": [{"budget": 5, "num_sink_tokens": 4}],
     "quantized": [{"nbits": 4, "group_size": 64, "residual_length": 960}],

@@ -20,7 +20,7 @@ def test_h2o_mass_equals_eager_attention_summed_over_queries():
     model, eager = tiny_model("llama-gqa"), tiny_model("llama-gqa")
     eager.set_attn_implementation("eager")
     ids = prompt(length=20, seed=4)
-    cache = hf_kvplus.make_cache("h2o", model, budget=1000, normalize=False)
+    cache = hf_kvplus.make_cache("h2o", model, budget=1000, normalize=False, decay=1.0)  # the paper's plain sum
     model(ids[:, :16], **cache_kwargs(cache), use_cache=True)
     model(ids[:, 16:], **cache_kwargs(cache), use_cache=True)
     attentions = eager(ids, output_attentions=True).attentions  # per layer [1, q_heads, 20, 20]

@@ -103,6 +103,8 @@ def test_scored_cache_keeps_what_the_reference_keeps(kind, storage, budget, sink
     recent = min(recent, budget - sinks - 1)  # at least one token kept by score (else refused: degenerate)
     packed = dict(nbits=8, group_size=2, residual_length=2) if storage == "int8" else {}
     cache_class = hf_kvplus.KeyNormCache if kind == "keynorm" else hf_kvplus.HeavyHitterCache
+    if kind == "h2o":  # the reference sums every query alike (decay=1; decay < 1 is tests/test_h2o_decay.py)
+        packed["decay"] = 1.0
     cache = cache_class(CONFIG, budget=budget, num_sink_tokens=sinks, recent_window=recent, per_head=per_head, **packed)
     layer = cache.layers[0]
     generator = torch.Generator().manual_seed(seed)

@@ -6,6 +6,7 @@ from .h2o import HeavyHitterCache, HeavyHitterLayer, ScoredCache
 from .tova import TovaCache, TovaLayer
 from .key_norm import KeyNormCache, KeyNormLayer
 from .snapkv import SnapKVCache, SnapKVLayer
+from .expected import ExpectedAttentionCache, ExpectedAttentionLayer
 
-__all__ = ["HeavyHitterCache", "HeavyHitterLayer", "KeyNormCache", "KeyNormLayer", "ScoredCache", "SinkCache",
+__all__ = ["ExpectedAttentionCache", "ExpectedAttentionLayer", "HeavyHitterCache", "HeavyHitterLayer", "KeyNormCache", "KeyNormLayer", "ScoredCache", "SinkCache",
            "SinkLayer", "SnapKVCache", "SnapKVLayer", "TovaCache", "TovaLayer"]
