@@ -93,3 +93,18 @@ def test_a_refused_forward_leaves_the_decayed_state_as_before(step):
 def test_a_bad_decay_is_refused_naming_the_value(decay):
     with pytest.raises(ValueError, match=r"decay must be a number in \(0, 1\]"):
         hf_kvplus.make_cache("h2o", tiny_model("llama-gqa"), budget=12, decay=decay)
+
+
+@torch.no_grad()
+def test_assisted_decoding_is_refused_with_a_decayed_mass_and_exact_without():
+    model = tiny_model("llama-gqa")
+    ids = prompt(length=20, seed=2).repeat(1, 2)
+    mode = dict(do_sample=False, max_new_tokens=10, prompt_lookup_num_tokens=3)
+    cache = hf_kvplus.make_cache("h2o", model, budget=16, decay=0.9)
+    with pytest.raises(ValueError, match=r"verifies draft tokens.*decayed attention mass \(decay=0.9\)"):
+        model.generate(ids, **mode, **cache_kwargs(cache))
+    assert cache.get_seq_length() == 0  # refused before the prompt entered
+    plain = model.generate(ids, do_sample=False, max_new_tokens=10,
+                           **cache_kwargs(hf_kvplus.make_cache("h2o", model, budget=16, decay=1.0)))
+    assisted = model.generate(ids, **mode, **cache_kwargs(hf_kvplus.make_cache("h2o", model, budget=16, decay=1.0)))
+    assert torch.equal(assisted, plain)

@@ -101,13 +101,21 @@ class KVPlusCache(Cache):
         takes the ``"kvplus"`` attention. Raises a ``ValueError`` before anything changes when an evicting layer
         could not be verified exactly: a model whose attention implementation has no ``"kvplus"`` variant (flash,
         flex), a model whose attention math is not plain (soft-capping, a sliding window, learned sinks: see
-        :func:`other_attention_math`), or a cache never attached to its model (built from a config) for a
+        :func:`other_attention_math`), a layer whose scores the verification cannot replay
+        (``verification_refusal``: expected attention, a decayed H2O mass, head-wise budgets), or a cache never attached to its model (built from a config) for a
         strategy that does not score by attention (sinks, key norm). A left-padded prompt is refused by the
         first forward (:meth:`observe_inputs`), before any layer changes.
         """
         for layer in self.layers:
             if not isinstance(layer, EvictingLayer) or layer.budget is None:
                 continue
+            reason = layer.verification_refusal()
+            if reason is not None:
+                raise ValueError(
+                    f"{type(self).__name__} verifies draft tokens exactly as plain decoding runs them, but layer "
+                    f"{layer.layer_idx} uses {reason}, so assisted and speculative decoding could differ from plain "
+                    "decoding. Decode without an assistant with this cache, or use DynamicCache for assisted decoding."
+                )
             if self.other_attention_math is not None:
                 raise ValueError(
                     f"{type(self).__name__} verifies draft tokens exactly only for plain scaled dot-product "

@@ -25,6 +25,16 @@ class DraftVerification:
     verifying = 0  # rows of the first block of a forward verified row by row (0: not verifying)
     _verified: list | None = None  # (columns, positions, state) kept after the block and after each draft
 
+    def verification_refusal(self) -> str | None:
+        """Why this layer's drafts could not be verified exactly as plain decoding runs them (None: they can).
+
+        Read by :meth:`~hf_kvplus.eviction.cache.KVPlusCache.activate_past_recording`, which refuses assisted and
+        speculative decoding with this reason before anything changes. Head-wise (adaptive) budgets are masked per
+        head only by the plain "kvplus" attention, not by the row-by-row verification."""
+        if self.adaptive:
+            return "head-wise budgets (budget_allocation='adaptive'), which the row-by-row verification does not mask"
+        return None
+
     def verification_plan(self, new: int) -> int:
         """Rows of the first block when this recorded forward of ``new`` tokens must be verified row by row."""
         drafts = self.context.draft_rows

@@ -66,10 +66,10 @@ class ExpectedAttentionLayer(EvictingLayer):
         super().journal_open()
         self.context.journal[self.layer_idx][1]["_qstats"] = self._qstats  # replaced, never changed in place
 
-    def verification_plan(self, new: int) -> int:
-        """No row-by-row replay of drafts (its scores need the keys each step kept): a verified block is evicted
-        when the crop commits it, so assisted decoding keeps the budget but is not exactly plain greedy decoding."""
-        return 0
+    def verification_refusal(self) -> str | None:
+        """Assisted decoding is refused: the row-by-row replay of drafts does not rebuild the query statistics
+        and expected scores each draft step would have had."""
+        return "expected-attention scores (query statistics), which the row-by-row verification does not replay"
 
     def tensors(self) -> list[torch.Tensor]:
         held = super().tensors()

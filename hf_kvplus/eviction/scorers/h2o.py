@@ -227,6 +227,11 @@ class HeavyHitterLayer(EvictingLayer):
         self.normalize, self.decay = normalize, float(decay)
         self._counts = normalize and self.decay != 1.0  # the decayed count of queries is a state of its own
 
+    def verification_refusal(self) -> str | None:
+        if self.decay != 1.0:
+            return f"a decayed attention mass (decay={self.decay}), which the row-by-row verification does not replay"
+        return super().verification_refusal()
+
     def initial_state(self, key_states, value_states):
         shape = (*key_states.shape[:2], key_states.shape[-2])  # [batch, kv_heads, new]
         state = {"mass": key_states.new_zeros(shape, dtype=torch.float32)}
