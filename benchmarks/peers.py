@@ -63,6 +63,7 @@ OURS: dict[str, tuple[str, dict]] = {
     "keynorm": ("keynorm", {}),
     "snapkv": ("snapkv", {}),
     "snapkv-w64": ("snapkv", {"window": 64}),  # the observation window of kvpress's SnapKVPress
+    "snapkv-w64+sinks": ("snapkv", {"window": 64, "num_sink_tokens": 4}),
     "h2o+int4": ("h2o", {"nbits": 4}),
     "expected": ("expected", {}),
     "h2o+ada": ("h2o", {"budget_allocation": "adaptive"}),  # AdaKV head-wise budgets (arXiv:2407.11550)
@@ -76,6 +77,7 @@ KVPRESS = ("StreamingLLMPress", "SnapKVPress", "TOVAPress", "KnormPress", "Expec
 # the peer that implements the same idea as each of ours (compared row by row in the table)
 COUNTERPART = {"sink": "StreamingLLMPress", "h2o": "ObservedAttentionPress", "tova": "TOVAPress",
                "keynorm": "KnormPress", "snapkv": "SnapKVPress", "snapkv-w64": "SnapKVPress",
+               "snapkv-w64+sinks": "SnapKVPress",
                "h2o+int4": "ObservedAttentionPress", "expected": "ExpectedAttentionPress",
                "h2o+ada": "ObservedAttentionPress", "snapkv+ada": "SnapKVPress",
                "h2o+pyramid": "ObservedAttentionPress", "h2o+ada+pyramid": "ObservedAttentionPress"}
