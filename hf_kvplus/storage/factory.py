@@ -7,10 +7,12 @@ import functools
 import torch
 
 from ..quant.fused import DequantScratch
+from ..quant.rotation import KeyBasis
 from .base import DenseStore
 from .packed import DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL_LENGTH, QuantizedStore
 
-STORAGE_KEYWORDS = ("nbits", "group_size", "residual_length", "scale_dtype", "backend", "dequant")
+STORAGE_KEYWORDS = ("nbits", "group_size", "residual_length", "scale_dtype", "backend", "dequant", "key_bits",
+                    "value_bits", "rotation", "sinks")
 
 
 def make_store_factory(store_factory=None, nbits=None, **quantization):
@@ -40,6 +42,8 @@ def make_store_factory(store_factory=None, nbits=None, **quantization):
         if not callable(store_factory):
             raise TypeError(f"store_factory must be callable (returning a KVStore), got {type(store_factory).__name__}")
         return store_factory
+    if nbits is None and given.get("key_bits") is not None and given.get("value_bits") is not None:
+        nbits = given["key_bits"]  # both given: nbits is only their default
     if nbits is None:
         if given:
             raise ValueError(
@@ -51,7 +55,8 @@ def make_store_factory(store_factory=None, nbits=None, **quantization):
 
 
 def quantized_store_factory(nbits: int, group_size=None, residual_length=None, scale_dtype=None, backend=None,
-                            scratch: bool = False, dequant=None):
+                            scratch: bool = False, dequant=None, key_bits=None, value_bits=None, rotation=None,
+                            sinks=None):
     """A factory of :class:`QuantizedStore`, arguments checked now rather than at the first token.
 
     Args:
@@ -66,6 +71,10 @@ def quantized_store_factory(nbits: int, group_size=None, residual_length=None, s
             into it (layers that never evict; an evicting layer re-lays out its history at every eviction).
         dequant (`str`, *optional*, defaults to ``"auto"``): ``"auto"``, ``"compiled"`` or ``"eager"``: how those
             steps restore it (see :class:`~hf_kvplus.storage.packed.QuantizedStore`).
+        key_bits, value_bits (`int`, *optional*): 8, 4 or 2 bits of keys and of values (``nbits`` if not given).
+        rotation (`str`, *optional*): ``"hadamard"``: keys rotated per head before quantization (one matrix shared by
+            the stores of the factory).
+        sinks (`int`, *optional*, defaults to 0): first tokens held in full precision.
 
     Example:
 
@@ -81,8 +90,14 @@ def quantized_store_factory(nbits: int, group_size=None, residual_length=None, s
         residual_length=DEFAULT_RESIDUAL_LENGTH if residual_length is None else residual_length,
         scale_dtype=torch.float16 if scale_dtype is None else scale_dtype,
         dequant="auto" if dequant is None else dequant,
+        key_bits=key_bits,
+        value_bits=value_bits,
+        rotation=rotation,
+        sinks=0 if sinks is None else sinks,
     )
     QuantizedStore(**kwargs)  # validates
+    if rotation is not None:
+        kwargs["basis"] = KeyBasis()  # one rotation matrix per cache
     if scratch:  # one per factory, so per cache: every layer restores its history into the same buffers
-        kwargs["scratch"] = DequantScratch()
+        kwargs["scratch"] = DequantScratch(planes=2 if rotation is None else 3)
     return functools.partial(QuantizedStore, **kwargs)
