@@ -43,6 +43,8 @@ CASES = {
     "int8": ({"group_size": 16, "residual_length": 16}, 8, True),
     "int4": ({"group_size": 16, "residual_length": 16}, 8, True),
     "int2": ({"group_size": 16, "residual_length": 16}, 8, True),
+    "int2r": ({"group_size": 16, "residual_length": 16}, 8, True),
+    "k4v2": ({"group_size": 16, "residual_length": 16}, 8, True),
     "prefix": ({}, 4, True),
 }
 # Settings of registered caches counted beside the table: name -> (registered name, make_cache keywords, budget).
