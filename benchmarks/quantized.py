@@ -59,6 +59,7 @@ OURS = {
     "hf_kvplus int2": ("K2V2", 2, "int2", {}),
     "hf_kvplus k4v2": ("K4V2", 3, "k4v2", {}),
     "hf_kvplus int2r (Hadamard keys, 4 sinks)": ("K2V2", 2, "int2r", {}),
+    "hf_kvplus int2rp (Hadamard keys before RoPE, 4 sinks)": ("K2V2", 2, "int2rp", {}),
     "hf_kvplus int2 + Hadamard keys": ("K2V2", 2, "int2", {"rotation": "hadamard"}),
     "hf_kvplus int2 + 4 sinks": ("K2V2", 2, "int2", {"sinks": 4}),
 }

@@ -13,6 +13,7 @@ import warnings
 import torch
 from transformers import PreTrainedConfig
 
+from ._compat import rope_parameters
 from .config import kv_geometry, text_config
 from .eviction.cache import KVPlusCache
 from .eviction.layer import EvictingLayer
@@ -65,6 +66,9 @@ class QuantizedKVCache(KVPlusCache):
             ``head_dim`` (``ValueError`` otherwise, at construction).
         sinks (`int`, *optional*, defaults to 0): the first ``sinks`` tokens of every row kept in full precision
             (attention sinks; KVQuant keeps the first token exact, arXiv:2401.18079).
+        pre_rope (`bool`, *optional*, defaults to `False`): quantize keys before RoPE (KVQuant, arXiv:2401.18079):
+            each key is rotated back to position 0 (:mod:`hf_kvplus.rope`, the model's own layout) before its
+            quantization and to its position when restored, two more ops per layer per decoding step.
 
     Example:
 
@@ -91,12 +95,21 @@ class QuantizedKVCache(KVPlusCache):
         value_bits: int | None = None,
         rotation: str | None = None,
         sinks: int = 0,
+        pre_rope: bool = False,
     ):
         self.nbits, self.group_size, self.residual_length = check_nbits(nbits), group_size, residual_length
         check_rotation(rotation, kv_geometry(config)[2])
+        if not isinstance(pre_rope, bool):
+            raise ValueError(f"pre_rope must be True or False, got {pre_rope!r}")
+        rope = rope_parameters(config) if pre_rope else None
+        if pre_rope and rope is None:
+            raise ValueError(
+                "pre_rope=True needs the model's rotary embedding reproduced exactly (hf_kvplus._compat.rope_parameters), "
+                "which this config does not allow (no RoPE, frequencies that change with length, or another layout)"
+            )
         factory = quantized_store_factory(nbits, group_size, residual_length, scale_dtype, backend, scratch=True,
                                           dequant=dequant, key_bits=key_bits, value_bits=value_bits,
-                                          rotation=rotation, sinks=sinks)
+                                          rotation=rotation, sinks=sinks, rope=rope)
         context = getattr(text_config(config), "max_position_embeddings", None)
         if isinstance(context, int) and residual_length + group_size > context:  # degenerate: nothing is quantized
             warnings.warn(
@@ -126,3 +139,4 @@ register_preset("int2", "quantized", nbits=2)
 # 2-bit keys that hold up: rotated keys and four exact sinks, 2.5 bits per history element (issue 17).
 register_preset("int2r", "quantized", nbits=2, rotation="hadamard", sinks=4)
 register_preset("k4v2", "quantized", key_bits=4, value_bits=2)
+register_preset("int2rp", "quantized", nbits=2, rotation="hadamard", sinks=4, pre_rope=True)

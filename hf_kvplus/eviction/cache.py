@@ -45,11 +45,6 @@ class KVPlusCache(Cache):
         num_layers, self.num_kv_heads, self.head_dim = kv_geometry(config)
         self.context = CacheContext()
         storage = {name: layer_kwargs.pop(name) for name in STORAGE_KEYWORDS if name in layer_kwargs}
-        if storage.get("sinks"):
-            raise ValueError(
-                f"sinks={storage['sinks']!r} keeps the first tokens of packed storage exact in caches that keep every "
-                f"token (quantized, int2r); {type(self).__name__} evicts: use its own num_sink_tokens= instead"
-            )
         check_rotation(storage.get("rotation"), self.head_dim)
         layer_kwargs["store_factory"] = make_store_factory(store_factory=store_factory, nbits=nbits, **storage)
         layers = [self.layer_class(i, self.context, **layer_kwargs) for i in range(num_layers)]

@@ -54,6 +54,7 @@ class DequantScratch:
         self.out: torch.Tensor | None = None  # [planes * batch * kv_heads * tokens * head_dim], model dtype
         self._geometry: tuple | None = None  # (batch, kv_heads, head_dim, dtype, device) of `out`
         self.codes: torch.Tensor | None = None  # [2, batch, kv_heads, history, head_dim] uint8
+        self.wide: torch.Tensor | None = None  # [batch * kv_heads * history * 2 * head_dim]: keys before RoPE only
         self.generation = 0
         self._constants: dict = {}
         self.slots: torch.Tensor | None = None  # [slots] long: the residual slot index of a step
@@ -68,7 +69,7 @@ class DequantScratch:
         self._users = weakref.WeakSet()
 
     def tensors(self) -> list[torch.Tensor]:
-        held = [t for t in (self.out, self.codes, self.slots) if t is not None]
+        held = [t for t in (self.out, self.codes, self.slots, self.wide) if t is not None]
         return held + [t for pair in self._constants.values() for t in pair]
 
     def prepare(self, slots: int, nbits: int, dtype: torch.dtype, device) -> None:
@@ -115,6 +116,15 @@ class DequantScratch:
         size = batch * heads * tokens * head_dim
         lead = (self.planes - 2) * size
         return self.out[lead : lead + 2 * size].view(2, batch, heads, tokens, head_dim)
+
+    def wide_view(self, rows: int, tokens: int, width: int, dtype: torch.dtype, device, capacity: int) -> torch.Tensor:
+        """``[rows, tokens, width]`` of a buffer for ``capacity`` tokens (keys before RoPE: each key beside its
+        ``rotate_half``), grown by doubling, never shrunk."""
+        need = rows * capacity * width
+        if self.wide is None or self.wide.numel() < need or self.wide.dtype != dtype or self.wide.device != torch.device(device):
+            self.wide = torch.zeros(need, dtype=dtype, device=device)
+            self._reallocated()
+        return self.wide[: rows * tokens * width].view(rows, tokens, width)
 
     def pair(self, batch: int, heads: int, tokens: int, head_dim: int) -> torch.Tensor:
         """``[2, batch, heads, tokens, head_dim]``: the rotated-back keys (plane 0) and the values (plane 2), as one

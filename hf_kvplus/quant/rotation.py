@@ -58,7 +58,12 @@ def hadamard(size: int, dtype: torch.dtype = torch.float32, device=None) -> torc
 
 
 class KeyBasis:
-    """The rotation matrix the stores of one cache share, made once per (head_dim, dtype, device) and held once.
+    """The key transforms the stores of one cache share, made once per (head_dim, dtype, device) and held once: the
+    rotation matrix, and for keys quantized before RoPE the products and angle tables that re-apply it.
+
+    Args:
+        rope (`tuple`, *optional*): ``(inv_freq, attention_scaling, layout)`` of the model
+            (:func:`hf_kvplus._compat.rope_parameters`) for keys quantized before RoPE (KVQuant, arXiv:2401.18079).
 
     Example:
 
@@ -69,9 +74,42 @@ class KeyBasis:
     ```
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rope=None) -> None:
+        self.rope = rope
         self._matrices: dict = {}  # (head_dim, dtype, device) -> [head_dim, head_dim]
-        self._expanded: dict = {}  # (rows, head_dim, dtype, device) -> [rows, head_dim, head_dim] (a view)
+        self._wide: dict = {}  # (rotated, head_dim, dtype, device) -> [head_dim, 2 * head_dim]: [H | H R]
+        self._angles: dict = {}  # (start, head_dim, dtype, device) -> [capacity, 2, head_dim]: cos, sin
+
+    def wide(self, rotated: bool, head_dim: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """``[head_dim, 2 * head_dim]``: ``[H | H @ R]`` (``[I | R]`` unrotated), ``R`` the RoPE layout's
+        ``rotate_half`` as a matrix, so one product gives a key and its ``rotate_half`` in the model's basis."""
+        from ..rope import layout_of, rotate
+
+        key = (rotated, head_dim, dtype, str(device))
+        if key not in self._wide:
+            base = _hadamard64(head_dim) if rotated else torch.eye(head_dim, dtype=torch.float64)
+            rot_dim = 2 * self.rope[0].shape[-1]
+            turned = torch.zeros_like(base)
+            turned[:, :rot_dim] = rotate(base[:, :rot_dim], layout_of(self.rope))  # channels past rot_dim: no sin
+            self._wide[key] = torch.cat([base, turned], dim=1).to(dtype=dtype, device=device)
+        return self._wide[key]
+
+    def angles(self, start: int, tokens: int, head_dim: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """``[tokens, 2, head_dim]``: cos and sin of positions ``start..start+tokens-1`` per channel (1 and 0 for the
+        channels RoPE leaves alone), grown by doubling and sliced (no allocation per step)."""
+        from ..rope import channel_freq, layout_of
+
+        key = (start, head_dim, dtype, str(device))
+        held = self._angles.get(key)
+        if held is None or held.shape[0] < tokens:
+            size = max(tokens, 2 * (0 if held is None else held.shape[0]))
+            freq = channel_freq(self.rope[0].double(), layout_of(self.rope))  # [rot_dim]
+            angles = torch.arange(start, start + size, dtype=torch.float64)[:, None] * freq  # [size, rot_dim]
+            table = torch.zeros(size, 2, head_dim, dtype=torch.float64)
+            table[:, 0] = 1.0
+            table[:, 0, : freq.shape[0]], table[:, 1, : freq.shape[0]] = angles.cos(), angles.sin()
+            self._angles[key] = held = table.to(dtype=dtype, device=device)
+        return held[:tokens]
 
     def matrix(self, head_dim: int, dtype: torch.dtype, device) -> torch.Tensor:
         key = (head_dim, dtype, str(device))
@@ -84,8 +122,5 @@ class KeyBasis:
         return self.matrix(head_dim, dtype, device).expand(rows, head_dim, head_dim)
 
     def tensors(self) -> list[torch.Tensor]:
-        return list(self._matrices.values())
+        return [*self._matrices.values(), *self._wide.values(), *self._angles.values()]
 
-    @staticmethod
-    def predict_nbytes(head_dim: int, dtype: torch.dtype) -> int:
-        return head_dim * head_dim * dtype.itemsize

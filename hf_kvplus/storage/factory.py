@@ -12,7 +12,7 @@ from .base import DenseStore
 from .packed import DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL_LENGTH, QuantizedStore
 
 STORAGE_KEYWORDS = ("nbits", "group_size", "residual_length", "scale_dtype", "backend", "dequant", "key_bits",
-                    "value_bits", "rotation", "sinks")
+                    "value_bits", "rotation", "sinks", "pre_rope")
 
 
 def make_store_factory(store_factory=None, nbits=None, **quantization):
@@ -36,6 +36,13 @@ def make_store_factory(store_factory=None, nbits=None, **quantization):
     if unknown:
         raise TypeError(f"unknown storage keyword(s) {unknown}; storage accepts {list(STORAGE_KEYWORDS)}")
     given = {name: value for name, value in quantization.items() if value is not None}
+    if given.get("sinks") or given.get("pre_rope"):  # positions and first tokens move when a cache evicts
+        name = "sinks" if given.get("sinks") else "pre_rope"
+        raise ValueError(
+            f"{name}={given[name]!r} is for packed storage in caches that keep every token (make_cache('quantized', "
+            f"..., {name}=...), preset 'int2r'): an evicting cache moves tokens away from their first positions"
+        )
+    given.pop("pre_rope", None), given.pop("sinks", None)
     if store_factory is not None:
         if nbits is not None or given:
             raise ValueError(f"pass either store_factory or storage keywords, not both (got {sorted(given) or ['nbits']})")
@@ -56,7 +63,7 @@ def make_store_factory(store_factory=None, nbits=None, **quantization):
 
 def quantized_store_factory(nbits: int, group_size=None, residual_length=None, scale_dtype=None, backend=None,
                             scratch: bool = False, dequant=None, key_bits=None, value_bits=None, rotation=None,
-                            sinks=None):
+                            sinks=None, rope=None):
     """A factory of :class:`QuantizedStore`, arguments checked now rather than at the first token.
 
     Args:
@@ -75,6 +82,7 @@ def quantized_store_factory(nbits: int, group_size=None, residual_length=None, s
         rotation (`str`, *optional*): ``"hadamard"``: keys rotated per head before quantization (one matrix shared by
             the stores of the factory).
         sinks (`int`, *optional*, defaults to 0): first tokens held in full precision.
+        rope (`tuple`, *optional*): the model's ``(inv_freq, attention_scaling, layout)``: keys quantized before RoPE.
 
     Example:
 
@@ -94,10 +102,11 @@ def quantized_store_factory(nbits: int, group_size=None, residual_length=None, s
         value_bits=value_bits,
         rotation=rotation,
         sinks=0 if sinks is None else sinks,
+        rope=rope,
     )
     QuantizedStore(**kwargs)  # validates
-    if rotation is not None:
-        kwargs["basis"] = KeyBasis()  # one rotation matrix per cache
+    if rotation is not None or rope is not None:
+        kwargs["basis"] = KeyBasis(rope)  # one rotation matrix (and RoPE tables) per cache
     if scratch:  # one per factory, so per cache: every layer restores its history into the same buffers
-        kwargs["scratch"] = DequantScratch(planes=2 if rotation is None else 3)
+        kwargs["scratch"] = DequantScratch(planes=2 if rotation is None and rope is None else 3)
     return functools.partial(QuantizedStore, **kwargs)

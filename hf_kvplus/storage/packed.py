@@ -25,6 +25,7 @@ from ..quant.compiled import check_dequant
 from ..quant.fused import DequantScratch
 from ..quant.minmax import check_backend
 from ..quant.rotation import KeyBasis, check_rotation
+from ..rope import layout_of, shift_keys
 from ..validate import check_int
 from .base import KVStore
 from .packed_keep import PackedEviction
@@ -56,6 +57,10 @@ class QuantizedStore(PackedDecodeStep, PackedEviction, KVStore):
         sinks (`int`, defaults to 0): the first ``sinks`` tokens are held in full precision, never quantized
             (attention sinks, as KVQuant keeps the first token: arXiv:2401.18079). Only for stores that never evict.
         basis (`KeyBasis`, *optional*): the rotation matrix shared by the stores of a cache (made if not given).
+        rope (`tuple`, *optional*): ``(inv_freq, attention_scaling, layout)`` of the model
+            (:func:`hf_kvplus._compat.rope_parameters`): keys are rotated back to position 0 before they are quantized
+            and to their positions when restored (KVQuant's pre-RoPE keys, arXiv:2401.18079), so each channel keeps
+            one distribution along the tokens. Positions are the store's token indices: stores that never evict.
         dequant (`str`, defaults to ``"auto"``): how a decoding step restores the history into the scratch:
             ``"eager"`` (a few aten ops, :func:`~hf_kvplus.quant.fused.dequantize_history`), ``"compiled"`` (one
             pass compiled by ``torch.compile``, :mod:`hf_kvplus.quant.compiled`; CPU, falls back to eager with a warning
@@ -73,7 +78,7 @@ class QuantizedStore(PackedDecodeStep, PackedEviction, KVStore):
 
     def __init__(self, nbits=4, group_size=64, residual_length=128, scale_dtype=torch.float16, backend="torch",
                  scratch: DequantScratch | None = None, dequant: str = "auto", key_bits=None, value_bits=None,
-                 rotation=None, sinks=0, basis: KeyBasis | None = None):
+                 rotation=None, sinks=0, basis: KeyBasis | None = None, rope=None):
         self.nbits, self.dequant = check_nbits(nbits), check_dequant(dequant)
         self.key_bits = self.nbits if key_bits is None else check_nbits(key_bits, "key_bits")
         self.value_bits = self.nbits if value_bits is None else check_nbits(value_bits, "value_bits")
@@ -81,7 +86,12 @@ class QuantizedStore(PackedDecodeStep, PackedEviction, KVStore):
         self.sinks = check_int("sinks", sinks, minimum=0)
         if self.rotation is not None and backend != "torch":
             raise ValueError(f"rotation={rotation!r} runs on backend='torch' only, got backend={backend!r}")
-        self.basis = basis if basis is not None or self.rotation is None else KeyBasis()
+        self.rope = rope  # (inv_freq, attention_scaling, layout): keys quantized before RoPE
+        if rope is not None and backend != "torch":
+            raise ValueError(f"keys before RoPE are quantized on backend='torch' only, got backend={backend!r}")
+        if basis is None and (self.rotation is not None or rope is not None):
+            basis = KeyBasis(rope)
+        self.basis = basis
         group_size = check_int("group_size", group_size)
         residual_length = check_int("residual_length", residual_length, minimum=0)
         if residual_length % group_size:
@@ -193,15 +203,22 @@ class QuantizedStore(PackedDecodeStep, PackedEviction, KVStore):
         quantized history: this counts them once ``tokens`` leave a history, as after ``generate``.
         """
         nq, _ = self.split(tokens)
-        basis = {} if self.basis is None or not tokens else {id(self.basis): self.basis.predict_nbytes(head_dim, dtype)}
+        capacity, _ = self._capacity(nq)
+        basis = {}
+        if self.basis is not None and nq:  # the rotation matrix from the first flush; RoPE tables from the first step
+            held = head_dim * head_dim if self.rotation is not None else 0
+            if self.rope is not None and self.scratch is not None:
+                held += 2 * head_dim * head_dim + capacity * 2 * head_dim
+            basis = {id(self.basis): held * dtype.itemsize}
         if not tokens or self.scratch is None:
             return basis
         prepared = DequantScratch.predict_prepared_nbytes(self.residual_capacity, self.key_bits, dtype)
         if self.mixed:  # the values' unpacking constants (the slot indices are counted once)
             prepared += DequantScratch.predict_prepared_nbytes(0, self.value_bits, dtype)
-        capacity, _ = self._capacity(nq)
         planes, held = self.scratch.planes, capacity + self.residual_capacity + self.sinks
         out = planes * batch * kv_heads * held * head_dim * dtype.itemsize if nq else 0
+        if self.rope is not None and nq:  # the keys and their rotate_half side by side, [b, h, capacity, 2 * d]
+            out += 2 * batch * kv_heads * capacity * head_dim * dtype.itemsize
         codes = 2 * batch * kv_heads * capacity * head_dim if min(self.bits) < 8 else 0
         return {id(self.scratch): prepared + out + codes, **basis}
 
@@ -301,6 +318,10 @@ class QuantizedStore(PackedDecodeStep, PackedEviction, KVStore):
 
     def _push(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize whole groups of the oldest residual tokens (``[b, h, k * group_size, d]``) onto the history."""
+        if self.rope is not None:  # back to position 0: history token i is at position sinks + i
+            start = self._s + self.quantized_length
+            positions = torch.arange(start, start + keys.shape[2], device=keys.device)
+            keys = shift_keys(keys, -positions, self.rope[0], layout_of(self.rope))
         key_codes, key_scale, key_zero = quantize_keys(self.to_basis(keys), self.key_bits, self.group_size,
                                                        self.scale_dtype, backend=self.backend)
         value_codes, value_scale, value_zero = quantize_values(values, self.value_bits, self.value_group,

@@ -11,6 +11,7 @@ from ..quant import (
     dequantize_values,
 )
 from ..quant.fused import dequantize_history, int4_planes, unpack_codes
+from ..rope import layout_of, shift_keys
 
 
 class PackedDecodeStep:
@@ -65,7 +66,8 @@ class PackedDecodeStep:
         self.scratch.ensure(b, h, d, self.dtype, self._res.device, capacity + slots + s, capacity, min(self.bits) < 8)
         out = self.scratch.restored(b, h, total, d)  # [2, b, h, total, d], contiguous
         history = out[:, :, :, s : s + nq]  # [2, b, h, nq, d]
-        exact = out if self.rotation is None else self.scratch.pair(b, h, total, d)  # (returned keys, values)
+        turned = self.rotation is not None or self.rope is not None  # keys restored into a third plane
+        exact = out if not turned else self.scratch.pair(b, h, total, d)  # (returned keys, values)
         codes = None if self.scratch.codes is None else self.scratch.codes[:, :, :, :nq]  # [2, b, h, nq, d] uint8
         if self.mixed:
             unpacks = (self._unpacking(self._kbuf[:, :, :nq], codes[0], history[0], self.key_bits, (b, h)),
@@ -87,13 +89,19 @@ class PackedDecodeStep:
             self._res[0],  # [b, h, slots, d]
             self._res[1],
         )
-        simple = self.rotation is None and not self.mixed and not s
+        simple = not turned and not self.mixed and not s
         planes = int4_planes(views[0], views[1], views[2]) if self.nbits == 4 and simple else None
         use_compiled = simple and self.backend == "torch" and compiled.wanted(self.dequant, nq, gs, out.device)
         kernel_args = (out[0], out[1], self._codes, self._key_params, self._value_params, self._res) if use_compiled \
             else None
         rotate = None
-        if self.rotation is not None:  # history keys [b * h, nq, d] @ H into the returned plane
+        if self.rope is not None:  # [k @ H | k @ H R] * [cos | sin], summed: the model's keys at their positions
+            wide = self.scratch.wide_view(b * h, nq, 2 * d, self.dtype, out.device, capacity)  # [b * h, nq, 2 * d]
+            matrix = self.basis.wide(self.rotation is not None, d, self.dtype, out.device)  # [d, 2 * d]
+            rotate = (out[0, :, :, s : s + nq].reshape(b * h, nq, d), matrix.expand(b * h, d, 2 * d), wide,
+                      wide.view(b * h, nq, 2, d), self.basis.angles(s, capacity, d, self.dtype, out.device)[:nq],
+                      exact[0][:, :, s : s + nq].reshape(b * h, nq, d))
+        elif self.rotation is not None:  # history keys [b * h, nq, d] @ H into the returned plane
             rotate = (out[0, :, :, s : s + nq].reshape(b * h, nq, d),
                       self.basis.expanded(b * h, d, self.dtype, out.device),
                       exact[0][:, :, s : s + nq].reshape(b * h, nq, d))
@@ -136,6 +144,9 @@ class PackedDecodeStep:
                                    values_addcmul=rotate is not None or self.mixed)
                 if rotate is not None:
                     torch.bmm(rotate[0], rotate[1], out=rotate[2])  # [b * h, nq, d]: back to the keys' own basis
+                if len(rotate or ()) > 3:  # RoPE at the history's positions
+                    rotate[3].mul_(rotate[4])  # [b * h, nq, 2, d] * [nq, 2, d]
+                    torch.sum(rotate[3], dim=2, out=rotate[5])  # [b * h, nq, d]
             out = views[12][:, :, : s + nq + r], views[13][:, :, : s + nq + r]  # [b, h, s + nq + r, d]
         if r == self.residual_capacity:  # flush the oldest group into the history, residual into a fresh buffer
             self._push(self._res[0, :, :, : self.group_size], self._res[1, :, :, : self.group_size])
@@ -164,6 +175,9 @@ class PackedDecodeStep:
                         group_map=self.key_groups, dtype=self.dtype, out=keys[:, :, s : s + nq], backend=self.backend)
         if self.rotation is not None:
             keys[:, :, s : s + nq] = self.from_basis(keys[:, :, s : s + nq])
+        if self.rope is not None:  # back to their positions, s..s+nq-1
+            positions = torch.arange(s, s + nq, device=keys.device)
+            keys[:, :, s : s + nq] = shift_keys(keys[:, :, s : s + nq], positions, self.rope[0], layout_of(self.rope))
         dequantize_values(self.value_codes, self.value_scale, self.value_zero, self.value_bits, dtype=self.dtype,
                           out=values[:, :, s : s + nq], backend=self.backend)
         at = s + nq
