@@ -75,7 +75,7 @@ class KeyBasis:
     """
 
     def __init__(self, rope=None) -> None:
-        self.rope = rope
+        self.rope = None if rope is None else (tuple(float(f) for f in torch.as_tensor(rope[0]).tolist()), *rope[1:])
         self._matrices: dict = {}  # (head_dim, dtype, device) -> [head_dim, head_dim]
         self._wide: dict = {}  # (rotated, head_dim, dtype, device) -> [head_dim, 2 * head_dim]: [H | H R]
         self._angles: dict = {}  # (start, head_dim, dtype, device) -> [capacity, 2, head_dim]: cos, sin
@@ -88,7 +88,7 @@ class KeyBasis:
         key = (rotated, head_dim, dtype, str(device))
         if key not in self._wide:
             base = _hadamard64(head_dim) if rotated else torch.eye(head_dim, dtype=torch.float64)
-            rot_dim = 2 * self.rope[0].shape[-1]
+            rot_dim = 2 * len(self.rope[0])
             turned = torch.zeros_like(base)
             turned[:, :rot_dim] = rotate(base[:, :rot_dim], layout_of(self.rope))  # channels past rot_dim: no sin
             self._wide[key] = torch.cat([base, turned], dim=1).to(dtype=dtype, device=device)
@@ -103,7 +103,7 @@ class KeyBasis:
         held = self._angles.get(key)
         if held is None or held.shape[0] < tokens:
             size = max(tokens, 2 * (0 if held is None else held.shape[0]))
-            freq = channel_freq(self.rope[0].double(), layout_of(self.rope))  # [rot_dim]
+            freq = channel_freq(torch.tensor(self.rope[0], dtype=torch.float64), layout_of(self.rope))  # [rot_dim]
             angles = torch.arange(start, start + size, dtype=torch.float64)[:, None] * freq  # [size, rot_dim]
             table = torch.zeros(size, 2, head_dim, dtype=torch.float64)
             table[:, 0] = 1.0

@@ -91,6 +91,8 @@ def quantized_store_factory(nbits: int, group_size=None, residual_length=None, s
     >>> store = factory()
     ```
     """
+    if rope is not None:  # frequencies as floats: the factory (held by every layer) holds no tensor
+        rope = (tuple(float(f) for f in torch.as_tensor(rope[0]).tolist()), *rope[1:])
     kwargs = dict(
         backend="torch" if backend is None else backend,
         nbits=nbits,

@@ -86,11 +86,13 @@ class QuantizedStore(PackedDecodeStep, PackedEviction, KVStore):
         self.sinks = check_int("sinks", sinks, minimum=0)
         if self.rotation is not None and backend != "torch":
             raise ValueError(f"rotation={rotation!r} runs on backend='torch' only, got backend={backend!r}")
-        self.rope = rope  # (inv_freq, attention_scaling, layout): keys quantized before RoPE
+        # (inv_freq as floats, attention_scaling, layout): keys quantized before RoPE. Plain floats, so the frequencies
+        # are no tensor the cache holds (they are tiny, and made into one where a key is quantized or restored).
+        self.rope = None if rope is None else (tuple(float(f) for f in torch.as_tensor(rope[0]).tolist()), *rope[1:])
         if rope is not None and backend != "torch":
             raise ValueError(f"keys before RoPE are quantized on backend='torch' only, got backend={backend!r}")
         if basis is None and (self.rotation is not None or rope is not None):
-            basis = KeyBasis(rope)
+            basis = KeyBasis(self.rope)
         self.basis = basis
         group_size = check_int("group_size", group_size)
         residual_length = check_int("residual_length", residual_length, minimum=0)
@@ -321,7 +323,7 @@ class QuantizedStore(PackedDecodeStep, PackedEviction, KVStore):
         if self.rope is not None:  # back to position 0: history token i is at position sinks + i
             start = self._s + self.quantized_length
             positions = torch.arange(start, start + keys.shape[2], device=keys.device)
-            keys = shift_keys(keys, -positions, self.rope[0], layout_of(self.rope))
+            keys = shift_keys(keys, -positions, torch.tensor(self.rope[0]), layout_of(self.rope))
         key_codes, key_scale, key_zero = quantize_keys(self.to_basis(keys), self.key_bits, self.group_size,
                                                        self.scale_dtype, backend=self.backend)
         value_codes, value_scale, value_zero = quantize_values(values, self.value_bits, self.value_group,
