@@ -60,8 +60,6 @@ OURS = {
     "hf_kvplus k4v2": ("K4V2", 3, "k4v2", {}),
     "hf_kvplus int2r (Hadamard keys, 4 sinks)": ("K2V2", 2, "int2r", {}),
     "hf_kvplus int2rp (Hadamard keys before RoPE, 4 sinks)": ("K2V2", 2, "int2rp", {}),
-    "hf_kvplus int2 + Hadamard keys": ("K2V2", 2, "int2", {"rotation": "hadamard"}),
-    "hf_kvplus int2 + 4 sinks": ("K2V2", 2, "int2", {"sinks": 4}),
 }
 
 
@@ -145,7 +143,7 @@ def decode_step_times(model, makers: dict, ids: torch.Tensor, context: int, roun
     return {label: statistics.median(values) for label, values in times.items()}
 
 
-def run(windows: int, context: int, target: int, rounds: int, steps: int, only=None) -> dict:
+def run(windows: int, context: int, target: int, rounds: int, steps: int, only=None, partial: Path | None = None) -> dict:
     model, tokenizer = load_default_model(), load_default_tokenizer()
     ids = tokenizer(load_default_text(), return_tensors="pt").input_ids[0]
     config = model.config
@@ -170,6 +168,8 @@ def run(windows: int, context: int, target: int, rounds: int, steps: int, only=N
                      "bytes_vs_bf16": cache_nbytes(cache) / bf16_bytes, "cache_bytes": cache_nbytes(cache),
                      "step_ms": 1000 * steps_s[label]})
         print(f"{label}: ppl {result['ppl']:.4f} decode {decode['ppl']:.4f}", flush=True)
+        if partial is not None:  # what is measured so far survives an interrupted run
+            write_json(partial, {"rows": rows})
     dense = rows[0]
     for row in rows:
         row["ppl_vs_dense_%"] = 100 * (row["ppl"] / dense["ppl"] - 1)
@@ -209,7 +209,8 @@ def main(argv=None) -> None:
     if args.render:
         report = json.loads((args.out / "quantized.json").read_text())
     else:
-        report = run(args.windows, args.context, args.target, args.rounds, args.steps, args.only)
+        report = run(args.windows, args.context, args.target, args.rounds, args.steps, args.only,
+                     partial=args.out / "quantized.partial.json")
         saved = args.out / "quantized.json"
         if args.only and saved.exists():  # replace the measured rows of an earlier report, keep the others
             old = json.loads(saved.read_text())
