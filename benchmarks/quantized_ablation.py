@@ -6,7 +6,9 @@ groups), and returns the current forward's tokens exactly, as ``QuantizedStore``
 is the one the packed store would give (the ``int2`` row reproduces ``benchmarks/quantized.py``),
 without writing the packed kernels for each variant. Variants: which tensor is quantized, full
 precision attention sinks, per-token keys, keys quantized before RoPE (KVQuant), group and
-residual sizes. Same protocol as ``benchmarks/quantized.py`` (2048 + 256 tokens, 3 windows).
+residual sizes, Hadamard-rotated keys (QuaRot arXiv:2404.00456, RotateKV arXiv:2501.16383), keys at 4 bits.
+Same protocol as ``benchmarks/quantized.py`` (2048 + 256 tokens, 3 windows, the one-forward ``ppl``).
+``--only LABEL ...`` measures some variants and merges them into the saved report.
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/quantized_ablation.py  # about 30 minutes on 2 cores
 """
@@ -124,8 +126,14 @@ def main(argv=None) -> None:
                                         ids, windows=args.windows)
         rows.append({"variant": label, "ppl": result["ppl"], "ppl_vs_dense_%": 100 * (result["ppl"] / dense["ppl"] - 1)})
         print(f"{label}: {result['ppl']:.4f}", flush=True)
-    write_json(args.out / "quantized_ablation.json", {"windows": args.windows, "rows": rows,
-                                                      "command": "PYTHONPATH=. python benchmarks/quantized_ablation.py"})
+    saved = args.out / "quantized_ablation.json"
+    if args.only and saved.exists():  # merge into an earlier report: its other rows stay, in the order of VARIANTS
+        fresh = {row["variant"]: row for row in rows}
+        old = {row["variant"]: row for row in json.loads(saved.read_text())["rows"]}
+        merged = {**old, **fresh}
+        rows = [merged[label] for label in ["dense fp32", *VARIANTS] if label in merged]
+    write_json(saved, {"windows": args.windows, "rows": rows,
+                       "command": "PYTHONPATH=. python benchmarks/quantized_ablation.py"})
     write_tables(rows, args.out)
 
 
