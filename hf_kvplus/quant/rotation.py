@@ -11,8 +11,6 @@ step over the history), which leaves every attention implementation as it is.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 ROTATIONS = (None, "hadamard")
@@ -34,9 +32,8 @@ def check_rotation(rotation, head_dim: int | None = None):
     return rotation
 
 
-@functools.lru_cache(maxsize=16)
-def _hadamard64(size: int) -> torch.Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
+def _hadamard64(size: int, device=None) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64, device=device)
     while h.shape[0] < size:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h / size**0.5
@@ -54,7 +51,7 @@ def hadamard(size: int, dtype: torch.dtype = torch.float32, device=None) -> torc
     ```
     """
     check_rotation("hadamard", size)
-    return _hadamard64(size).to(dtype=dtype, device=device)
+    return _hadamard64(size, device).to(dtype=dtype)
 
 
 class KeyBasis:
@@ -87,7 +84,7 @@ class KeyBasis:
 
         key = (rotated, head_dim, dtype, str(device))
         if key not in self._wide:
-            base = _hadamard64(head_dim) if rotated else torch.eye(head_dim, dtype=torch.float64)
+            base = _hadamard64(head_dim, device) if rotated else torch.eye(head_dim, dtype=torch.float64, device=device)
             rot_dim = 2 * len(self.rope[0])
             turned = torch.zeros_like(base)
             turned[:, :rot_dim] = rotate(base[:, :rot_dim], layout_of(self.rope))  # channels past rot_dim: no sin
@@ -103,9 +100,10 @@ class KeyBasis:
         held = self._angles.get(key)
         if held is None or held.shape[0] < tokens:
             size = max(tokens, 2 * (0 if held is None else held.shape[0]))
-            freq = channel_freq(torch.tensor(self.rope[0], dtype=torch.float64), layout_of(self.rope))  # [rot_dim]
-            angles = torch.arange(start, start + size, dtype=torch.float64)[:, None] * freq  # [size, rot_dim]
-            table = torch.zeros(size, 2, head_dim, dtype=torch.float64)
+            inv_freq = torch.tensor(self.rope[0], dtype=torch.float64, device=device)
+            freq = channel_freq(inv_freq, layout_of(self.rope))  # [rot_dim]
+            angles = torch.arange(start, start + size, dtype=torch.float64, device=device)[:, None] * freq
+            table = torch.zeros(size, 2, head_dim, dtype=torch.float64, device=device)  # [size, (cos, sin), d]
             table[:, 0] = 1.0
             table[:, 0, : freq.shape[0]], table[:, 1, : freq.shape[0]] = angles.cos(), angles.sin()
             self._angles[key] = held = table.to(dtype=dtype, device=device)

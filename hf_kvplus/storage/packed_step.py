@@ -177,7 +177,7 @@ class PackedDecodeStep:
             keys[:, :, s : s + nq] = self.from_basis(keys[:, :, s : s + nq])
         if self.rope is not None:  # back to their positions, s..s+nq-1
             positions = torch.arange(s, s + nq, device=keys.device)
-            keys[:, :, s : s + nq] = shift_keys(keys[:, :, s : s + nq], positions, torch.tensor(self.rope[0]),
+            keys[:, :, s : s + nq] = shift_keys(keys[:, :, s : s + nq], positions, torch.tensor(self.rope[0], device=keys.device),
                                                   layout_of(self.rope))
         dequantize_values(self.value_codes, self.value_scale, self.value_zero, self.value_bits, dtype=self.dtype,
                           out=values[:, :, s : s + nq], backend=self.backend)
