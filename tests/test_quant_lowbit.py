@@ -171,3 +171,22 @@ def test_nbits_still_sets_both_and_presets_resolve():
     store = hf_kvplus.make_cache("int2r", model).layers[0].store_factory()
     assert (store.nbits, store.rotation, store.sinks, store.rope) == (2, "hadamard", 4, None)
     assert hf_kvplus.make_cache("int2rp", model).layers[0].store_factory().rope is not None
+
+
+@torch.no_grad()
+def test_evicting_strategies_take_mixed_bits_and_rotated_keys():
+    """key_bits/value_bits and rotation are storage keywords of every strategy (eviction gathers rotated rows)."""
+    from hf_kvplus._compat import cache_kwargs
+
+    model = tiny_model("llama-gqa")
+    ids = torch.randint(3, 90, (1, 30), generator=torch.Generator().manual_seed(1))
+    cache = hf_kvplus.make_cache("h2o", model, budget=16, key_bits=8, value_bits=4, rotation="hadamard",
+                                 group_size=4, residual_length=4)
+    out = model.generate(ids, max_new_tokens=12, do_sample=False, **cache_kwargs(cache))
+    assert out.shape[1] == 42 and max(layer.kept for layer in cache.layers) <= 16
+    store = cache.layers[0].store
+    assert (store.key_bits, store.value_bits, store.rotation) == (8, 4, "hadamard") and store.quantized_length > 0
+    keys = store.get()[0]  # rotated back: the model's basis, close to an unrotated int8 store's keys
+    plain = hf_kvplus.make_cache("h2o", model, budget=16, nbits=8, group_size=4, residual_length=4)
+    model.generate(ids, max_new_tokens=12, do_sample=False, **cache_kwargs(plain))
+    assert keys.shape == plain.layers[0].store.get()[0].shape
