@@ -111,12 +111,15 @@ class QuantizedKVCache(KVPlusCache):
                                           dequant=dequant, key_bits=key_bits, value_bits=value_bits,
                                           rotation=rotation, sinks=sinks, rope=rope)
         context = getattr(text_config(config), "max_position_embeddings", None)
-        if isinstance(context, int) and residual_length + group_size > context:  # degenerate: nothing is quantized
+        first = sinks + residual_length + group_size  # tokens held before the first flush
+        if isinstance(context, int) and first > context:  # degenerate: nothing is quantized
+            held = f"sinks={sinks}, " if sinks else ""
             warnings.warn(
-                f"QuantizedKVCache with residual_length={residual_length} and group_size={group_size} quantizes "
+                f"QuantizedKVCache with {held}residual_length={residual_length} and group_size={group_size} quantizes "
                 f"nothing within the model's context (max_position_embeddings={context}): the residual flushes at "
-                f"residual_length + group_size tokens, so every token stays in full precision, as in DynamicCache. "
-                f"Use residual_length + group_size <= {context}",
+                f"{'sinks + ' if sinks else ''}residual_length + group_size tokens, so every token stays in full "
+                f"precision, as in DynamicCache. Use {'sinks + ' if sinks else ''}residual_length + group_size <= "
+                f"{context}",
                 UserWarning,
                 stacklevel=2,
             )
