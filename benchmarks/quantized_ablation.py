@@ -6,7 +6,9 @@ groups), and returns the current forward's tokens exactly, as ``QuantizedStore``
 is the one the packed store would give (the ``int2`` row reproduces ``benchmarks/quantized.py``),
 without writing the packed kernels for each variant. Variants: which tensor is quantized, full
 precision attention sinks, per-token keys, keys quantized before RoPE (KVQuant), group and
-residual sizes. Same protocol as ``benchmarks/quantized.py`` (2048 + 256 tokens, 3 windows).
+residual sizes, Hadamard-rotated keys (QuaRot arXiv:2404.00456, RotateKV arXiv:2501.16383), keys at 4 bits.
+Same protocol as ``benchmarks/quantized.py`` (2048 + 256 tokens, 3 windows, the one-forward ``ppl``).
+``--only LABEL ...`` measures some variants and merges them into the saved report.
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python benchmarks/quantized_ablation.py  # about 30 minutes on 2 cores
 """
@@ -39,19 +41,34 @@ VARIANTS = {  # label -> SimulatedStore keyword arguments (int2, groups of 64, r
     "int2 keys before RoPE": dict(pre_rope=True),
     "int2 keys before RoPE, key groups of 16": dict(pre_rope=True, group_size=16, value_group=64),
     "int2 residual 256": dict(residual_length=256),
+    "int2 keys Hadamard-rotated": dict(rotate=True),
+    "int2 keys Hadamard-rotated per token": dict(rotate=True, keys_per_token=True),
+    "int2 keys Hadamard-rotated before RoPE + 4 sinks": dict(rotate=True, pre_rope=True, sinks=4),
+    "K4V2 (keys int4, values int2)": dict(key_bits=4),
+    "int2 keys before RoPE + 4 sinks": dict(pre_rope=True, sinks=4),
+    "int2 keys Hadamard-rotated + 4 sinks": dict(rotate=True, sinks=4),
 }
+
+
+def hadamard(size: int, dtype=torch.float32) -> torch.Tensor:
+    """The orthonormal Sylvester Hadamard matrix ``[size, size]`` (``size`` a power of two)."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < size:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / size**0.5).to(dtype)
 
 
 class SimulatedStore(DenseStore):
     """Full-precision storage holding, for every quantized token, its dequantized value."""
 
     def __init__(self, inv_freq, key_bits=2, value_bits=2, group_size=64, residual_length=128, sinks=0,
-                 keys_per_token=False, pre_rope=False, value_group=None):
+                 keys_per_token=False, pre_rope=False, value_group=None, rotate=False):
         super().__init__()
         self.inv_freq, self.key_bits, self.value_bits = inv_freq, key_bits, value_bits
         self.group_size, self.residual_length, self.sinks = group_size, residual_length, sinks
         self.keys_per_token, self.pre_rope, self.done = keys_per_token, pre_rope, 0
         self.value_group = value_group or group_size  # capped at head_dim, as in QuantizedStore
+        self.rotate = rotate
 
     def update(self, keys, values):
         out = (keys, values) if self.keys is None else (torch.cat([self.keys, keys], 2), torch.cat([self.values, values], 2))
@@ -69,10 +86,13 @@ class SimulatedStore(DenseStore):
         positions = torch.arange(start, start + flush)
         if self.key_bits:
             k = shift_keys(k, -positions, self.inv_freq) if self.pre_rope else k
+            rotation = hadamard(k.shape[-1], k.dtype) if self.rotate else None
+            k = k @ rotation if self.rotate else k
             if self.keys_per_token:
                 k = dequantize_values(*quantize_values(k, self.key_bits, k.shape[-1]), self.key_bits)
             else:
                 k = dequantize_keys(*quantize_keys(k, self.key_bits, self.group_size), self.key_bits, self.group_size)
+            k = k @ rotation.T if self.rotate else k
             k = shift_keys(k, positions, self.inv_freq) if self.pre_rope else k
         if self.value_bits:
             group = min(self.value_group, v.shape[-1])
@@ -87,6 +107,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--render", action="store_true", help="only re-render the tables from the saved JSON")
+    parser.add_argument("--only", nargs="*", help="run only these variants (labels)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.render:
@@ -98,13 +119,21 @@ def main(argv=None) -> None:
     dense = compression_perplexity(model, lambda: hf_kvplus.make_cache("dynamic", model), ids, windows=args.windows)
     rows = [{"variant": "dense fp32", "ppl": dense["ppl"], "ppl_vs_dense_%": 0.0}]
     for label, kwargs in VARIANTS.items():
+        if args.only and label not in args.only:
+            continue
         factory = functools.partial(SimulatedStore, inv_freq, **kwargs)
         result = compression_perplexity(model, lambda f=factory: hf_kvplus.KVPlusCache(model.config, store_factory=f),
                                         ids, windows=args.windows)
         rows.append({"variant": label, "ppl": result["ppl"], "ppl_vs_dense_%": 100 * (result["ppl"] / dense["ppl"] - 1)})
         print(f"{label}: {result['ppl']:.4f}", flush=True)
-    write_json(args.out / "quantized_ablation.json", {"windows": args.windows, "rows": rows,
-                                                      "command": "PYTHONPATH=. python benchmarks/quantized_ablation.py"})
+    saved = args.out / "quantized_ablation.json"
+    if args.only and saved.exists():  # merge into an earlier report: its other rows stay, in the order of VARIANTS
+        fresh = {row["variant"]: row for row in rows}
+        old = {row["variant"]: row for row in json.loads(saved.read_text())["rows"]}
+        merged = {**old, **fresh}
+        rows = [merged[label] for label in ["dense fp32", *VARIANTS] if label in merged]
+    write_json(saved, {"windows": args.windows, "rows": rows,
+                       "command": "PYTHONPATH=. python benchmarks/quantized_ablation.py"})
     write_tables(rows, args.out)
 
 

@@ -13,10 +13,12 @@ import warnings
 import torch
 from transformers import PreTrainedConfig
 
-from .config import text_config
+from ._compat import rope_parameters
+from .config import kv_geometry, text_config
 from .eviction.cache import KVPlusCache
 from .eviction.layer import EvictingLayer
 from .quant import check_nbits
+from .quant.rotation import check_rotation
 from .registry import CacheSpec, register_cache, register_preset
 from .storage.factory import quantized_store_factory
 from .storage.packed import DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL_LENGTH
@@ -56,6 +58,17 @@ class QuantizedKVCache(KVPlusCache):
             ``"eager"`` (a few aten ops), ``"compiled"`` (one pass compiled with ``torch.compile`` on CPU; falls back to
             eager, with one warning, where compilation fails) or ``"auto"`` (compiled on CPU once a layer holds
             4096 packed tokens, where the seconds of compilation pay; eager elsewhere, and on GPUs for now).
+        key_bits, value_bits (`int`, *optional*): 8, 4 or 2 bits for keys and for values separately (``nbits`` for
+            each not given); keys lose more to quantization than values, so ``key_bits=4, value_bits=2`` (K4V2).
+        rotation (`str`, *optional*): ``"hadamard"`` rotates keys per head by an orthonormal Hadamard matrix before
+            their per-channel quantization and back after it (QuaRot arXiv:2404.00456, RotateKV
+            arXiv:2501.16383): attention scores are unchanged up to quantization error. Needs a power-of-two
+            ``head_dim`` (``ValueError`` otherwise, at construction).
+        sinks (`int`, *optional*, defaults to 0): the first ``sinks`` tokens of every row kept in full precision
+            (attention sinks; KVQuant keeps the first token exact, arXiv:2401.18079).
+        pre_rope (`bool`, *optional*, defaults to `False`): quantize keys before RoPE (KVQuant, arXiv:2401.18079):
+            each key is rotated back to position 0 (:mod:`hf_kvplus.rope`, the model's own layout) before its
+            quantization and to its position when restored, two more ops per layer per decoding step.
 
     Example:
 
@@ -78,17 +91,35 @@ class QuantizedKVCache(KVPlusCache):
         scale_dtype: torch.dtype = torch.float16,
         backend: str = "torch",
         dequant: str = "auto",
+        key_bits: int | None = None,
+        value_bits: int | None = None,
+        rotation: str | None = None,
+        sinks: int = 0,
+        pre_rope: bool = False,
     ):
         self.nbits, self.group_size, self.residual_length = check_nbits(nbits), group_size, residual_length
+        check_rotation(rotation, kv_geometry(config)[2])
+        if not isinstance(pre_rope, bool):
+            raise ValueError(f"pre_rope must be True or False, got {pre_rope!r}")
+        rope = rope_parameters(config) if pre_rope else None
+        if pre_rope and rope is None:
+            raise ValueError(
+                "pre_rope=True needs the model's rotary embedding reproduced exactly (hf_kvplus._compat.rope_parameters), "
+                "which this config does not allow (no RoPE, frequencies that change with length, or another layout)"
+            )
         factory = quantized_store_factory(nbits, group_size, residual_length, scale_dtype, backend, scratch=True,
-                                          dequant=dequant)
+                                          dequant=dequant, key_bits=key_bits, value_bits=value_bits,
+                                          rotation=rotation, sinks=sinks, rope=rope)
         context = getattr(text_config(config), "max_position_embeddings", None)
-        if isinstance(context, int) and residual_length + group_size > context:  # degenerate: nothing is quantized
+        first = sinks + residual_length + group_size  # tokens held before the first flush
+        if isinstance(context, int) and first > context:  # degenerate: nothing is quantized
+            held = f"sinks={sinks}, " if sinks else ""
             warnings.warn(
-                f"QuantizedKVCache with residual_length={residual_length} and group_size={group_size} quantizes "
+                f"QuantizedKVCache with {held}residual_length={residual_length} and group_size={group_size} quantizes "
                 f"nothing within the model's context (max_position_embeddings={context}): the residual flushes at "
-                f"residual_length + group_size tokens, so every token stays in full precision, as in DynamicCache. "
-                f"Use residual_length + group_size <= {context}",
+                f"{'sinks + ' if sinks else ''}residual_length + group_size tokens, so every token stays in full "
+                f"precision, as in DynamicCache. Use {'sinks + ' if sinks else ''}residual_length + group_size <= "
+                f"{context}",
                 UserWarning,
                 stacklevel=2,
             )
@@ -108,3 +139,7 @@ register_cache(
 register_preset("int8", "quantized", nbits=8)
 register_preset("int4", "quantized", nbits=4)
 register_preset("int2", "quantized", nbits=2)
+# 2-bit keys that hold up: rotated keys and four exact sinks, 2.5 bits per history element (issue 17).
+register_preset("int2r", "quantized", nbits=2, rotation="hadamard", sinks=4)
+register_preset("k4v2", "quantized", key_bits=4, value_bits=2)
+register_preset("int2rp", "quantized", nbits=2, rotation="hadamard", sinks=4, pre_rope=True)

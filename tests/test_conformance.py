@@ -22,13 +22,18 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 import hf_kvplus
 from hf_kvplus._compat import cache_kwargs, output_cache
 
-NAMES = hf_kvplus.list_caches()
+# Registered presets whose options take other code paths than their strategy's sweep (rotated keys, sinks, keys
+# before RoPE, keys and values of different widths) run every check too.
+OPTION_PRESETS = ["int2r", "int2rp", "k4v2"]
+NAMES = hf_kvplus.list_caches() + OPTION_PRESETS
 EVICTING = [name for name in NAMES if hf_kvplus.get_spec(name).evicting]
 UNLIMITED = 10_000
 BUDGET = 12
 # name -> (make_cache keywords, absolute logit tolerance) under which an unlimited cache must reproduce DynamicCache.
 # int8 measured max |logit diff| 3.4e-4 (int4: 8e-3, so int4 would fail this parity).
 PARITY = {"quantized": (dict(nbits=8, group_size=4, residual_length=4), 1e-3)}
+PARITY.update({name: (dict(nbits=8, key_bits=8, value_bits=8, group_size=4, residual_length=4), 1e-3)
+               for name in OPTION_PRESETS})
 # Keywords a strategy needs at a small budget: snapkv's default observation window (32) would fill it (refused).
 SMALL_BUDGET = {"snapkv": {"window": 4}}
 # (name, budget): every cache unlimited, and every evicting cache under a small budget.

@@ -45,6 +45,11 @@ CASES = {
     "int8": ({"group_size": 16, "residual_length": 16}, 8, True),
     "int4": ({"group_size": 16, "residual_length": 16}, 8, True),
     "int2": ({"group_size": 16, "residual_length": 16}, 8, True),
+    "int2r": ({"group_size": 16, "residual_length": 16}, 8, True),
+    "k4v2": ({"group_size": 16, "residual_length": 16}, 8, True),
+    # Keys before RoPE re-rotate the history at every step: one product with [H | H R], a multiply by the angles and a
+    # sum (9 per layer, one over): not within the budget yet.
+    "int2rp": ({"group_size": 16, "residual_length": 16}, 8, False),
     "prefix": ({}, 4, True),
 }
 # Settings of registered caches counted beside the table: name -> (registered name, make_cache keywords, budget).

@@ -37,6 +37,10 @@ DEGENERATE = {
     "int8": [({"group_size": 128, "residual_length": 1024}, "warn", r"residual_length=1024 and group_size=128")],
     "int4": [({"group_size": 32, "residual_length": 1024}, "warn", r"every token stays in full precision")],
     "int2": [({"group_size": 32, "residual_length": 2048}, "warn", r"max_position_embeddings=1024")],
+    "k4v2": [({"group_size": 64, "residual_length": 1024}, "warn", r"quantizes nothing")],
+    # 4 sinks come first: 4 + 960 + 64 tokens are needed before the first flush.
+    "int2r": [({"group_size": 64, "residual_length": 960}, "warn", r"sinks=4.*quantizes nothing")],
+    "int2rp": [({"group_size": 64, "residual_length": 960}, "warn", r"sinks=4.*quantizes nothing")],
     "prefix": [({"store": "block_size=2048"}, "warn", r"block_size=2048 shares nothing.*block_size <= 1024")],
 }
 # name -> the closest settings that are not degenerate (no error, no warning).
@@ -51,6 +55,9 @@ BOUNDARY = {
     "int8": [{"group_size": 128, "residual_length": 896}],
     "int4": [{"group_size": 32, "residual_length": 992}],
     "int2": [{}],
+    "k4v2": [{"group_size": 64, "residual_length": 896}],
+    "int2r": [{"group_size": 64, "residual_length": 896}],
+    "int2rp": [{"group_size": 64, "residual_length": 896}],
     "prefix": [{"store": "block_size=1024"}],
 }
 # Registered names with no degenerate setting of their own, and why.

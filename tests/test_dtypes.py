@@ -46,7 +46,7 @@ def test_generate_in_every_dtype(name, storage, typed):
         if budget is not None:
             assert layer.kept <= budget
     floats = {t.dtype for t in held_tensors(cache) if t.is_floating_point()}
-    if storage.get("nbits") or name == "quantized":
+    if storage.get("nbits") or hf_kvplus.get_spec(name).name == "quantized":  # its presets too
         packed = [layer.store.key_codes for layer in cache.layers]
         assert all(codes is not None and codes.dtype == torch.uint8 for codes in packed)
         assert floats <= {dtype, torch.float16, torch.float32}  # residual; fp16 scales; fp32 scores

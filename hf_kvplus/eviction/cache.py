@@ -7,6 +7,7 @@ from transformers import Cache, PreTrainedConfig
 
 from ..attention_eager import VARIANTS
 from ..config import decoder_config, kv_geometry
+from ..quant.rotation import check_rotation
 from ..storage.factory import STORAGE_KEYWORDS, make_store_factory
 from ..storage.ring import RopeAngles
 from .context import CacheContext
@@ -44,6 +45,7 @@ class KVPlusCache(Cache):
         num_layers, self.num_kv_heads, self.head_dim = kv_geometry(config)
         self.context = CacheContext()
         storage = {name: layer_kwargs.pop(name) for name in STORAGE_KEYWORDS if name in layer_kwargs}
+        check_rotation(storage.get("rotation"), self.head_dim)
         layer_kwargs["store_factory"] = make_store_factory(store_factory=store_factory, nbits=nbits, **storage)
         layers = [self.layer_class(i, self.context, **layer_kwargs) for i in range(num_layers)]
         heads = decoder_config(config).num_attention_heads

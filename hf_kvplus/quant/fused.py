@@ -45,10 +45,16 @@ class DequantScratch:
     ```
     """
 
-    def __init__(self) -> None:
-        self.out: torch.Tensor | None = None  # [2 * batch * kv_heads * tokens * head_dim], model dtype
+    def __init__(self, planes: int = 2) -> None:
+        if planes not in (2, 3):
+            raise ValueError(f"planes must be 2 (keys, values) or 3 (rotated keys too), got {planes!r}")
+        #: Planes of ``[batch, kv_heads, tokens, head_dim]`` in ``out``: keys and values, plus the keys rotated back
+        #: to their own basis for stores with a rotation (:meth:`pair`).
+        self.planes = planes
+        self.out: torch.Tensor | None = None  # [planes * batch * kv_heads * tokens * head_dim], model dtype
         self._geometry: tuple | None = None  # (batch, kv_heads, head_dim, dtype, device) of `out`
         self.codes: torch.Tensor | None = None  # [2, batch, kv_heads, history, head_dim] uint8
+        self.wide: torch.Tensor | None = None  # [batch * kv_heads * history * 2 * head_dim]: keys before RoPE only
         self.generation = 0
         self._constants: dict = {}
         self.slots: torch.Tensor | None = None  # [slots] long: the residual slot index of a step
@@ -63,7 +69,7 @@ class DequantScratch:
         self._users = weakref.WeakSet()
 
     def tensors(self) -> list[torch.Tensor]:
-        held = [t for t in (self.out, self.codes, self.slots) if t is not None]
+        held = [t for t in (self.out, self.codes, self.slots, self.wide) if t is not None]
         return held + [t for pair in self._constants.values() for t in pair]
 
     def prepare(self, slots: int, nbits: int, dtype: torch.dtype, device) -> None:
@@ -91,10 +97,10 @@ class DequantScratch:
         out, codes = self.out, self.codes
         geometry = (batch, heads, head_dim, dtype, torch.device(device))
         same = out is not None and self._geometry == geometry
-        held = 0 if out is None else out.numel() // (2 * batch * heads * head_dim)
+        held = 0 if out is None else out.numel() // (self.planes * batch * heads * head_dim)
         if not same or held < tokens:
             size = tokens if not same else max(tokens, held)
-            self.out = torch.zeros(2 * batch * heads * size * head_dim, dtype=dtype, device=device)
+            self.out = torch.zeros(self.planes * batch * heads * size * head_dim, dtype=dtype, device=device)
             self._geometry = geometry
             self._reallocated()
             if not same:
@@ -105,8 +111,29 @@ class DequantScratch:
             self._reallocated()
 
     def restored(self, batch: int, heads: int, tokens: int, head_dim: int) -> torch.Tensor:
-        """The first elements of ``out`` as a contiguous ``[2, batch, heads, tokens, head_dim]`` (after :meth:`ensure`)."""
-        return self.out[: 2 * batch * heads * tokens * head_dim].view(2, batch, heads, tokens, head_dim)
+        """Elements of ``out`` as a contiguous ``[2, batch, heads, tokens, head_dim]`` (after :meth:`ensure`): the first
+        ones, or after the rotated plane (``planes=3``, whose layout is ``[rotated keys | keys | values]``)."""
+        size = batch * heads * tokens * head_dim
+        lead = (self.planes - 2) * size
+        return self.out[lead : lead + 2 * size].view(2, batch, heads, tokens, head_dim)
+
+    def wide_view(self, rows: int, tokens: int, width: int, dtype: torch.dtype, device, capacity: int) -> torch.Tensor:
+        """``[rows, tokens, width]`` of a buffer for ``capacity`` tokens (keys before RoPE: each key beside its
+        ``rotate_half``), grown by doubling, never shrunk."""
+        need = rows * capacity * width
+        if self.wide is None or self.wide.numel() < need or self.wide.dtype != dtype or self.wide.device != torch.device(device):
+            self.wide = torch.zeros(need, dtype=dtype, device=device)
+            self._reallocated()
+        return self.wide[: rows * tokens * width].view(rows, tokens, width)
+
+    def pair(self, batch: int, heads: int, tokens: int, head_dim: int) -> torch.Tensor:
+        """``[2, batch, heads, tokens, head_dim]``: the rotated-back keys (plane 0) and the values (plane 2), as one
+        strided view, so one copy writes the exact tokens of both (``planes=3`` only)."""
+        if self.planes != 3:
+            raise ValueError("pair() needs a scratch made with planes=3")
+        size = batch * heads * tokens * head_dim
+        return self.out[: 3 * size].as_strided((2, batch, heads, tokens, head_dim),
+                                                (2 * size, heads * tokens * head_dim, tokens * head_dim, head_dim, 1))
 
     def constants(self, nbits: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """``masks`` ``[k, 1]`` (``uint8``) and ``factors`` ``[k, 1]`` (``dtype``) of :func:`dequantize_history`."""
@@ -134,8 +161,18 @@ def int4_planes(packed: torch.Tensor, codes: torch.Tensor, history: torch.Tensor
     return (words, out[..., 0, :]), (words, out[..., 1, :]), history[..., 1, :]
 
 
+def unpack_codes(packed, codes, history, masks=None, factors=None) -> None:
+    """Codes of ``packed`` (``[..., n, 1, w]`` uint8) into ``history`` (``[..., n, k, w]``, model dtype) in two ops
+    through ``codes`` (``[..., n, k, w]`` uint8 scratch), or one copy for int8 (``codes`` ``None``)."""
+    if codes is None:
+        history.copy_(packed)  # int8: one code per byte
+    else:
+        torch.bitwise_and(packed, masks, out=codes)  # code j times 2**(j * nbits), in channel order
+        torch.mul(codes, factors, out=history)  # exact codes in the model dtype
+
+
 def dequantize_history(packed, codes, history, key_out, key_scale, key_zero, value_out, value_scale, value_zero,
-                       masks=None, factors=None, planes=None) -> None:
+                       masks=None, factors=None, planes=None, values_addcmul: bool = False) -> None:
     """Restore keys and values of a packed history into ``history`` (all arguments are prepared views).
 
     Args:
@@ -150,6 +187,8 @@ def dequantize_history(packed, codes, history, key_out, key_scale, key_zero, val
         planes (`tuple`, *optional*): int4 only, from :func:`int4_planes`: the same unpacking in four ops without
             broadcasting (each nibble plane masked as int32 words, converted, the high plane scaled by 1/16),
             about 2.5x faster on CPU than the two broadcast ops.
+        values_addcmul (`bool`, defaults to `False`): restore values in one ``addcmul`` (one op fewer, slower on CPU)
+            instead of a ``mul_`` and an ``add_``.
     """
     if planes is not None:
         (low_in, low_out), (high_in, high_out), high_history = planes
@@ -157,12 +196,12 @@ def dequantize_history(packed, codes, history, key_out, key_scale, key_zero, val
         torch.bitwise_and(high_in, HIGH_NIBBLES, out=high_out)
         history.copy_(codes)
         high_history.mul_(1.0 / 16)  # high nibbles were read in place: code * 16
-    elif codes is None:
-        history.copy_(packed)  # int8: one code per byte
     else:
-        torch.bitwise_and(packed, masks, out=codes)  # code j times 2**(j * nbits), in channel order
-        torch.mul(codes, factors, out=history)  # exact codes in the model dtype
+        unpack_codes(packed, codes, history, masks, factors)
     torch.addcmul(key_zero, key_out, key_scale, out=key_out)
+    if values_addcmul:
+        torch.addcmul(value_zero, value_out, value_scale, out=value_out)
+        return
     # Values: scale and zero are one per row, broadcast along the channels; a multiply then an add runs about 5x
     # faster on CPU than one addcmul with that broadcast (0.17 vs 0.85 ms at 8k tokens x 3 heads x 64).
     value_out.mul_(value_scale)

@@ -15,10 +15,14 @@ import torch
 SUPPORTED_NBITS = (8, 4, 2)
 
 
-def check_nbits(nbits) -> int:
-    """``nbits`` if it is one of :data:`SUPPORTED_NBITS`, else a ``ValueError`` naming the allowed values."""
+def check_nbits(nbits, name: str = "nbits") -> int:
+    """``nbits`` if it is one of :data:`SUPPORTED_NBITS`, else a ``ValueError`` naming ``name`` and the allowed values.
+
+    3-bit codes are refused: they do not pack a token into whole bytes by this layout (one to four codes per byte).
+    """
     if isinstance(nbits, bool) or nbits not in SUPPORTED_NBITS:
-        raise ValueError(f"nbits must be one of {{8, 4, 2}}, got {nbits!r}")
+        hint = " (3-bit codes are not packed: use 4, or 2 with rotation='hadamard')" if nbits == 3 else ""
+        raise ValueError(f"{name} must be one of {{8, 4, 2}}, got {nbits!r}{hint}")
     return int(nbits)
 
 

@@ -7,10 +7,12 @@ import functools
 import torch
 
 from ..quant.fused import DequantScratch
+from ..quant.rotation import KeyBasis
 from .base import DenseStore
 from .packed import DEFAULT_GROUP_SIZE, DEFAULT_RESIDUAL_LENGTH, QuantizedStore
 
-STORAGE_KEYWORDS = ("nbits", "group_size", "residual_length", "scale_dtype", "backend", "dequant")
+STORAGE_KEYWORDS = ("nbits", "group_size", "residual_length", "scale_dtype", "backend", "dequant", "key_bits",
+                    "value_bits", "rotation", "sinks", "pre_rope")
 
 
 def make_store_factory(store_factory=None, nbits=None, **quantization):
@@ -34,12 +36,21 @@ def make_store_factory(store_factory=None, nbits=None, **quantization):
     if unknown:
         raise TypeError(f"unknown storage keyword(s) {unknown}; storage accepts {list(STORAGE_KEYWORDS)}")
     given = {name: value for name, value in quantization.items() if value is not None}
+    if given.get("sinks") or given.get("pre_rope"):  # positions and first tokens move when a cache evicts
+        name = "sinks" if given.get("sinks") else "pre_rope"
+        raise ValueError(
+            f"{name}={given[name]!r} is for packed storage in caches that keep every token (make_cache('quantized', "
+            f"..., {name}=...), preset 'int2r'): an evicting cache moves tokens away from their first positions"
+        )
+    given.pop("pre_rope", None), given.pop("sinks", None)
     if store_factory is not None:
         if nbits is not None or given:
             raise ValueError(f"pass either store_factory or storage keywords, not both (got {sorted(given) or ['nbits']})")
         if not callable(store_factory):
             raise TypeError(f"store_factory must be callable (returning a KVStore), got {type(store_factory).__name__}")
         return store_factory
+    if nbits is None and given.get("key_bits") is not None and given.get("value_bits") is not None:
+        nbits = given["key_bits"]  # both given: nbits is only their default
     if nbits is None:
         if given:
             raise ValueError(
@@ -51,7 +62,8 @@ def make_store_factory(store_factory=None, nbits=None, **quantization):
 
 
 def quantized_store_factory(nbits: int, group_size=None, residual_length=None, scale_dtype=None, backend=None,
-                            scratch: bool = False, dequant=None):
+                            scratch: bool = False, dequant=None, key_bits=None, value_bits=None, rotation=None,
+                            sinks=None, rope=None):
     """A factory of :class:`QuantizedStore`, arguments checked now rather than at the first token.
 
     Args:
@@ -66,6 +78,11 @@ def quantized_store_factory(nbits: int, group_size=None, residual_length=None, s
             into it (layers that never evict; an evicting layer re-lays out its history at every eviction).
         dequant (`str`, *optional*, defaults to ``"auto"``): ``"auto"``, ``"compiled"`` or ``"eager"``: how those
             steps restore it (see :class:`~hf_kvplus.storage.packed.QuantizedStore`).
+        key_bits, value_bits (`int`, *optional*): 8, 4 or 2 bits of keys and of values (``nbits`` if not given).
+        rotation (`str`, *optional*): ``"hadamard"``: keys rotated per head before quantization (one matrix shared by
+            the stores of the factory).
+        sinks (`int`, *optional*, defaults to 0): first tokens held in full precision.
+        rope (`tuple`, *optional*): the model's ``(inv_freq, attention_scaling, layout)``: keys quantized before RoPE.
 
     Example:
 
@@ -74,6 +91,8 @@ def quantized_store_factory(nbits: int, group_size=None, residual_length=None, s
     >>> store = factory()
     ```
     """
+    if rope is not None:  # frequencies as floats: the factory (held by every layer) holds no tensor
+        rope = (tuple(float(f) for f in torch.as_tensor(rope[0]).tolist()), *rope[1:])
     kwargs = dict(
         backend="torch" if backend is None else backend,
         nbits=nbits,
@@ -81,8 +100,15 @@ def quantized_store_factory(nbits: int, group_size=None, residual_length=None, s
         residual_length=DEFAULT_RESIDUAL_LENGTH if residual_length is None else residual_length,
         scale_dtype=torch.float16 if scale_dtype is None else scale_dtype,
         dequant="auto" if dequant is None else dequant,
+        key_bits=key_bits,
+        value_bits=value_bits,
+        rotation=rotation,
+        sinks=0 if sinks is None else sinks,
+        rope=rope,
     )
     QuantizedStore(**kwargs)  # validates
+    if rotation is not None or rope is not None:
+        kwargs["basis"] = KeyBasis(rope)  # one rotation matrix (and RoPE tables) per cache
     if scratch:  # one per factory, so per cache: every layer restores its history into the same buffers
-        kwargs["scratch"] = DequantScratch()
+        kwargs["scratch"] = DequantScratch(planes=2 if rotation is None and rope is None else 3)
     return functools.partial(QuantizedStore, **kwargs)

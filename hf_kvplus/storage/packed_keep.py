@@ -21,11 +21,18 @@ class PackedEviction:
         start at each row's first real token and padding never enters a group's range (see ``packed_rows``)."""
         if self.length or not any(pad):
             return self
-        settings = (self.nbits, self.group_size, self.residual_length, self.scale_dtype, self.backend)
-        return RowAlignedStore(lambda: type(self)(*settings), [max(0, p - seen) for p in pad])
+        settings = dict(nbits=self.nbits, group_size=self.group_size, residual_length=self.residual_length,
+                        scale_dtype=self.scale_dtype, backend=self.backend, key_bits=self.key_bits,
+                        value_bits=self.value_bits, rotation=self.rotation, sinks=self.sinks, basis=self.basis)
+        return RowAlignedStore(lambda: type(self)(**settings), [max(0, p - seen) for p in pad])
 
     # ------------------------------------------------------------- eviction
     def keep(self, index: torch.Tensor) -> None:
+        if self._s:  # sinks: only stores that never evict hold them, so only a beam or batch op keeps them all
+            sinks = index[..., : self._s]
+            if index.shape[-1] < self._s or not bool((sinks == torch.arange(self._s, device=index.device)).all()):
+                raise ValueError(f"a store with sinks={self.sinks} keeps its first tokens: eviction must keep them")
+            index = index[..., self._s :] - self._s
         nq = self.quantized_length
         if index.dim() == 1:
             split = int((index < nq).sum())
@@ -70,10 +77,11 @@ class PackedEviction:
         fresh = slots >= nq
         taken = (slots - nq).clamp(min=0)
         keys, values = gather_tokens(self.res_keys, taken), gather_tokens(self.res_values, taken)  # [b, h, f, d]
-        codes, scale, zero = minmax_quantize(keys, self.nbits, 2, self.scale_dtype, fresh.unsqueeze(-1), self.backend)
-        value_codes, value_scale, value_zero = quantize_values(values, self.nbits, self.value_group, self.scale_dtype,
-                                                               self.backend)
-        fills = (self.key_codes, pack(codes, self.nbits)), (self.value_codes, value_codes), \
+        codes, scale, zero = minmax_quantize(self.to_basis(keys), self.key_bits, 2, self.scale_dtype,
+                                             fresh.unsqueeze(-1), self.backend)
+        value_codes, value_scale, value_zero = quantize_values(values, self.value_bits, self.value_group,
+                                                               self.scale_dtype, self.backend)
+        fills = (self.key_codes, pack(codes, self.key_bits)), (self.value_codes, value_codes), \
             (self.value_scale, value_scale), (self.value_zero, value_zero)
         for held, new in fills:  # held tensors were just gathered: this writes nothing shared
             held[:, :, lowest:] = torch.where(fresh.unsqueeze(-1), new, held[:, :, lowest:])
@@ -111,6 +119,10 @@ class PackedEviction:
     def truncate(self, num_tokens: int) -> None:
         if num_tokens <= 0:
             return
+        if num_tokens > self.quantized_length + self.residual and self._s:  # into the sinks: drop all after them
+            self._s -= min(self._s, num_tokens - self.quantized_length - self.residual)
+            num_tokens = self.quantized_length + self.residual
+            self._views = None
         if num_tokens < self.residual:
             self._r -= num_tokens  # the dropped slots are overwritten by the next tokens
             self._views = None
@@ -127,6 +139,8 @@ class PackedEviction:
             tensor = getattr(self, name)
             if tensor is not None and tensor.dim() > 1:  # a 1-D key_groups is shared by every row
                 setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
+        if self._sink is not None:
+            self._sink = self._sink.index_select(1, index.to(self._sink.device))  # [2, b', h, sinks, d]
         if self._res is not None:
             res = self._res.index_select(1, index.to(self._res.device))  # [2, b', h, slots, d]
             self._set_residual(res[0, :, :, : self._r], res[1, :, :, : self._r])
