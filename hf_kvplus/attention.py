@@ -39,7 +39,9 @@ def request_attention(layer_idx: int, layer) -> None:
     pending[layer_idx] = layer
 
 
-def _take_request(layer_idx: int | None):
+def take_request(layer_idx: int | None):
+    """The evicting layer that asked this thread's next attention call of ``layer_idx`` for its attention mass
+    (handed over by ``request_attention``), removed from the hand-over; ``None`` when none asked."""
     pending = getattr(_handoff, "pending", None)
     if not pending or layer_idx is None:
         return None
@@ -216,7 +218,7 @@ def kvplus_attention_forward(module, query, key, value, attention_mask, **kwargs
     Keys and values given in parts (a shared prefix, then each row's own tokens) are attended by parts
     (:func:`~hf_kvplus.cascade.split_attention`) when no mass is asked and the math is plain.
     """
-    layer = _take_request(getattr(module, "layer_idx", None))
+    layer = take_request(getattr(module, "layer_idx", None))
     plain = all(kwargs.get(name) is None for name in _OTHER_MATH)
     if isinstance(key, SplitKV) and isinstance(value, SplitKV):
         if layer is None and plain and not kwargs.get("dropout"):

@@ -14,7 +14,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 
 from ._compat import eager_attention, eager_mask
-from .attention import ATTN_IMPLEMENTATION, _take_request, register_attention
+from .attention import ATTN_IMPLEMENTATION, take_request, register_attention
 
 EAGER_IMPLEMENTATION = "kvplus_eager"
 #: The user's attention implementation -> the scoring attention that computes the same thing.
@@ -56,7 +56,7 @@ def kvplus_eager_attention_forward(module, query, key, value, attention_mask, **
     """
     forward = eager_attention(module)
     output, weights = forward(module, query, key, value, attention_mask, **kwargs)
-    layer = _take_request(getattr(module, "layer_idx", None))
+    layer = take_request(getattr(module, "layer_idx", None))
     if layer is None:
         return output, weights
     kv_heads = key.shape[1]

@@ -30,7 +30,7 @@ PROMPT = 64
 # Ops that read a device value on the host (a stream sync on a GPU).
 SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "unique_dim", "equal", "is_nonzero"}
 FORWARD_BUDGET = 8  # extra ops once per step, whatever the depth: the sinks' shared RoPE angles cost 7
-NOT_YET = "issue 15: this cache's decoding step is not within its op budget yet"
+NOT_YET = "issue 17: this cache's decoding step is not within its op budget yet"
 # name -> (make_cache keywords, extra aten ops per layer per step allowed over DynamicCache, built yet)
 CASES = {
     "sink": ({"budget": BUDGET}, 6, True),

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hf_kvplus
-from hf_kvplus.attention import _take_request
+from hf_kvplus.attention import take_request
 
 HEADS, DIM = 2, 16
 CONFIG = tiny_model("llama-gqa").config
@@ -123,7 +123,7 @@ def test_scored_cache_keeps_what_the_reference_keeps(kind, storage, budget, sink
             mass = None
             if kind == "h2o":  # what the "kvplus" attention would hand over: mass per held key
                 mass = torch.rand(batch, HEADS, held_before + arg, generator=generator)
-                assert _take_request(0) is layer
+                assert take_request(0) is layer
                 layer.observe_attention(mass, "sum")
             reference.append(keys, mass)
         elif op in ("reorder", "select"):

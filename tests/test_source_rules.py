@@ -153,8 +153,6 @@ def test_no_import_cycle_between_modules():
 
 # ------------------------------------------------------------------ no private names across modules
 PRIVATE_ON_PURPOSE = {  # (importing module, imported module, name) -> why
-    ("attention_eager.py", "hf_kvplus.attention", "_take_request"):
-        "the eager twin of attention.py shares its per-request hand-over; left for the attention path's owners",
 }
 
 
