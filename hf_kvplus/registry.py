@@ -184,7 +184,8 @@ def resolve(name: str, **kwargs) -> tuple[CacheSpec, dict]:
     return spec, kwargs
 
 
-def _check_kwargs(spec: CacheSpec, kwargs: dict) -> None:
+def check_kwarg_names(spec: CacheSpec, kwargs: dict) -> None:
+    """Raises ``TypeError`` naming the keyword arguments ``spec``'s factory does not take, and those it does."""
     params = inspect.signature(spec.factory).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
@@ -223,7 +224,7 @@ def make_cache(name: str, model_or_config, **kwargs) -> Cache:
     ```
     """
     spec, kwargs = resolve(name, **kwargs)
-    _check_kwargs(spec, kwargs)
+    check_kwarg_names(spec, kwargs)
     _require_budget(spec, kwargs)
     if isinstance(model_or_config, torch.nn.Module):
         model = model_or_config
@@ -274,7 +275,7 @@ def check_cache_kwargs(name: str, **kwargs) -> None:
     ``group_size`` dividing its ``head_dim``) is left for the first forward. Recipes call this while parsing.
     """
     spec, kwargs = resolve(name, **kwargs)
-    _check_kwargs(spec, kwargs)
+    check_kwarg_names(spec, kwargs)
     _require_budget(spec, kwargs)
     spec.factory(_probe_config(), **kwargs)
 

@@ -18,12 +18,11 @@ A protocol builds its points with :meth:`~hf_kvplus.eval.protocols.Protocol.poin
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 from dataclasses import dataclass, field
 
-from ..registry import check_cache_kwargs, get_spec, list_caches, list_presets, resolve
+from ..registry import check_cache_kwargs, check_kwarg_names, get_spec, list_caches, list_presets, resolve
 
 SIZE_KEYS = ("budget", "keep_ratio")
 NONE = "none"  # a point without a cache from the registry: the protocol gets make_cache=None
@@ -79,13 +78,7 @@ def _sweep_values(value) -> list:
 def _check_names(name: str, kwargs: dict) -> None:
     """``TypeError`` for keyword arguments the strategy's factory does not take (values are checked at run time)."""
     spec, kwargs = resolve(name, **kwargs)
-    params = inspect.signature(spec.factory).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    allowed = [p for p in params if p not in ("self", "config")]
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise TypeError(f"cache {name!r} got unexpected keyword argument(s) {unknown}; it accepts {allowed}")
+    check_kwarg_names(spec, kwargs)
 
 
 def _entry_points(experiment, protocol, entry: dict, origin: str) -> list[Point]:
