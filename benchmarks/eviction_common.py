@@ -26,6 +26,7 @@ STRATEGIES: dict[str, tuple[str, dict]] = {
     "tova": ("tova", {}),
     "keynorm": ("keynorm", {}),
     "snapkv": ("snapkv", {}),
+    "expected": ("expected", {}),
     "h2o+int4": ("h2o", {"nbits": 4}),
 }
 
