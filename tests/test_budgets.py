@@ -16,7 +16,7 @@ import torch
 from conftest import prompt, tiny_model
 from test_conformance import _reachable_tensor_bytes
 from test_decode_ops import SYNC_OPS, _Count
-from test_refusal_rollback import _assert_same, _decode_like_twin, _observed, _refuse_at
+from test_refusal_rollback import refused_forward_rolls_back
 
 import hf_kvplus
 from hf_kvplus._compat import cache_kwargs
@@ -163,14 +163,7 @@ def test_a_refused_forward_leaves_every_layer_as_before(name, option, step):
     cache = _make(model, name, **OPTIONS[option])
     ids = prompt(length=30, seed=5)
     _fill(model, cache, ids[:, :24])
-    twin = copy.deepcopy(cache)
-    before = _observed(cache)
-    handle = _refuse_at(model, layer=1)
-    with pytest.raises(ValueError, match=r"holds torch.float32 .* received torch.float64"):
-        model(ids[:, 24:30] if step == "chunk" else ids[:, 24:25], **cache_kwargs(cache), use_cache=True)
-    handle.remove()
-    _assert_same(before, _observed(cache))
-    _decode_like_twin(model, cache, twin, ids[:, 24:30])
+    refused_forward_rolls_back(model, cache, ids, step)
 
 
 @pytest.mark.parametrize("name", SCORED)

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 from conftest import prompt, tiny_model
-from test_refusal_rollback import _assert_same, _decode_like_twin, _observed, _refuse_at
+from test_refusal_rollback import refused_forward_rolls_back
 import test_slot_storage
 from test_slot_storage import _cache, _same_positions
 
@@ -79,14 +79,7 @@ def test_a_refused_forward_leaves_the_decayed_state_as_before(step):
     model(ids[:, :20], **cache_kwargs(cache), use_cache=True)
     for column in range(20, 24):
         model(ids[:, column : column + 1], **cache_kwargs(cache), use_cache=True)
-    twin = copy.deepcopy(cache)
-    before = _observed(cache)
-    handle = _refuse_at(model, layer=1)
-    with pytest.raises(ValueError, match=r"holds torch.float32 .* received torch.float64"):
-        model(ids[:, 24:30] if step == "chunk" else ids[:, 24:25], **cache_kwargs(cache), use_cache=True)
-    handle.remove()
-    _assert_same(before, _observed(cache))
-    _decode_like_twin(model, cache, twin, ids[:, 24:30])
+    refused_forward_rolls_back(model, cache, ids, step)
 
 
 @pytest.mark.parametrize("decay", [0, -0.5, 1.01, True, "0.9", float("nan")])

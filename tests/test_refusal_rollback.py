@@ -67,6 +67,12 @@ def test_a_forward_refused_at_a_later_layer_leaves_every_layer_as_before(name, s
     model(ids[:, :20], **cache_kwargs(cache), use_cache=True)
     for column in range(20, 24):  # decoding steps: a full budget decodes in slot storage
         model(ids[:, column : column + 1], **cache_kwargs(cache), use_cache=True)
+    refused_forward_rolls_back(model, cache, ids, step)
+
+
+def refused_forward_rolls_back(model, cache, ids, step: str) -> None:
+    """Refuse the forward of ``ids[:, 24:]`` (a chunk or one step) at layer 1; the cache must be exactly as before,
+    scores and eviction bookkeeping included: the next steps evict what an untouched twin evicts."""
     twin = copy.deepcopy(cache)
     before = _observed(cache)
     handle = _refuse_at(model, layer=1)
@@ -75,7 +81,6 @@ def test_a_forward_refused_at_a_later_layer_leaves_every_layer_as_before(name, s
         model(tokens, **cache_kwargs(cache), use_cache=True)
     handle.remove()
     _assert_same(before, _observed(cache))
-    # Exactly as before, scores and eviction bookkeeping included: the next steps evict what the twin evicts.
     _decode_like_twin(model, cache, twin, ids[:, 24:30])
 
 
